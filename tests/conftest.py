@@ -33,9 +33,7 @@ def settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Settings:
 
 
 @pytest.fixture
-async def new_database_url(
-    request: pytest.FixtureRequest, tmp_path: Path
-) -> AsyncIterator[object]:
+async def new_database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[object]:
     """A factory: ``await new_database_url(kind)`` gives a fresh, empty database URL."""
     created: list[str] = []
     counter = iter(range(1_000_000))
