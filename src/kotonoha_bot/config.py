@@ -154,9 +154,7 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _check(self) -> Settings:
         if self.database_pool_min_size > self.database_pool_max_size:
-            raise ValueError(
-                "DATABASE_POOL_MIN_SIZE must not exceed DATABASE_POOL_MAX_SIZE"
-            )
+            raise ValueError("DATABASE_POOL_MIN_SIZE must not exceed DATABASE_POOL_MAX_SIZE")
         if self.database_type == "postgres" and not self.database_url:
             raise ValueError("DATABASE_URL is required when DATABASE_TYPE=postgres")
         if self.chunk_overlap_chars >= self.chunk_max_chars:

@@ -247,9 +247,7 @@ class DatabaseProtocol(Protocol):
 # --- shared checks (used by both backends so the rules are identical) ------------------
 
 
-def check_vector(
-    value: Sequence[float] | Vector, expected_dim: int | None, where: str
-) -> Vector:
+def check_vector(value: Sequence[float] | Vector, expected_dim: int | None, where: str) -> Vector:
     """Return a contiguous float32 copy, or raise a typed error naming ``where``."""
     try:
         arr = np.asarray(value, dtype=np.float32)
@@ -347,8 +345,13 @@ def check_session(session: ChatSession) -> None:
             check_text(msg.author_name, f"{where} author_name")
         if msg.timestamp.tzinfo is None:
             raise InvalidInputError(f"{where}: timestamp is naive")
-    _check_ids(session.session_key, session.guild_id, session.channel_id, session.thread_id,
-               session.user_id)
+    _check_ids(
+        session.session_key,
+        session.guild_id,
+        session.channel_id,
+        session.thread_id,
+        session.user_id,
+    )
 
 
 def _check_ids(where: str, *ids: int | None) -> None:
@@ -371,7 +374,9 @@ def check_metadata(metadata: Mapping[str, Any], where: str) -> None:
         raise InvalidInputError(f"{where}: metadata contains a NUL character")
 
 
-def check_source(source: KnowledgeSource, chunks: Sequence[KnowledgeChunk], dim: int | None) -> None:
+def check_source(
+    source: KnowledgeSource, chunks: Sequence[KnowledgeChunk], dim: int | None
+) -> None:
     """Validate a source and its chunks (text, ids, metadata, vectors) before writing."""
     where = f"source {source.uri!r}"
     check_text(source.uri, where)
