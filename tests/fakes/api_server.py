@@ -27,6 +27,9 @@ server's ``reply(request_json)`` text for chat endpoints, or deterministic vecto
 for embeddings. The default reply echoes the last user message (``"echo: <text>"``)
 so tests can check that the prompt reached the model.
 
+Like the real Messages API, ``messages`` answers 401 without a credential header and,
+for ``anthropic-version`` 2026-10-21 or later, 400 to ``temperature``/``top_p``/``top_k``.
+
 Error replies carry ``retry-after-ms: 10`` unless told otherwise, so the SDKs'
 retry machinery (which honours that header) retries quickly instead of waiting
 its exponential backoff (0.5 s, 1 s, 2 s ... for Anthropic and OpenAI).
@@ -90,6 +93,11 @@ _OPENAI_ERROR_TYPES = {
 }
 
 DEFAULT_EMBEDDING_DIMENSION = 8
+
+# From this Messages API version on (sent by anthropic SDK 2.x), sampling parameters
+# are rejected with 400 "Extra inputs are not permitted", even temperature=1.0.
+ANTHROPIC_NO_SAMPLING_VERSION = "2026-10-21"
+_ANTHROPIC_SAMPLING_PARAMS = ("temperature", "top_p", "top_k")
 
 
 @dataclass(frozen=True)
@@ -294,6 +302,10 @@ class FakeAPIServer:
                 _error_body(endpoint, 400, "fake API does not stream"), status=400
             )
         if endpoint == "messages":
+            problem = _anthropic_request_problem(request, body)
+            if problem is not None:
+                status, message = problem
+                return web.json_response(_anthropic_error(status, message), status=status)
             payload = self._anthropic_message(body, scripted)
         elif endpoint == "chat":
             payload = self._openai_chat(body, scripted)
@@ -388,6 +400,23 @@ class FakeAPIServer:
             "model": body.get("model", "text-embedding-fake"),
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
         }
+
+
+def _anthropic_request_problem(
+    request: web.Request, body: dict[str, Any]
+) -> tuple[int, str] | None:
+    """What the real Messages API would reject in this request (status, message), if anything."""
+    if not (request.headers.get("x-api-key") or request.headers.get("authorization")):
+        return 401, "x-api-key header is required"
+    for name in ("model", "max_tokens", "messages"):
+        if name not in body:
+            return 400, f"{name}: Field required"
+    version = request.headers.get("anthropic-version", "")
+    if version >= ANTHROPIC_NO_SAMPLING_VERSION:
+        for name in _ANTHROPIC_SAMPLING_PARAMS:
+            if name in body:
+                return 400, f"{name}: Extra inputs are not permitted"
+    return None
 
 
 def _b64_floats(vector: list[float]) -> str:
