@@ -18,6 +18,7 @@ import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -56,18 +57,18 @@ def restore_logging() -> Iterator[None]:
 
 
 def marker_settings(tmp_path: Path, log_format: str) -> Settings:
-    return Settings(  # type: ignore[call-arg]
-        _env_file=None,
-        database_type="postgres",
-        database_url="postgresql://kotonoha:PGPASS-5e8d2c7f-MARKER@127.0.0.1:1/kotonoha",
-        database_read_url="postgresql://reader:RDPASS%2F91aa-MARKER@127.0.0.1:1/kotonoha",
-        database_path=tmp_path / "k.db",
-        discord_token=TOKEN,
-        openai_api_key=OPENAI_KEY,
-        anthropic_api_key=ANTHROPIC_KEY,
-        log_level="DEBUG",
-        log_format=log_format,
-    )
+    values: dict[str, Any] = {
+        "database_type": "postgres",
+        "database_url": "postgresql://kotonoha:PGPASS-5e8d2c7f-MARKER@127.0.0.1:1/kotonoha",
+        "database_read_url": "postgresql://reader:RDPASS%2F91aa-MARKER@127.0.0.1:1/kotonoha",
+        "database_path": tmp_path / "k.db",
+        "discord_token": TOKEN,
+        "openai_api_key": OPENAI_KEY,
+        "anthropic_api_key": ANTHROPIC_KEY,
+        "log_level": "DEBUG",
+        "log_format": log_format,
+    }
+    return Settings(_env_file=None, **values)  # type: ignore[call-arg]
 
 
 async def emit_secret_laden_records(settings: Settings) -> None:
