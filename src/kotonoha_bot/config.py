@@ -105,7 +105,7 @@ class Settings(BaseSettings):
         "anthropic", description="Chat model provider: anthropic or openai (compatible)."
     )
     llm_model: str | None = Field(
-        None, description="Model name; default claude-sonnet-4-5 / gpt-4o-mini per provider."
+        None, description="Model name; default claude-sonnet-5-5 / gpt-4o-mini per provider."
     )
     llm_base_url: str | None = Field(
         None, description="OpenAI-compatible chat endpoint (Ollama, vLLM, LM Studio)."
