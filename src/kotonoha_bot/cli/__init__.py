@@ -8,6 +8,8 @@ from __future__ import annotations
 import typer
 
 from kotonoha_bot.cli import db as db_cli
+from kotonoha_bot.cli import kb as kb_cli
+from kotonoha_bot.cli.demo import demo
 
 app = typer.Typer(
     name="kotonoha",
@@ -17,6 +19,8 @@ app = typer.Typer(
     add_completion=False,
 )
 app.add_typer(db_cli.app, name="db")
+app.add_typer(kb_cli.app, name="kb")
+app.command("demo")(demo)
 
 
 def main() -> None:
