@@ -68,7 +68,8 @@ class Settings(BaseSettings):
 
     # --- embeddings ----------------------------------------------------------------
     embedding_provider: Literal["auto", "openai", "local", "hashing"] = Field(
-        "auto", description="auto = openai when OPENAI_API_KEY is set, else hashing."
+        "auto",
+        description="auto = openai when OPENAI_API_KEY or EMBEDDING_BASE_URL is set, else hashing.",
     )
     embedding_model: str | None = Field(
         None, description="Model name; default per provider (text-embedding-3-small for openai)."
