@@ -592,3 +592,17 @@ async def test_data_and_schema_survive_reopen(database_url: str, settings: Setti
         assert stats.embedding == EmbeddingConfig("t", DIM)
         assert stats.size_bytes > 0 and stats.schema_version == version
         assert "password" not in stats.location
+
+
+async def test_ensure_source_creates_once_and_never_replaces(db: DatabaseProtocol) -> None:
+    await db.set_embedding_config(EmbeddingConfig("t", DIM))
+    src = KnowledgeSource(guild_id=3, uri="session:k", title="conv", source_type="conversation")
+    first, second = await asyncio.gather(db.ensure_source(src), db.ensure_source(src))
+    assert first.source_id is not None and first.source_id == second.source_id
+    await db.add_chunks(first.source_id, [chunk("w0", "kept", np.ones(DIM, np.float32))])
+    again = await db.ensure_source(
+        KnowledgeSource(guild_id=3, uri="session:k", title="other title")
+    )
+    assert again.source_id == first.source_id and again.title == "conv"
+    assert [c.content for c in await db.list_chunks(first.source_id)] == ["kept"]
+    assert (await db.stats()).sources == 1

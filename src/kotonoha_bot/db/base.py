@@ -154,6 +154,14 @@ class DatabaseProtocol(Protocol):
         """Upsert by (guild_id, uri), replacing its chunks, in one transaction."""
         ...
 
+    async def ensure_source(self, source: KnowledgeSource) -> KnowledgeSource:
+        """Return the source with this (guild_id, uri), creating it (no chunks) if missing.
+
+        Unlike ``save_source`` it never replaces anything, so concurrent callers
+        (two archivers) end up with one source and keep each other's chunks.
+        """
+        ...
+
     async def add_chunks(self, source_id: int, chunks: Sequence[KnowledgeChunk]) -> int:
         """Add chunks to a source; existing chunk_keys are skipped. Returns rows added."""
         ...

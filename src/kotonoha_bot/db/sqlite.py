@@ -801,6 +801,38 @@ class SQLiteDatabase:
                 added.append((-1, 0, None, np.zeros(0, np.float32)))  # counted, not cached
         return added
 
+    async def ensure_source(self, source: KnowledgeSource) -> KnowledgeSource:
+        check_source(source, [], None)
+        async with self._write(f"creating source {source.uri!r}") as conn:
+            now = _ts(utcnow())
+            await conn.execute(
+                "INSERT INTO knowledge_sources (guild_id, channel_id, source_type, uri, title,"
+                " content_hash, status, metadata, session_key, created_at, updated_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, 'ready', ?, ?, ?, ?)"
+                " ON CONFLICT (guild_id, uri) DO NOTHING",
+                (
+                    source.guild_id,
+                    source.channel_id,
+                    source.source_type,
+                    source.uri,
+                    source.title,
+                    source.content_hash,
+                    _json(source.metadata),
+                    source.session_key,
+                    now,
+                    now,
+                ),
+            )
+            row = await (
+                await conn.execute(
+                    f"SELECT {self._SOURCE_COLS} FROM knowledge_sources"
+                    " WHERE guild_id = ? AND uri = ?",
+                    (source.guild_id, source.uri),
+                )
+            ).fetchone()
+        assert row is not None
+        return self._source(row)
+
     async def add_chunks(self, source_id: int, chunks: Sequence[KnowledgeChunk]) -> int:
         async with self._write(f"adding chunks to source {source_id}") as conn:
             row = await (

@@ -153,25 +153,19 @@ async def archive_session(
                     },
                 )
             )
-    uri = f"session:{key}"
-    source = await db.find_source(session.guild_id, uri)
-    if source is None or source.source_id is None:
-        saved = await db.save_source(
-            KnowledgeSource(
-                guild_id=session.guild_id,
-                channel_id=session.channel_id,
-                uri=uri,
-                title=f"conversation {key}",
-                source_type="conversation",
-                session_key=key,
-                metadata={"session_key": key, "kind": "conversation"},
-            ),
-            rows,
+    source = await db.ensure_source(
+        KnowledgeSource(
+            guild_id=session.guild_id,
+            channel_id=session.channel_id,
+            uri=f"session:{key}",
+            title=f"conversation {key}",
+            source_type="conversation",
+            session_key=key,
+            metadata={"session_key": key, "kind": "conversation"},
         )
-        added = len(rows)
-        del saved
-    else:
-        added = await db.add_chunks(source.source_id, rows)
+    )
+    assert source.source_id is not None
+    added = await db.add_chunks(source.source_id, rows)
     # Record progress; a concurrent writer (the bot appending a turn) wins and we retry
     # on a fresh copy — the chunks above are idempotent, so a retry adds nothing.
     last = len(session.messages) - 1

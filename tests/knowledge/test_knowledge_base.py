@@ -1,0 +1,272 @@
+"""Ingest, pending embeddings, hybrid search, re-embedding and archiving.
+
+Every test runs on both backends (the ``db`` fixture). The OpenAI embedder is the
+real SDK client talking to the fake API server on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from kotonoha_bot.db.base import DatabaseProtocol
+from kotonoha_bot.errors import EmbeddingModelMismatchError
+from kotonoha_bot.knowledge.archive import archive_idle_sessions, windows
+from kotonoha_bot.knowledge.embeddings.hashing import HashingEmbeddingProvider
+from kotonoha_bot.knowledge.embeddings.openai_api import OpenAIEmbeddingProvider
+from kotonoha_bot.knowledge.ingest import embed_pending, ingest_paths, reembed
+from kotonoha_bot.knowledge.search import reciprocal_rank_fusion, search_knowledge
+from kotonoha_bot.models import ChatSession, Message, SearchHit
+from tests.fakes.api_server import FakeAPIServer, Reply, fake_api_fixture
+
+fake_api = fake_api_fixture(embedding_dimension=64)
+
+
+class CountingEmbedder(HashingEmbeddingProvider):
+    """The hashing embedder, counting how many texts it was asked to embed."""
+
+    def __init__(self, dimension: int = 256, model: str | None = None) -> None:
+        super().__init__(dimension=dimension, model=model)
+        self.texts = 0
+
+    async def embed(self, texts: Sequence[str]) -> np.ndarray:  # type: ignore[override]
+        self.texts += len(texts)
+        return await super().embed(texts)
+
+
+def write(folder: Path, name: str, text: str) -> Path:
+    path = folder / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def corpus(tmp_path: Path) -> Path:
+    folder = tmp_path / "corpus"
+    write(
+        folder, "meeting.md", "# 定例会議\n\n次の会議は東京の本社で開きます。締切は金曜日です。\n"
+    )
+    write(
+        folder,
+        "club.md",
+        "# Book club\n\nWe read Kafka on the Shore this month. 感想を共有しましょう。\n",
+    )
+    write(folder, "ops.txt", "Backups run nightly at 03:00. The restore drill is monthly.\n")
+    write(folder, "sub/zeta.md", "プロジェクトZX-81の仕様書です。担当は佐藤さん。\n")
+    write(folder, ".hidden/skip.md", "should not be ingested\n")
+    write(folder, "image.png", "not text\n")
+    return folder
+
+
+async def test_ingest_then_reingest_skips_unchanged(db: DatabaseProtocol, corpus: Path) -> None:
+    emb = CountingEmbedder()
+    first = await ingest_paths(db, emb, [corpus], guild_id=1, max_chars=200, overlap_chars=20)
+    assert len(first.added) == 4 and not first.failed
+    assert {Path(u).name for u in first.added} == {"meeting.md", "club.md", "ops.txt", "zeta.md"}
+    calls = emb.texts
+    assert calls > 0
+
+    second = await ingest_paths(db, emb, [corpus], guild_id=1, max_chars=200, overlap_chars=20)
+    assert len(second.unchanged) == 4 and not second.added and not second.updated
+    assert emb.texts == calls  # nothing re-embedded
+
+    write(corpus, "ops.txt", "Backups now run hourly. The restore drill is weekly.\n")
+    third = await ingest_paths(db, emb, [corpus], guild_id=1, max_chars=200, overlap_chars=20)
+    assert len(third.updated) == 1 and len(third.unchanged) == 3
+    hits = (await search_knowledge(db, emb, "backups", guild_id=1, mode="keyword")).hits
+    assert [h.hit.content for h in hits] == ["Backups now run hourly. The restore drill is weekly."]
+    assert (await db.stats()).sources == 4
+
+
+async def test_keyword_and_hybrid_find_short_japanese_words_and_codes(
+    db: DatabaseProtocol, corpus: Path
+) -> None:
+    emb = HashingEmbeddingProvider(dimension=256)
+    await ingest_paths(db, emb, [corpus], guild_id=1)
+    for query, expected in (
+        ("会議", "meeting.md"),
+        ("東京", "meeting.md"),
+        ("締切", "meeting.md"),
+        ("ZX-81", "zeta.md"),
+        ("佐藤", "zeta.md"),
+        ("Kafka", "club.md"),
+    ):
+        for mode in ("keyword", "hybrid"):
+            result = await search_knowledge(db, emb, query, guild_id=1, mode=mode, top_k=3)
+            assert result.hits, (query, mode)
+            assert result.hits[0].hit.source_uri.endswith(expected), (query, mode)
+    # Another guild sees nothing.
+    assert not (await search_knowledge(db, emb, "会議", guild_id=2)).hits
+
+
+async def test_failing_embedding_server_leaves_pending_then_embed_pending_finishes(
+    db: DatabaseProtocol, corpus: Path, fake_api: FakeAPIServer
+) -> None:
+    emb = OpenAIEmbeddingProvider(
+        api_key="sk-test-knowledge",
+        base_url=fake_api.openai_base_url,
+        dimension=64,
+        model="text-embedding-3-small",
+        max_retries=2,
+        timeout=5,
+    )
+    try:
+        # 429 then success: the SDK retries, the first file is embedded.
+        fake_api.script("embeddings", [Reply(429), Reply(200)])
+        # Then the service breaks: each of the other 3 files gets a 500 and 2 retries.
+        fake_api.script("embeddings", [Reply(500)] * 9)
+        report = await ingest_paths(db, emb, [corpus], guild_id=1)
+        assert len(report.added) == 1 and len(report.pending) == 3 and not report.failed
+        stats = await db.stats()
+        assert stats.sources == 4 and stats.pending_chunks > 0
+        assert len(await db.list_sources(status="pending")) == 3
+        # Keyword search already works on pending chunks.
+        assert (await search_knowledge(db, None, "締切", guild_id=1, mode="keyword")).hits
+
+        assert fake_api.pending("embeddings") == 0  # every scripted failure was hit
+        done = await embed_pending(db, emb, batch_size=2)
+        assert done == stats.pending_chunks
+        assert (await db.stats()).pending_chunks == 0
+        assert len(await db.list_sources(status="ready")) == 4
+        vec = await search_knowledge(db, emb, "締切", guild_id=1, mode="vector", top_k=10)
+        assert len(vec.hits) == (await db.stats()).chunks
+    finally:
+        await emb.aclose()
+
+
+async def test_changing_model_is_refused_until_reembed(db: DatabaseProtocol, corpus: Path) -> None:
+    old = HashingEmbeddingProvider(dimension=256)
+    new = HashingEmbeddingProvider(dimension=128)
+    await ingest_paths(db, old, [corpus], guild_id=1)
+    with pytest.raises(EmbeddingModelMismatchError) as info:
+        await ingest_paths(db, new, [corpus], guild_id=1)
+    assert "256" in str(info.value) and "128" in str(info.value)
+
+    # Re-embed in small batches while searches with the old model keep answering.
+    await db.begin_reembed(_config(new))
+    todo = await db.reembed_todo(1)
+    vectors = await new.embed([t.content for t in todo])
+    await db.store_reembed([(todo[0].chunk_id, vectors[0])])
+    during = await search_knowledge(db, old, "締切", guild_id=1, mode="vector", top_k=1)
+    assert during.hits and during.hits[0].hit.source_uri.endswith("meeting.md")
+
+    await reembed(db, new, batch_size=2)  # resumes and switches
+    cfg = await db.get_embedding_config()
+    assert cfg is not None and cfg.dimension == 128
+    after = await search_knowledge(db, new, "締切", guild_id=1, mode="vector", top_k=1)
+    assert after.hits and after.hits[0].hit.source_uri.endswith("meeting.md")
+    await ingest_paths(db, new, [corpus], guild_id=1)  # the new model is accepted now
+
+
+def _config(provider: HashingEmbeddingProvider):  # type: ignore[no-untyped-def]
+    from kotonoha_bot.knowledge.embeddings import embedding_config
+
+    return embedding_config(provider)
+
+
+def _session(key: str, guild: int | None, channel: int, n: int, start: datetime) -> ChatSession:
+    s = ChatSession(key, "mention" if guild else "dm", guild_id=guild, channel_id=channel)
+    s.created_at = start
+    for i in range(n):
+        ts = start + timedelta(seconds=i)
+        if i % 2 == 0:
+            s.add_message(
+                Message("user", f"質問{i} について ({key})", ts, 100 + i % 3, f"user{i % 3}")
+            )
+        else:
+            s.add_message(Message("assistant", f"答え{i} です", ts))
+    s.last_active_at = start + timedelta(seconds=n)
+    return s
+
+
+async def test_archiving_is_idempotent_scoped_and_incremental(db: DatabaseProtocol) -> None:
+    emb = HashingEmbeddingProvider(dimension=128)
+    old = datetime.now(UTC) - timedelta(hours=5)
+    a = _session("mention:a", 10, 1, 11, old)
+    b = _session("mention:b", 20, 2, 5, old)
+    dm = _session("dm:c", None, 3, 4, old)
+    fresh = _session("mention:d", 10, 1, 4, datetime.now(UTC))
+    for s in (a, b, dm, fresh):
+        await db.save_session(s)
+
+    first = await archive_idle_sessions(db, emb, idle_minutes=60, window=4, overlap=1)
+    assert sorted(first.sessions) == ["mention:a", "mention:b"]
+    assert first.skipped_dm == 1
+    expected_a = len(windows(a.messages, 0, size=4, overlap=1))
+    assert first.chunks_added == expected_a + len(windows(b.messages, 0, size=4, overlap=1))
+
+    again = await archive_idle_sessions(db, emb, idle_minutes=60, window=4, overlap=1)
+    assert again.chunks_added == 0 and again.sessions == []
+
+    src = await db.find_source(10, "session:mention:a")
+    assert src is not None and src.channel_id == 1 and src.source_type == "conversation"
+    chunks = await db.list_chunks(src.source_id)  # type: ignore[arg-type]
+    assert len(chunks) == expected_a
+    assert chunks[0].content.startswith("user0: 質問0")
+    assert "kotonoha: 答え1 です" in chunks[0].content
+    assert all(c.guild_id == 10 and c.channel_id == 1 for c in chunks)
+    assert set(chunks[0].metadata["author_ids"]) <= {100, 101, 102}
+    # Scoped: guild 20 never sees guild 10's conversation, DMs never become knowledge.
+    hits = await search_knowledge(db, emb, "mention:a", guild_id=20, mode="hybrid", top_k=20)
+    assert all(h.hit.guild_id == 20 for h in hits.hits)
+    assert await db.find_source(0, "session:dm:c") is None
+    assert (await db.load_session("mention:a")).last_archived_message_index == 10  # type: ignore[union-attr]
+
+    # New turns later: only the new part (with overlap) is archived.
+    loaded = await db.load_session("mention:a")
+    assert loaded is not None
+    for i in range(3):
+        loaded.add_message(Message("user", f"追加{i}", old + timedelta(minutes=1, seconds=i), 100))
+    await db.save_session(loaded)
+    third = await archive_idle_sessions(db, emb, idle_minutes=60, window=4, overlap=1)
+    assert third.sessions == ["mention:a"]
+    assert third.chunks_added == len(windows(loaded.messages, 11, size=4, overlap=1))
+    assert (await db.load_session("mention:a")).last_archived_message_index == 13  # type: ignore[union-attr]
+
+
+async def test_concurrent_archivers_add_nothing_twice(db: DatabaseProtocol) -> None:
+    emb = HashingEmbeddingProvider(dimension=64)
+    old = datetime.now(UTC) - timedelta(hours=2)
+    for k in range(3):
+        await db.save_session(_session(f"mention:{k}", 1, 1, 9, old))
+    reports = await asyncio.gather(
+        *(archive_idle_sessions(db, emb, idle_minutes=10, window=4, overlap=1) for _ in range(3))
+    )
+    per_session = len(windows(_session("x", 1, 1, 9, old).messages, 0, size=4, overlap=1))
+    assert sum(r.chunks_added for r in reports) == 3 * per_session
+    assert (await db.stats()).chunks == 3 * per_session
+
+
+def test_rrf_rewards_agreement_and_keeps_single_mode_hits() -> None:
+    def hit(i: int) -> SearchHit:
+        return SearchHit(
+            chunk_id=i,
+            source_id=1,
+            content=str(i),
+            score=1.0,
+            guild_id=1,
+            channel_id=None,
+            metadata={},
+        )
+
+    fused = reciprocal_rank_fusion(
+        [hit(1), hit(2), hit(3)],
+        [hit(3), hit(4)],
+        k=60,
+        vector_weight=1,
+        keyword_weight=1,
+        top_k=10,
+    )
+    assert fused[0].hit.chunk_id == 3  # found by both
+    assert {r.hit.chunk_id for r in fused} == {1, 2, 3, 4}
+    assert fused[0].vector_rank == 3 and fused[0].keyword_rank == 1
+    only_kw = reciprocal_rank_fusion(
+        [hit(1)], [hit(2)], k=60, vector_weight=0.0, keyword_weight=1.0, top_k=1
+    )
+    assert only_kw[0].hit.chunk_id == 2
