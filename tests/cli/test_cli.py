@@ -1,0 +1,154 @@
+"""The `kotonoha` command as a user runs it: real processes, real files."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import typer.main
+
+from kotonoha_bot.cli import app
+from kotonoha_bot.config import settings_reference
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def kotonoha(
+    *args: str, cwd: Path, env: dict[str, str] | None = None, stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run `python -m kotonoha_bot ...` in a clean environment."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("DATABASE_", "EMBEDDING_"))}
+    base.pop("OPENAI_API_KEY", None)
+    base.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "kotonoha_bot", *args],
+        cwd=cwd,
+        env=base,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_db_init_and_status_on_defaults(tmp_path: Path) -> None:
+    init = kotonoha("db", "init", cwd=tmp_path)
+    assert init.returncode == 0, init.stderr
+    assert (tmp_path / "data" / "kotonoha.db").exists()
+    status = kotonoha("db", "status", "--json", cwd=tmp_path)
+    assert status.returncode == 0, status.stderr
+    doc = json.loads(status.stdout)
+    assert doc["backend"] == "sqlite" and doc["schema_version"] >= 1
+    assert doc["sessions"] == 0 and doc["embedding"] is None
+    human = kotonoha("db", "status", cwd=tmp_path)
+    assert "schema version" in human.stdout
+
+
+@pytest.mark.parametrize(
+    ("env", "name"),
+    [
+        ({"DATABASE_TYPE": "mysql"}, "DATABASE_TYPE"),
+        ({"DATABASE_POOL_MAX_SIZE": "many"}, "DATABASE_POOL_MAX_SIZE"),
+        ({"DATABASE_TYPE": "postgres"}, "DATABASE_URL"),
+    ],
+)
+def test_invalid_setting_one_line_exit_2(tmp_path: Path, env: dict[str, str], name: str) -> None:
+    result = kotonoha("db", "status", cwd=tmp_path, env=env)
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert name in lines[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_bad_database_url_is_one_clean_line(tmp_path: Path) -> None:
+    result = kotonoha("db", "status", "--database", "mysql://u:hunter2@h/db", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "hunter2" not in result.stderr and "Traceback" not in result.stderr
+    corrupt = tmp_path / "corrupt.db"
+    corrupt.write_bytes(b"this is not a database" * 100)
+    broken = kotonoha("db", "status", "--database", f"sqlite:///{corrupt}", cwd=tmp_path)
+    assert broken.returncode == 1 and "Traceback" not in broken.stderr
+    assert "not a usable SQLite database" in broken.stderr or "Corrupt" in broken.stderr
+
+
+def test_kb_ingest_and_search_json(tmp_path: Path) -> None:
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "a.md").write_text("# 会議\n\n来週の会議は東京です。\n", encoding="utf-8")
+    (docs / "b.txt").write_text("The book club reads Murakami.\n", encoding="utf-8")
+    db = f"sqlite:///{tmp_path / 'kb.db'}"
+    ingest = kotonoha(
+        "kb", "ingest", str(docs), "--guild", "7", "--database", db, "--json", cwd=tmp_path
+    )
+    assert ingest.returncode == 0, ingest.stderr
+    assert len(json.loads(ingest.stdout)["added"]) == 2
+    for mode in ("hybrid", "vector", "keyword"):
+        out = kotonoha(
+            "kb",
+            "search",
+            "東京の会議",
+            "--guild",
+            "7",
+            "--mode",
+            mode,
+            "--json",
+            "--database",
+            db,
+            cwd=tmp_path,
+        )
+        assert out.returncode == 0, out.stderr
+        doc = json.loads(out.stdout)
+        assert doc["mode"] == mode and doc["hits"], mode
+        assert doc["hits"][0]["source_uri"].endswith("a.md")
+        assert {"score", "source_title", "content", "location"} <= set(doc["hits"][0])
+    other = kotonoha(
+        "kb", "search", "会議", "--guild", "8", "--json", "--database", db, cwd=tmp_path
+    )
+    assert json.loads(other.stdout)["hits"] == []
+    bad = kotonoha(
+        "kb", "search", "x", "--guild", "7", "--mode", "fuzzy", "--database", db, cwd=tmp_path
+    )
+    assert bad.returncode == 2
+
+
+def _commands(group: typer.Typer, prefix: str = "") -> list[str]:
+    click_group = typer.main.get_command(group)
+    names: list[str] = []
+
+    def walk(cmd: object, path: str) -> None:
+        sub = getattr(cmd, "commands", None)
+        if sub:
+            for name, child in sub.items():
+                walk(child, f"{path} {name}".strip())
+        else:
+            names.append(path)
+
+    walk(click_group, prefix)
+    return names
+
+
+def test_every_command_is_documented_with_help_and_example() -> None:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    commands = _commands(app)
+    assert "db init" in commands and "kb search" in commands
+    click_root = typer.main.get_command(app)
+    for name in commands:
+        assert f"kotonoha {name}" in readme, f"`kotonoha {name}` missing from README"
+        cmd = click_root
+        for part in name.split():
+            cmd = cmd.commands[part]  # type: ignore[attr-defined]
+        assert cmd.help and "Example:" in cmd.help, f"`kotonoha {name}` help lacks an example"
+
+
+def test_settings_documented_in_readme_and_env_example() -> None:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    example = (ROOT / ".env.example").read_text(encoding="utf-8")
+    for name, default, meaning in settings_reference():
+        assert f"| `{name}` |" in readme, f"{name} missing from the README settings table"
+        assert f"# {name}={default}\n" in example, f"{name} missing from .env.example"
+        assert meaning, f"{name} has no description"
