@@ -86,7 +86,11 @@ class LocalEmbeddingProvider:
             raise ConfigError(
                 f"cannot load embedding model {self.model!r} from {source!r}: {exc}"
             ) from None
-        native = self._model.get_sentence_embedding_dimension()
+        # sentence-transformers 5 renamed the method; older releases only have the old name.
+        get_dimension = getattr(self._model, "get_embedding_dimension", None)
+        if get_dimension is None:
+            get_dimension = self._model.get_sentence_embedding_dimension
+        native = get_dimension()
         if not isinstance(native, int) or native < 1:
             raise ConfigError(f"embedding model {self.model!r} does not report its dimension")
         if dimension is not None and dimension != native:
