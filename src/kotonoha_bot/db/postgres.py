@@ -870,6 +870,37 @@ class PostgreSQLDatabase:
         await self._maybe_build_ivfflat()
         return saved
 
+    async def ensure_source(self, source: KnowledgeSource) -> KnowledgeSource:
+        check_source(source, [], None)
+
+        async def body(conn: Conn) -> KnowledgeSource:
+            # A concurrent creator makes our INSERT wait, then do nothing; the SELECT
+            # (a new snapshot under READ COMMITTED) sees its row.
+            row = await conn.fetchrow(
+                "INSERT INTO knowledge_sources (guild_id, channel_id, source_type, uri, title,"
+                " content_hash, status, metadata, session_key, created_at, updated_at)"
+                " VALUES ($1, $2, $3, $4, $5, $6, 'ready', $7::jsonb, $8, now(), now())"
+                f" ON CONFLICT (guild_id, uri) DO NOTHING RETURNING {_SOURCE_COLS}",
+                source.guild_id,
+                source.channel_id,
+                source.source_type,
+                source.uri,
+                source.title,
+                source.content_hash,
+                _json(source.metadata),
+                source.session_key,
+            )
+            if row is None:
+                row = await conn.fetchrow(
+                    f"SELECT {_SOURCE_COLS} FROM knowledge_sources"
+                    " WHERE guild_id = $1 AND uri = $2",
+                    source.guild_id,
+                    source.uri,
+                )
+            return _source(row)
+
+        return await self._run(f"creating source {source.uri!r}", body, write=True)
+
     async def _copy_chunks(
         self,
         conn: Conn,
