@@ -7,12 +7,15 @@ database, the schema, Discord, and recovers by itself when the database returns.
 from __future__ import annotations
 
 import asyncio
+import json
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+import yaml  # type: ignore[import-untyped]
 
 from kotonoha_bot.config import Settings
 from kotonoha_bot.db import DatabaseProtocol, open_database
@@ -191,3 +194,53 @@ def test_from_settings(settings: Settings, tmp_path: Path) -> None:
     assert (server.host, server.requested_port) == ("127.0.0.1", 18080)
     assert server.expected_schema_version == latest_schema_version(db)
     assert server.expected_schema_version is not None
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def dockerfile_healthcheck() -> list[str]:
+    text = (ROOT / "Dockerfile").read_text(encoding="utf-8").replace("\\\n", " ")
+    line = next(ln for ln in text.splitlines() if ln.startswith("HEALTHCHECK"))
+    argv = json.loads(line.split(" CMD ", 1)[1])
+    assert isinstance(argv, list)
+    return [str(a) for a in argv]
+
+
+def compose_healthcheck(name: str) -> list[str]:
+    data = yaml.safe_load((ROOT / name).read_text(encoding="utf-8"))
+    test = data["services"]["kotonoha-bot"]["healthcheck"]["test"]
+    assert test[0] == "CMD"
+    return [str(a) for a in test[1:]]
+
+
+async def run_probe(argv: list[str], env: dict[str, str]) -> int:
+    assert argv[0] == "python"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, *argv[1:], env={"PATH": "/usr/bin:/bin", **env},
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    return await asyncio.wait_for(proc.wait(), 30)
+
+
+async def test_container_probes_follow_the_endpoints(sqlite_db: DatabaseProtocol) -> None:
+    """The exact commands in the Dockerfile and compose files, run against a live server."""
+    connected = True
+    async with HealthServer(
+        sqlite_db, host="127.0.0.1", port=0, discord_ready=lambda: connected
+    ) as server:
+        liveness = dockerfile_healthcheck()
+        env = {"HEALTH_PORT": str(server.port)}
+        readiness = {
+            name: [a.replace(":8080/", f":{server.port}/") for a in compose_healthcheck(name)]
+            for name in ("docker-compose.yml", "docker-compose.sqlite.yml")
+        }
+        assert await run_probe(liveness, env) == 0
+        for argv in readiness.values():
+            assert await run_probe(argv, {}) == 0
+        connected = False  # /ready -> 503: readiness probes fail, liveness does not
+        assert await run_probe(liveness, env) == 0
+        for argv in readiness.values():
+            assert await run_probe(argv, {}) != 0
+    # Server gone: every probe fails.
+    assert await run_probe(liveness, env) != 0
