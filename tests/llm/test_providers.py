@@ -6,6 +6,7 @@ differs between the two wire formats lives in :class:`Flavor`, not in the tests.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import socket
@@ -33,9 +34,6 @@ from tests.fakes.api_server import Endpoint, FakeAPIServer, Reply, fake_api_fixt
 
 fake_api = fake_api_fixture()
 
-# A unique, recognisable key: if it shows up in any text we produce, it leaked.
-MARKER_KEY = f"sk-marker-{uuid.uuid4().hex}"
-
 _ENV_VARS = (
     "LLM_PROVIDER",
     "LLM_MODEL",
@@ -58,12 +56,12 @@ class Flavor:
     endpoint: Endpoint
     sends_temperature: bool
 
-    def settings(self, fake: FakeAPIServer, **overrides: Any) -> Settings:
+    def settings(self, fake: FakeAPIServer, api_key: str, **overrides: Any) -> Settings:
         values: dict[str, Any] = {"llm_provider": self.provider, "llm_max_retries": 2}
         if self.provider == "anthropic":
-            values["anthropic_api_key"] = MARKER_KEY
+            values["anthropic_api_key"] = api_key
         else:
-            values["openai_api_key"] = MARKER_KEY
+            values["openai_api_key"] = api_key
             values["llm_base_url"] = fake.openai_base_url
         values.update(overrides)
         return Settings(_env_file=None, **values)  # type: ignore[call-arg]
@@ -96,6 +94,16 @@ def _clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
     monkeypatch.setenv("ANTHROPIC_CONFIG_DIR", str(tmp_path / "no-anthropic-config"))
 
 
+@pytest.fixture
+def api_key() -> str:
+    """A fresh, recognisable key per test: if it shows up in any text we produce, it leaked.
+
+    Fresh per test because the redaction registry is process-wide: a key shared between
+    tests would be redacted thanks to whichever provider registered it first.
+    """
+    return f"sk-marker-{uuid.uuid4().hex}"
+
+
 @pytest.fixture(params=sorted(FLAVORS))
 def flavor(request: pytest.FixtureRequest) -> Flavor:
     return FLAVORS[str(request.param)]
@@ -105,12 +113,14 @@ MakeProvider = Callable[..., LLMProvider]
 
 
 @pytest.fixture
-async def make_provider(flavor: Flavor, fake_api: FakeAPIServer) -> AsyncIterator[MakeProvider]:
+async def make_provider(
+    flavor: Flavor, fake_api: FakeAPIServer, api_key: str
+) -> AsyncIterator[MakeProvider]:
     """``make_provider(**settings)`` builds the flavor's provider aimed at the fake server."""
     made: list[LLMProvider] = []
 
     def make(**overrides: Any) -> LLMProvider:
-        settings = flavor.settings(fake_api, **overrides)
+        settings = flavor.settings(fake_api, api_key, **overrides)
         provider = create_llm_provider(settings, base_url=flavor.base_url(fake_api))
         made.append(provider)
         return provider
@@ -139,7 +149,7 @@ def _free_port() -> int:
 
 
 async def test_prompt_reaches_the_model_in_the_providers_shape(
-    flavor: Flavor, fake_api: FakeAPIServer, make_provider: MakeProvider
+    flavor: Flavor, fake_api: FakeAPIServer, make_provider: MakeProvider, api_key: str
 ) -> None:
     provider = make_provider(llm_model="test-model-1")
     assert isinstance(provider, LLMProvider)
@@ -164,7 +174,7 @@ async def test_prompt_reaches_the_model_in_the_providers_shape(
         ("user", "what is the weather like?"),
     ]
     assert ("temperature" in body) is flavor.sends_temperature
-    assert request.header("authorization") == f"Bearer {MARKER_KEY}"
+    assert request.header("authorization") == f"Bearer {api_key}"
 
 
 async def test_per_call_overrides_reach_the_request(
@@ -275,13 +285,13 @@ async def test_one_timeout_then_success(
     assert len(fake_api.requests_for(flavor.endpoint)) == 2
 
 
-async def test_unreachable_server_becomes_llm_error(flavor: Flavor) -> None:
+async def test_unreachable_server_becomes_llm_error(flavor: Flavor, api_key: str) -> None:
     url = f"http://127.0.0.1:{_free_port()}"
     overrides: dict[str, Any] = {"llm_max_retries": 0, "llm_provider": flavor.provider}
     if flavor.provider == "anthropic":
-        overrides["anthropic_api_key"] = MARKER_KEY
+        overrides["anthropic_api_key"] = api_key
     else:
-        overrides["openai_api_key"] = MARKER_KEY
+        overrides["openai_api_key"] = api_key
         url += "/v1"
     settings = Settings(_env_file=None, **overrides)  # type: ignore[call-arg]
     provider = create_llm_provider(settings, base_url=url)
@@ -303,8 +313,8 @@ def _everything_printed(exc: BaseException) -> str:
     "reply",
     [
         # OpenAI's real 401 quotes the rejected key; a proxy may echo it in full.
-        Reply(401, message=f"Incorrect API key provided: {MARKER_KEY}"),
-        Reply(500, message=f"internal error while handling key {MARKER_KEY}"),
+        Reply(401, message="Incorrect API key provided: {key}"),
+        Reply(500, message="internal error while handling key {key}"),
         Reply(delay=5.0),
     ],
     ids=["401-echoing-key", "500-echoing-key", "timeout"],
@@ -315,27 +325,44 @@ async def test_api_key_never_leaks(
     make_provider: MakeProvider,
     caplog: pytest.LogCaptureFixture,
     reply: Reply,
+    api_key: str,
 ) -> None:
     caplog.set_level(logging.DEBUG)
+    if reply.message:
+        reply = dataclasses.replace(reply, message=reply.message.format(key=api_key))
     fake_api.script(flavor.endpoint, [reply])
     provider = make_provider(llm_timeout=0.3, llm_max_retries=0)
-    assert MARKER_KEY not in repr(provider)
+    assert api_key not in repr(provider)
 
     with pytest.raises(LLMError) as info:
         await provider.complete("sys", [ChatTurn("user", "x")])
 
     # The key did travel (so the check below is meaningful) ...
-    assert fake_api.last(flavor.endpoint).header("authorization") == f"Bearer {MARKER_KEY}"
+    assert fake_api.last(flavor.endpoint).header("authorization") == f"Bearer {api_key}"
     # ... but appears nowhere we print.
     printed = _everything_printed(info.value)
-    assert MARKER_KEY not in printed
+    assert api_key not in printed
     assert info.value.__cause__ is None
     assert info.value.__suppress_context__
     # The SDK's own debug logging was captured, and none of it holds the key.
     assert any(r.name.startswith(flavor.provider) for r in caplog.records)
-    assert MARKER_KEY not in caplog.text
+    assert api_key not in caplog.text
     for record in caplog.records:
-        assert MARKER_KEY not in record.getMessage()
+        assert api_key not in record.getMessage()
+
+
+async def test_auth_failure_does_not_quote_the_servers_message(
+    flavor: Flavor, fake_api: FakeAPIServer, make_provider: MakeProvider, api_key: str
+) -> None:
+    # OpenAI's 401 quotes a masked key ("sk-abc*****wxyz"): redaction cannot catch that.
+    masked = f"{api_key[:6]}{'*' * 20}{api_key[-4:]}"
+    fake_api.script(flavor.endpoint, [Reply(401, message=f"Incorrect API key provided: {masked}")])
+    with pytest.raises(LLMError) as info:
+        await make_provider().complete("sys", [ChatTurn("user", "x")])
+    assert masked not in _everything_printed(info.value)
+    assert str(info.value).startswith(f"{flavor.provider}: HTTP 401")
+    assert f"check {flavor.provider.upper()}_API_KEY" in str(info.value)
+    assert len(fake_api.requests_for(flavor.endpoint)) == 1
 
 
 async def test_successful_call_logs_no_key(
@@ -343,12 +370,13 @@ async def test_successful_call_logs_no_key(
     fake_api: FakeAPIServer,
     make_provider: MakeProvider,
     caplog: pytest.LogCaptureFixture,
+    api_key: str,
 ) -> None:
     caplog.set_level(logging.DEBUG)
     fake_api.script(flavor.endpoint, [429])
     await make_provider().complete("sys", [ChatTurn("user", "x")])
     assert any(r.name.startswith("kotonoha_bot.llm") for r in caplog.records)
-    assert MARKER_KEY not in caplog.text
+    assert api_key not in caplog.text
 
 
 # --- Anthropic specifics ------------------------------------------------------------
@@ -357,7 +385,7 @@ async def test_successful_call_logs_no_key(
 async def test_anthropic_conversation_starting_with_assistant_gets_a_user_turn_first(
     fake_api: FakeAPIServer,
 ) -> None:
-    settings = FLAVORS["anthropic"].settings(fake_api)
+    settings = FLAVORS["anthropic"].settings(fake_api, "sk-test")
     provider = create_llm_provider(settings, base_url=fake_api.base_url)
     try:
         await provider.complete(
@@ -380,7 +408,7 @@ async def test_fake_rejects_temperature_like_the_real_messages_api(
     # stopped rejecting it, the happy-path assertion above would lose its meaning.
     import anthropic
 
-    client = anthropic.AsyncAnthropic(api_key=MARKER_KEY, base_url=fake_api.base_url)
+    client = anthropic.AsyncAnthropic(api_key="sk-test", base_url=fake_api.base_url)
     try:
         with pytest.raises(anthropic.BadRequestError, match="temperature"):
             await client.messages.create(
@@ -441,7 +469,7 @@ async def test_local_openai_server_needs_no_key(fake_api: FakeAPIServer) -> None
 
 
 async def test_default_anthropic_model_is_not_deprecated(fake_api: FakeAPIServer) -> None:
-    settings = FLAVORS["anthropic"].settings(fake_api)
+    settings = FLAVORS["anthropic"].settings(fake_api, "sk-test")
     provider = create_llm_provider(settings, base_url=fake_api.base_url)
     try:
         with warnings.catch_warnings(record=True) as caught:
