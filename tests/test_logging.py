@@ -133,6 +133,7 @@ async def test_no_secret_reaches_the_log(
     # The traceback source lines (which quote the URLs) were printed, redacted.
     assert "reader:***@127.0.0.1:1/kotonoha" in output
     assert "settings=settings).initialize()" in output
+    assert "DatabaseUnavailableError" in output  # the backend's own error, redacted too
 
     if log_format == "json":
         parsed = [json.loads(line) for line in output.splitlines()]  # every line is JSON
