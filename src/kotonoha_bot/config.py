@@ -127,6 +127,16 @@ class Settings(BaseSettings):
 
     # --- Discord -------------------------------------------------------------------
     discord_token: SecretStr | None = Field(None, description="Discord bot token.")
+    discord_message_content: bool = Field(
+        True,
+        description="Request the privileged Message Content intent (eavesdrop and"
+        " thread replies without a mention need it).",
+    )
+    discord_mention_thread: bool = Field(
+        False,
+        description="Answer a mention in a new thread; the thread then continues"
+        " without mentions.",
+    )
     session_sync_interval: float = Field(
         0.0, ge=0, description="0 = every turn is saved before the reply (see docs)."
     )
