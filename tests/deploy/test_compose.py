@@ -217,6 +217,14 @@ def test_images_are_pinned(services: dict[str, dict[str, Any]]) -> None:
     assert services["pg-backup"]["image"] == services["postgres"]["image"]
 
 
+@pytest.mark.parametrize("path", [COMPOSE, COMPOSE_SQLITE], ids=lambda p: p.name)
+def test_container_logs_are_rotated(path: Path) -> None:
+    for name, service in load(path)["services"].items():
+        options = service["logging"]["options"]
+        assert memory_bytes(options["max-size"]) <= 100 * 1024**2, name
+        assert int(options["max-file"]) >= 1, name
+
+
 # --- docker-compose.sqlite.yml ------------------------------------------------------------
 
 
