@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import itertools
+import json
 import re
+from pathlib import Path
 
 import pytest
 
@@ -298,3 +300,23 @@ def test_invariants_hold_on_random_documents() -> None:
         assert chunks == chunk_text(text, max_chars=max_chars, overlap_chars=overlap, id_prefix="r")
         for a, b in itertools.pairwise(chunks):
             assert a.end - b.start <= overlap
+
+
+EXAMPLES = Path(__file__).parents[2] / "examples"
+
+
+def test_sample_corpus_chunks_cleanly_and_queries_point_at_real_files() -> None:
+    corpus = EXAMPLES / "corpus"
+    files = sorted(corpus.rglob("*.md"))
+    assert len(files) >= 30
+    for path in files:
+        text = path.read_text(encoding="utf-8")
+        chunks = chunk_text(text, max_chars=800, overlap_chars=100, id_prefix=path.name)
+        assert chunks, path
+        _check_invariants(text, chunks, 800)
+    names = {str(p.relative_to(corpus)) for p in files}
+    queries = json.loads((EXAMPLES / "queries.json").read_text(encoding="utf-8"))["queries"]
+    assert len({q["id"] for q in queries}) == len(queries) >= 30
+    for q in queries:
+        assert q["kind"] in {"keyword", "semantic", "mixed"} and q["lang"] in {"ja", "en"}
+        assert q["relevant"] and set(q["relevant"]) <= names, q["id"]
