@@ -89,7 +89,7 @@ class Settings(BaseSettings):
     chunk_max_chars: int = Field(800, ge=50, description="Maximum characters per chunk.")
     chunk_overlap_chars: int = Field(100, ge=0, description="Characters shared by neighbours.")
     search_top_k: int = Field(5, ge=1, le=100, description="Knowledge hits given to the LLM.")
-    rrf_k: int = Field(60, ge=1, description="Reciprocal rank fusion constant k.")
+    rrf_k: int = Field(20, ge=1, description="Reciprocal rank fusion constant k.")
     hybrid_vector_weight: float = Field(1.0, ge=0, description="RRF weight of vector hits.")
     hybrid_keyword_weight: float = Field(1.0, ge=0, description="RRF weight of keyword hits.")
     search_min_similarity: float | None = Field(

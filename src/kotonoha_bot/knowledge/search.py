@@ -23,6 +23,8 @@ log = logging.getLogger("kotonoha_bot.knowledge")
 
 SearchMode = Literal["hybrid", "vector", "keyword"]
 SEARCH_MODES: tuple[str, ...] = ("hybrid", "vector", "keyword")
+#: Weight of a source-level vote relative to the chunk's own rank.
+SOURCE_VOTE = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,12 +81,21 @@ def reciprocal_rank_fusion(
         (vector_weight, vector_hits, "vector_rank"),
         (keyword_weight, keyword_hits, "keyword_rank"),
     ):
+        # A chunk also earns its source's rank in this mode: when the two modes pick
+        # different passages of the same document, the document still gets both votes.
+        source_rank: dict[int, int] = {}
+        for hit in hits:
+            source_rank.setdefault(hit.source_id, len(source_rank) + 1)
         for rank, hit in enumerate(hits, start=1):
             entry = fused.setdefault(hit.chunk_id, {"hit": hit, "score": 0.0})
             entry["score"] += weight / (k + rank)
             entry[key] = rank
             if key == "vector_rank":
                 entry["hit"] = hit  # keep the vector hit: it carries the similarity
+        for entry in fused.values():
+            src = source_rank.get(entry["hit"].source_id)
+            if src is not None:
+                entry["score"] += SOURCE_VOTE * weight / (k + src)
     ranked = sorted(fused.values(), key=lambda e: (-e["score"], e["hit"].chunk_id))
     return [
         RankedHit(
@@ -107,7 +118,7 @@ async def search_knowledge(
     mode: str = "hybrid",
     top_k: int = 5,
     filters: Mapping[str, Any] | None = None,
-    rrf_k: int = 60,
+    rrf_k: int = 20,
     vector_weight: float = 1.0,
     keyword_weight: float = 1.0,
     min_similarity: float | None = None,
