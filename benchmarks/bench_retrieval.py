@@ -125,8 +125,9 @@ async def main(args: argparse.Namespace) -> None:
     print("|---|---|---|---|")
     chunks, secs = await ingest_rate(HashingEmbeddingProvider(), await url(), args.copies)
     print(f"| hashing (512 dims) | {chunks} | {secs:.2f} | {chunks / secs:.0f} |")
-    from kotonoha_bot.knowledge.embeddings.openai_api import OpenAIEmbeddingProvider
     from tests.fakes.api_server import FakeAPIServer
+
+    from kotonoha_bot.knowledge.embeddings.openai_api import OpenAIEmbeddingProvider
 
     async with FakeAPIServer(embedding_dimension=1536) as server:
         emb = OpenAIEmbeddingProvider(
