@@ -9,7 +9,9 @@ import typer
 
 from kotonoha_bot.cli import db as db_cli
 from kotonoha_bot.cli import kb as kb_cli
+from kotonoha_bot.cli.chat import chat
 from kotonoha_bot.cli.demo import demo
+from kotonoha_bot.cli.run import run
 
 app = typer.Typer(
     name="kotonoha",
@@ -21,6 +23,8 @@ app = typer.Typer(
 app.add_typer(db_cli.app, name="db")
 app.add_typer(kb_cli.app, name="kb")
 app.command("demo")(demo)
+app.command("chat")(chat)
+app.command("run")(run)
 
 
 def main() -> None:
