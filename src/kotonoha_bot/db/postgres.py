@@ -23,6 +23,7 @@ import contextlib
 import json
 import logging
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from types import TracebackType
@@ -107,6 +108,9 @@ SCOPE_SIZE_TTL_SECONDS = 30.0
 SCOPE_SIZE_CACHE_MAX = 4096
 #: Index builds and the re-embed swap may run far longer than DATABASE_COMMAND_TIMEOUT.
 MAINTENANCE_TIMEOUT_SECONDS = 6 * 3600.0
+#: A batch with at least this many vectors (and at least as many as stored) is loaded
+#: without the ANN index, which is rebuilt afterwards (see _drop_index_for_bulk_load).
+BULK_REBUILD_MIN_ROWS = 1000
 #: Extra candidates taken from a halfvec index before the exact re-sort.
 HALFVEC_OVERFETCH = 2
 
@@ -220,6 +224,8 @@ class PostgreSQLDatabase:
         self._config: EmbeddingConfig | None = None
         self._pgvector_version: tuple[int, ...] = (0,)
         self._scope_sizes: dict[tuple[Any, ...], tuple[float, int, int]] = {}
+        #: Vector searches by path since opening (shown by ``stats``).
+        self.search_counts: Counter[str] = Counter()
 
     @property
     def location(self) -> str:
@@ -433,6 +439,9 @@ class PostgreSQLDatabase:
                     ) from None
                 if attempt == 1:
                     log.warning("%s: connection lost (%s); retrying once", what, type(exc).__name__)
+                    # The server most likely dropped every connection (restart, failover):
+                    # replace the idle ones too instead of finding them dead one by one.
+                    await pool.expire_connections()
                     continue
                 translated = self._translate(what, exc)
                 assert translated is not None
@@ -862,7 +871,9 @@ class PostgreSQLDatabase:
             )
             source_id = int(row["id"])
             await conn.execute("DELETE FROM knowledge_chunks WHERE source_id = $1", source_id)
-            await self._copy_chunks(conn, source_id, source.guild_id, source.channel_id, chunks)
+            await self._copy_chunks(
+                conn, source_id, source.guild_id, source.channel_id, chunks, config
+            )
             return _source(row)
 
         saved = await self._run(f"saving {where}", body, write=True)
@@ -908,6 +919,7 @@ class PostgreSQLDatabase:
         guild_id: int,
         channel_id: int | None,
         chunks: Sequence[KnowledgeChunk],
+        config: EmbeddingConfig | None,
     ) -> int:
         """Bulk insert (binary COPY) chunks already validated and known to be new."""
         if not chunks:
@@ -928,10 +940,43 @@ class PostgreSQLDatabase:
             )
             for c in chunks
         ]
+        rebuild = await self._drop_index_for_bulk_load(conn, records, config)
         await conn.copy_records_to_table(
-            "knowledge_chunks", records=records, columns=_CHUNK_COPY_COLS
+            "knowledge_chunks",
+            records=records,
+            columns=_CHUNK_COPY_COLS,
+            timeout=MAINTENANCE_TIMEOUT_SECONDS,
         )
+        if rebuild is not None:
+            await self._create_ann_index(conn, rebuild)
         return len(records)
+
+    async def _drop_index_for_bulk_load(
+        self, conn: Conn, records: list[Any], config: EmbeddingConfig | None
+    ) -> int | None:
+        """Drop the ANN index before a bulk load that at least doubles the vectors.
+
+        Inserting into HNSW costs milliseconds per 1536-d row, several times more than
+        building the index over the same rows, so a batch at least as large as what is
+        stored is loaded without the index and the index is rebuilt in the same
+        transaction (searches wait for it). Returns the dimension to rebuild with.
+        """
+        embedded = sum(1 for r in records if r[8] is not None)
+        if embedded < BULK_REBUILD_MIN_ROWS or config is None:
+            return None
+        stored = int(
+            await conn.fetchval(
+                "SELECT count(*) FROM (SELECT 1 FROM knowledge_chunks"
+                " WHERE embedding IS NOT NULL LIMIT $1) AS s",
+                embedded + 1,
+            )
+        )
+        if stored > embedded:
+            return None
+        if not await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", ANN_INDEX_NAME):
+            return None
+        await conn.execute(f"DROP INDEX {ANN_INDEX_NAME}")
+        return config.dimension
 
     async def add_chunks(self, source_id: int, chunks: Sequence[KnowledgeChunk]) -> int:
         async def body(conn: Conn) -> int:
@@ -958,7 +1003,7 @@ class PostgreSQLDatabase:
             }
             new = [c for c in chunks if c.chunk_key not in existing]
             added = await self._copy_chunks(
-                conn, source_id, row["guild_id"], row["channel_id"], new
+                conn, source_id, row["guild_id"], row["channel_id"], new, config
             )
             if added:
                 await self._refresh_status(conn, [source_id])
@@ -1159,7 +1204,11 @@ class PostgreSQLDatabase:
             if size > bound:
                 rows = await self._ann_search(conn, config.dimension, scope, params, top_k)
                 if len(rows) >= top_k:
+                    self.search_counts["approximate"] += 1
                     return rows
+                self.search_counts["exact_fallback"] += 1
+            else:
+                self.search_counts["exact"] += 1
             return list(await conn.fetch(_exact_sql(scope, len(params) + 1), *params, top_k))
 
         rows = await self._run("searching knowledge", body, read_replica=True)
@@ -1483,6 +1532,7 @@ class PostgreSQLDatabase:
                 ),
                 "vector_index_setting": self._index_type,
                 "pool": f"{self._min_size}-{self._max_size} connections",
+                "vector_searches": dict(self.search_counts),
                 "indexes": [
                     {
                         "name": r["name"],
