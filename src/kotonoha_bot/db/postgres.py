@@ -1170,18 +1170,38 @@ class PostgreSQLDatabase:
     ) -> list[SearchHit]:
         check_top_k(top_k)
         wanted = check_filters(filters)
-        if self._config is None:
-            self._config = await self._run("reading the embedding configuration", self._read_config)
-        config = self._config
-        query = check_vector(query_embedding, config.dimension if config else None, "query")
-        if config is None:
-            return []
-        params: list[Any] = [query, guild_id]
-        scope = "c.guild_id = $2"
-        if channel_id is not None:
-            params.append(channel_id)
-            scope += f" AND c.channel_id = ${len(params)}"
-        scope += " AND c.embedding IS NOT NULL" + _filter_sql(wanted, params)
+        for attempt in (1, 2):
+            if self._config is None:
+                self._config = await self._run(
+                    "reading the embedding configuration", self._read_config
+                )
+            config = self._config
+            query = check_vector(query_embedding, config.dimension if config else None, "query")
+            if config is None:
+                return []
+            try:
+                rows = await self._search_rows(config, query, guild_id, channel_id, top_k, wanted)
+                break
+            except DatabaseError as exc:
+                # Another process switched models (finish_reembed): reload and check again.
+                if attempt == 2 or "different vector dimensions" not in str(exc):
+                    raise
+                self._config = None
+        hits = [_hit(r, 1.0 - float(r["dist"]), similarity=True) for r in rows]
+        if min_similarity is not None:
+            hits = [h for h in hits if h.score >= min_similarity]
+        return hits
+
+    async def _search_rows(
+        self,
+        config: EmbeddingConfig,
+        query: Vector,
+        guild_id: int,
+        channel_id: int | None,
+        top_k: int,
+        wanted: Mapping[str, list[Any]],
+    ) -> list[Any]:
+        scope, params = vector_scope(query, guild_id, channel_id, wanted)
         scope_params = params[1:]
         size_key = (guild_id, channel_id, _json(wanted))
         bound = max(self._settings.exact_search_max_rows, top_k)
@@ -1202,25 +1222,30 @@ class PostgreSQLDatabase:
             if size == 0:
                 return []
             if size > bound:
-                rows = await self._ann_search(conn, config.dimension, scope, params, top_k)
+                guc, sql, limit = self.ann_statements(config.dimension, scope, len(params), top_k)
+                async with conn.transaction(readonly=True):
+                    await conn.execute(guc)
+                    rows = list(await conn.fetch(sql, *params, limit, top_k))
                 if len(rows) >= top_k:
                     self.search_counts["approximate"] += 1
                     return rows
                 self.search_counts["exact_fallback"] += 1
             else:
                 self.search_counts["exact"] += 1
-            return list(await conn.fetch(_exact_sql(scope, len(params) + 1), *params, top_k))
+            return list(await conn.fetch(exact_search_sql(scope, len(params) + 1), *params, top_k))
 
-        rows = await self._run("searching knowledge", body, read_replica=True)
-        hits = [_hit(r, 1.0 - float(r["dist"]), similarity=True) for r in rows]
-        if min_similarity is not None:
-            hits = [h for h in hits if h.score >= min_similarity]
-        return hits
+        return await self._run("searching knowledge", body, read_replica=True)
 
-    async def _ann_search(
-        self, conn: Conn, dimension: int, scope: str, params: list[Any], top_k: int
-    ) -> list[Any]:
-        """Approximate search with an iterative index scan, re-sorted by exact distance."""
+    def ann_statements(
+        self, dimension: int, scope: str, n_params: int, top_k: int
+    ) -> tuple[str, str, int]:
+        """The approximate search: (SET LOCAL settings, SELECT, inner limit).
+
+        The SELECT takes the scope's parameters, then the inner limit and ``top_k``.
+        It runs an iterative index scan (pgvector 0.8, relaxed order) and re-sorts the
+        candidates by exact distance; above 2000 dimensions the halfvec index yields
+        ``HALFVEC_OVERFETCH`` times more candidates for that re-sort.
+        """
         limit = top_k * HALFVEC_OVERFETCH if uses_halfvec(dimension) else top_k
         settings = self._settings
         if self._index_type == "hnsw":
@@ -1231,21 +1256,18 @@ class PostgreSQLDatabase:
             guc = [f"SET LOCAL ivfflat.probes = {int(settings.ivfflat_probes)}"]
             if self._pgvector_version >= (0, 8):
                 guc.append("SET LOCAL ivfflat.iterative_scan = relaxed_order")
-        n = len(params)
         order = f"{ann_key_sql(dimension, 'c.embedding')} <=> {ann_query_sql(dimension, '$1')}"
         sql = (
             f"SELECT r.dist, {_HIT_COLS} FROM ("
             "  SELECT c.id, c.embedding <=> $1::vector AS dist FROM knowledge_chunks c"
             f"  WHERE {scope}"
             f"  ORDER BY {order}"
-            f"  LIMIT ${n + 1}"
+            f"  LIMIT ${n_params + 1}"
             ") AS r JOIN knowledge_chunks c ON c.id = r.id"
             " JOIN knowledge_sources k ON k.id = c.source_id"
-            f" ORDER BY r.dist, r.id LIMIT ${n + 2}"
+            f" ORDER BY r.dist, r.id LIMIT ${n_params + 2}"
         )
-        async with conn.transaction(readonly=True):
-            await conn.execute("; ".join(guc))
-            return list(await conn.fetch(sql, *params, limit, top_k))
+        return "; ".join(guc), sql, limit
 
     def _cached_scope_size(self, key: tuple[Any, ...], bound: int) -> int | None:
         """The scope's row count, capped at ``bound + 1``, if counted recently."""
@@ -1607,9 +1629,24 @@ def _renumber(sql: str, shift: int) -> str:
     return re.sub(r"\$(\d+)", lambda m: f"${int(m[1]) - shift}", sql)
 
 
-def _exact_sql(scope: str, limit_param: int) -> str:
-    # MATERIALIZED keeps the planner from turning this into an index scan: an exact
-    # scan of the scope, then a top-k sort.
+def vector_scope(
+    query: Vector, guild_id: int, channel_id: int | None, wanted: Mapping[str, list[Any]]
+) -> tuple[str, list[Any]]:
+    """WHERE clause and parameters of a vector search ($1 is the query vector)."""
+    params: list[Any] = [query, guild_id]
+    scope = "c.guild_id = $2"
+    if channel_id is not None:
+        params.append(channel_id)
+        scope += f" AND c.channel_id = ${len(params)}"
+    scope += " AND c.embedding IS NOT NULL" + _filter_sql(wanted, params)
+    return scope, params
+
+
+def exact_search_sql(scope: str, limit_param: int) -> str:
+    """Exact search of a scope: distances for every row, then a top-k sort.
+
+    MATERIALIZED keeps the planner from turning this into an (approximate) index scan.
+    """
     return (
         "WITH s AS MATERIALIZED ("
         "  SELECT c.id, c.embedding <=> $1::vector AS dist FROM knowledge_chunks c"
