@@ -76,22 +76,24 @@ def reciprocal_rank_fusion(
     top_k: int,
 ) -> list[RankedHit]:
     """Fuse two ranked lists; ties broken by chunk id for a stable order."""
-    fused: dict[int, dict[str, Any]] = {}
-    for weight, hits, key in (
+    modes = (
         (vector_weight, vector_hits, "vector_rank"),
         (keyword_weight, keyword_hits, "keyword_rank"),
-    ):
-        # A chunk also earns its source's rank in this mode: when the two modes pick
-        # different passages of the same document, the document still gets both votes.
-        source_rank: dict[int, int] = {}
-        for hit in hits:
-            source_rank.setdefault(hit.source_id, len(source_rank) + 1)
+    )
+    fused: dict[int, dict[str, Any]] = {}
+    for weight, hits, key in modes:
         for rank, hit in enumerate(hits, start=1):
             entry = fused.setdefault(hit.chunk_id, {"hit": hit, "score": 0.0})
             entry["score"] += weight / (k + rank)
             entry[key] = rank
             if key == "vector_rank":
                 entry["hit"] = hit  # keep the vector hit: it carries the similarity
+    # Each chunk also earns each mode's rank of its *source*: when the two modes pick
+    # different passages of one document, the document still gets both votes.
+    for weight, hits, _key in modes:
+        source_rank: dict[int, int] = {}
+        for hit in hits:
+            source_rank.setdefault(hit.source_id, len(source_rank) + 1)
         for entry in fused.values():
             src = source_rank.get(entry["hit"].source_id)
             if src is not None:
