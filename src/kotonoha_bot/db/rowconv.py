@@ -38,6 +38,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, tzinfo
+from decimal import Decimal
 from typing import Any
 
 import numpy as np
@@ -72,7 +73,7 @@ VECTOR_OPT = "vector?"
 
 _INT32 = (-(2**31), 2**31 - 1)
 _INT64_ID = (0, 2**63 - 1)
-_INT_TEXT_RE = re.compile(r"^\s*[+-]?\d+\s*$")
+_INT_TEXT_RE = re.compile(r"^\s*[+-]?[0-9]+\s*$")  # ASCII digits only
 
 
 class RawText(bytes):
@@ -437,16 +438,36 @@ class RowConverter:
 # --- checksums -----------------------------------------------------------------------
 
 
-def _normal_json(value: Any) -> Any:
-    # PostgreSQL's jsonb prints numbers as exact decimals (1e20 -> 100000000000000000000):
-    # compare numbers by value, not by spelling.
-    if isinstance(value, float) and value.is_integer() and abs(value) < 2**63:
-        return int(value)
+def _canonical_value(value: Any) -> str:
+    # Numbers are compared by value as decimals: PostgreSQL's jsonb keeps the decimal
+    # as written and prints it in full (1e20 -> 100000000000000000000, -0 -> 0).
+    if value is None:
+        return "null"
+    if value is True:
+        return "true"
+    if value is False:
+        return "false"
+    if isinstance(value, Decimal):
+        return "0" if value.is_zero() else str(value.normalize())
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
     if isinstance(value, list):
-        return [_normal_json(v) for v in value]
+        return "[" + ",".join(_canonical_value(v) for v in value) + "]"
     if isinstance(value, dict):
-        return {k: _normal_json(v) for k, v in value.items()}
-    return value
+        items = sorted(value.items())
+        return (
+            "{"
+            + ",".join(
+                json.dumps(k, ensure_ascii=False) + ":" + _canonical_value(v) for k, v in items
+            )
+            + "}"
+        )
+    raise TypeError(type(value).__name__)  # pragma: no cover - json.loads gives only these
+
+
+def json_for_compare(text: str) -> str:
+    """JSON text in the form verify compares (sorted keys, numbers by decimal value)."""
+    return _canonical_value(json.loads(text, parse_float=Decimal, parse_int=Decimal))
 
 
 def comparable(spec: TableSpec, row: Row) -> tuple[Any, ...]:
@@ -456,7 +477,7 @@ def comparable(spec: TableSpec, row: Row) -> tuple[Any, ...]:
         if value is None:
             out.append(None)
         elif kind == JSON_OBJ:
-            out.append(canonical_json(_normal_json(json.loads(value))))
+            out.append(json_for_compare(value))
         elif kind == TIME:
             out.append(value.astimezone(UTC).isoformat(timespec="microseconds"))
         else:

@@ -119,6 +119,13 @@ def _identity(url: str) -> str:
     return safe_url(url)
 
 
+def display_url(url: str) -> str:
+    """A URL fit for printing: SQLite URLs as given, others without their password."""
+    if url.startswith("sqlite:"):
+        return url
+    return safe_url(url)
+
+
 def _small_pool(settings: Settings) -> Settings:
     return settings.model_copy(
         update={
@@ -330,6 +337,8 @@ class MigrationReport:
 
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)
+        # (asdict rebuilds a Counter from its items, which would count the pairs.)
+        out["conversions"] = dict(self.conversions)
         out["verify"] = self.verify.as_dict() if self.verify else None
         out["exit_code"] = self.exit_code
         for key in ("backup_path", "quarantine_path"):
@@ -388,17 +397,17 @@ async def _open_source(
     )
 
     path = sqlite_path_from_url(url)
-    info = await asyncio.to_thread(inspect_file, path)
-    if info.kind == "missing":
+    if not path.is_file():
         raise MigrationError(f"source {path} does not exist")
-    if info.kind in ("empty", "unknown"):
-        tables = ", ".join(info.tables) or "none"
-        raise MigrationError(f"source {path} is not a kotonoha database (tables: {tables})")
     try:
         progress.note(f"checking {path} (PRAGMA integrity_check)")
         await asyncio.to_thread(integrity_check, path)
+        info = await asyncio.to_thread(inspect_file, path)
     except CorruptDatabaseError as exc:
         raise MigrationError(f"{exc}; nothing was written (the target was not opened)") from None
+    if info.kind in ("empty", "unknown"):
+        tables = ", ".join(info.tables) or "none"
+        raise MigrationError(f"source {path} is not a kotonoha database (tables: {tables})")
     if info.kind == "current":
         check_schema_version(path, info.schema_version)
         if MIGRATION_MARKER in info.meta:
@@ -727,13 +736,18 @@ class _Copier:
 
     async def _copy_small(self, spec: TableSpec, target: RowStore) -> None:
         rows = self.small[spec.name]
+        rep = self._table(spec)
         if spec is META:
             # The embedding model is recorded through the contract (it types the vector
             # column on PostgreSQL); the other keys are copied as they are.
+            recorded = [r for r in rows if r[0] in EMBEDDING_KEYS]
             rows = [r for r in rows if r[0] not in EMBEDDING_KEYS]
+            if self.report.mode == "resume":
+                rep.already_present += len(recorded)
+            else:
+                rep.moved += len(recorded)
         present = {_key_text(r[spec.key_index]) for r in await target.read_all(spec)}
         todo = [r for r in rows if _key_text(r[spec.key_index]) not in present]
-        rep = self._table(spec)
         rep.already_present += len(rows) - len(todo)
         self.progress.begin(spec.name, len(rows))
         self.progress.advance(spec.name, len(rows) - len(todo))
@@ -859,8 +873,8 @@ async def migrate(
         raise ConfigError("source and target are the same database")
     timezone, tz_label = resolve_timezone(source_timezone)
     report = MigrationReport(
-        source=safe_url(source_url),
-        target=safe_url(target_url),
+        source=display_url(source_url),
+        target=display_url(target_url),
         source_kind="?",
         dry_run=dry_run,
         timezone=tz_label,
@@ -900,6 +914,9 @@ async def migrate(
                 else:
                     await _run(copier, source, target_url, settings, report, progress, max_diffs)
             finally:
+                report.tables = {
+                    t.name: report.tables[t.name] for t in TABLES if t.name in report.tables
+                }
                 report.conversions.update(copier.conv.stats)
                 report.quarantined = quarantine.count
                 report.quarantine_samples = quarantine.samples
@@ -1258,8 +1275,8 @@ async def verify(
             batch_size=batch_size,
             max_diffs=max_diffs,
             progress=progress,
-            source_name=safe_url(source_url),
-            target_name=safe_url(target_url),
+            source_name=display_url(source_url),
+            target_name=display_url(target_url),
         )
     if quarantine.count:
         # Legacy rows the conversion sets aside are expected to be absent, like the
@@ -1304,6 +1321,15 @@ class UpgradeReport:
     @property
     def exit_code(self) -> int:
         return EXIT_QUARANTINED if self.quarantined else 0
+
+    def as_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["conversions"] = dict(self.conversions)
+        out["verify"] = self.verify.as_dict() if self.verify else None
+        for key in ("path", "backup_path", "quarantine_path"):
+            out[key] = str(out[key]) if out[key] is not None else None
+        out["exit_code"] = self.exit_code
+        return out
 
 
 async def upgrade(
