@@ -172,6 +172,8 @@ async def test_mention_opens_a_thread_that_continues_without_mentions(
 
 async def test_mention_inside_a_thread_adopts_the_thread(harness: Harness) -> None:
     thread = FakeChannel(type=discord.ChannelType.public_thread, parent_id=42)
+    await harness.send(plain("まだ呼んでない", thread))  # ignored (and remembered as unknown)
+    assert thread.sent == []
     await harness.send(mention("ここで話そう", thread))
     await harness.send(plain("続き", thread, author=YUU))
     assert thread.sent == ["echo: ミナ: ここで話そう", "echo: ユウ: 続き"]

@@ -108,7 +108,7 @@ class MessageHandler:
         mentioned = self._mentions_me(message, me)
         if channel.type in THREAD_TYPES:
             conv = Conversation.thread(guild_id, channel.parent_id, channel.id)
-            if mentioned or await self.chat.is_active(conv.session_key):
+            if mentioned or (text and await self.chat.is_active(conv.session_key)):
                 await self._converse(message, conv, channel, text, mentioned=mentioned)
                 return
         elif mentioned:

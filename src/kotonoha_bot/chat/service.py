@@ -14,6 +14,7 @@ stays stored, the apology is not added to the history.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -44,6 +45,9 @@ log = logging.getLogger("kotonoha_bot.chat")
 
 #: Longest query text sent to the search (the end of the message matters most).
 MAX_QUERY_CHARS = 1000
+#: How long (seconds) and how many "no such session" answers are remembered.
+UNKNOWN_SESSION_TTL = 300.0
+UNKNOWN_SESSION_MAX = 4096
 #: Tokens the yes/no eavesdrop judgment may answer with.
 JUDGE_MAX_TOKENS = 5
 
@@ -101,6 +105,7 @@ class ChatService:
         self._clock = clock
         self._last_hits: dict[str, int] = {}
         self._eavesdrop: dict[int, int] = {}  # opted-in channel -> its guild
+        self._unknown: dict[str, float] = {}  # session keys known not to exist -> until
 
     # --- the pipeline ---------------------------------------------------------------
 
@@ -109,6 +114,7 @@ class ChatService:
         if not incoming:
             raise ValueError("respond needs at least one incoming message")
         messages = [self._message(i) for i in incoming]
+        self._unknown.pop(conv.session_key, None)
         async with self.sessions.open(conv) as handle:
             await handle.append(*messages)
             session = handle.session
@@ -279,9 +285,24 @@ class ChatService:
     # --- session operations ---------------------------------------------------------
 
     async def is_active(self, session_key: str) -> bool:
-        """True when the session exists and is active (a thread the bot answers in)."""
+        """True when the session exists and is active (a thread the bot answers in).
+
+        "No such session" is remembered for :data:`UNKNOWN_SESSION_TTL` seconds, so
+        messages in busy threads the bot never joined do not each cost a query.
+        """
+        now = time.monotonic()
+        expiry = self._unknown.get(session_key)
+        if expiry is not None and expiry > now:
+            return False
         session = await self.sessions.peek(session_key)
-        return session is not None and session.status == "active"
+        if session is None:
+            if len(self._unknown) >= UNKNOWN_SESSION_MAX:
+                self._unknown = {k: t for k, t in self._unknown.items() if t > now}
+                if len(self._unknown) >= UNKNOWN_SESSION_MAX:
+                    self._unknown.clear()
+            self._unknown[session_key] = now + UNKNOWN_SESSION_TTL
+            return False
+        return session.status == "active"
 
     async def reset(self, conv: Conversation) -> bool:
         """Start the conversation afresh; False when there was nothing to reset.
