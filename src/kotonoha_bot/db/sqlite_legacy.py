@@ -30,7 +30,7 @@ from __future__ import annotations
 import json
 import sqlite3
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, tzinfo
 from pathlib import Path
@@ -85,12 +85,15 @@ class LegacyReport:
     ignored_columns: list[str] = field(default_factory=list)
 
 
-def _decode_json_text(value: Any) -> str:
+def _decode_json_text(value: Any, conv: RowConverter) -> str:
     if isinstance(value, bytes | bytearray):
         try:
-            return bytes(value).decode("utf-8")
+            text = bytes(value).decode("utf-8")
         except UnicodeDecodeError as exc:
             raise Reject(f"messages: invalid UTF-8 at byte {exc.start}") from None
+        if not isinstance(value, RawText):
+            conv.pending["text_from_blob"] += 1
+        return text
     if isinstance(value, str):
         return value
     raise Reject(f"messages: {type(value).__name__} where a JSON array is required")
@@ -150,7 +153,7 @@ class LegacyConverter:
         }
         if raw.get("messages") is None:
             raise Reject("messages: NULL in a required column")
-        text = _decode_json_text(raw["messages"])
+        text = _decode_json_text(raw["messages"], conv)
         try:
             items = json.loads(text, strict=False)
         except (ValueError, RecursionError) as exc:
@@ -388,15 +391,3 @@ def upgrade_in_place(
     except sqlite3.Error as exc:
         raise _translate(path, "upgrading the legacy database", exc) from None
     return report
-
-
-def rows_of(report: LegacyReport) -> Sequence[tuple[str, int]]:
-    """The report as (what, count) lines for a summary."""
-    lines = [
-        ("legacy sessions read", report.sessions_read),
-        ("sessions converted", report.sessions),
-        ("messages converted", report.messages),
-        ("sessions quarantined", report.quarantined_sessions),
-        ("messages quarantined", report.quarantined_messages),
-    ]
-    return lines
