@@ -451,3 +451,121 @@ async def upgrade_command(
             _print_verify(report.verify, brief=True)
     if report.quarantined:
         raise typer.Exit(EXIT_QUARANTINED)
+
+
+# --- backups ---------------------------------------------------------------------------
+
+
+@app.command("backup")
+@run_async
+async def backup_command(
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "--output",
+            "-o",
+            help="A directory (rotated) or an exact file name (not rotated); default BACKUP_DIR.",
+            show_default=False,
+        ),
+    ] = None,
+    database: DatabaseOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Back up the database (online, while the bot runs) and keep the newest BACKUP_KEEP.
+
+    SQLite: SQLite's online backup API, then an integrity check of the copy.
+    PostgreSQL: pg_dump -Fc (with a checksum manifest) when a pg_dump of the server's
+    major version or newer is on PATH, otherwise a verified logical export into a
+    SQLite file. Restore with `kotonoha db restore PATH`.
+
+    Example: kotonoha db backup --output /mnt/usb/kotonoha/
+    """
+    from kotonoha_bot.db.backup import backup_database, describe
+
+    settings = get_settings()
+    url = database_url(settings, database)
+    with _bars(not as_json) as bars:
+        result = await backup_database(settings, url, output=output, progress=_Bars(bars))
+    if as_json:
+        print_json(describe(result))
+        return
+    if result.note:
+        err_console.print(f"[yellow]note:[/] {result.note}", soft_wrap=True)
+    err_console.print(
+        f"backup written ({result.method}, {_size(result.size_bytes)}, {result.seconds:.1f} s):"
+    )
+    out_console.print(str(result.path.resolve()), soft_wrap=True)
+    if result.manifest is not None:
+        err_console.print(f"manifest: {result.manifest}", soft_wrap=True)
+    for old in result.rotated:
+        err_console.print(f"rotated out: {old}", soft_wrap=True)
+
+
+@app.command("restore")
+@run_async
+async def restore_command(
+    path: Annotated[Path, typer.Argument(help="A backup: a SQLite .db file or a pg_dump .dump.")],
+    database: DatabaseOption = None,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+    wipe: Annotated[
+        bool,
+        typer.Option("--wipe", help="Delete the target's rows first (otherwise it must be empty)."),
+    ] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Restore a backup into the database (which must be empty, or --wipe), then verify it.
+
+    A SQLite backup (from either backend) is copied row by row with the migration code
+    and verified against the file, so it restores into SQLite or PostgreSQL. A pg_dump
+    archive is restored with pg_restore (PostgreSQL only) and checked against its
+    manifest. Stop the bot first. Exit codes: 0 = restored and verified, 1 = failed,
+    refused or not confirmed, 2 = bad usage.
+
+    Example: kotonoha db restore backups/kotonoha-20270101-030000-000000.db --yes
+    """
+    from kotonoha_bot.db.backup import backup_kind, restore_backup, target_is_empty
+    from kotonoha_bot.db.transfer import display_url
+
+    settings = get_settings()
+    url = database_url(settings, database)
+    if not path.is_file():
+        raise fail(f"{path} does not exist", 1)
+    kind = backup_kind(path)
+    empty = await target_is_empty(url, settings)
+    if not empty and not wipe:
+        raise fail(
+            f"{display_url(url)} is not empty; restore into an empty database, or add --wipe"
+            " to delete its rows first",
+            1,
+        )
+    if not yes:
+        warning = "ALL ITS CURRENT ROWS WILL BE DELETED first. " if not empty else ""
+        question = (
+            f"Restore {path} ({kind}) into {display_url(url)}? {warning}Stop the bot before"
+            " restoring. Continue?"
+        )
+        try:
+            confirmed = typer.confirm(question, default=False, err=True)
+        except typer.Abort:  # no answer (stdin closed) is a no
+            confirmed = False
+        if not confirmed:
+            raise fail("not confirmed; nothing was changed", 1)
+    with _bars(not as_json) as bars:
+        result = await restore_backup(path, settings, url, wipe_first=wipe, progress=_Bars(bars))
+    if as_json:
+        print_json(
+            {
+                "path": str(result.path),
+                "target": result.target,
+                "method": result.method,
+                "verified": result.verified,
+                "wiped": result.wiped,
+                "seconds": round(result.seconds, 3),
+            }
+        )
+        return
+    err_console.print(
+        f"restored {result.path} into {result.target} ({result.method},"
+        f" {result.seconds:.1f} s); verified: {result.verified}",
+        soft_wrap=True,
+    )

@@ -134,6 +134,16 @@ class PostgresRows:
         with contextlib.suppress(Exception):
             await self.db._require_pool().release(conn)
 
+    async def export_snapshot(self) -> str:
+        """The id of this reader's snapshot, for ``pg_dump --snapshot`` (same rows)."""
+        if self._tx is None:
+            raise DatabaseError("only a snapshot reader can export its snapshot")
+        return str(
+            await self._do(
+                "exporting the snapshot", self._c().fetchval("SELECT pg_export_snapshot()")
+            )
+        )
+
     # --- reading ------------------------------------------------------------------
 
     def _select(self, spec: TableSpec) -> str:

@@ -130,6 +130,18 @@ def online_backup(source: Path, dest: Path) -> None:
     partial.replace(dest)
 
 
+def finalize_file(path: Path) -> None:
+    """Fold the WAL into the file and leave it self-contained (no -wal, no -shm)."""
+    try:
+        conn = sqlite3.connect(path)
+        try:
+            conn.execute("PRAGMA journal_mode = DELETE")
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        raise _translate(path, "finishing", exc) from None
+
+
 @dataclass(frozen=True)
 class FileInfo:
     """What a SQLite file holds: ``kind`` is current, legacy, empty or missing."""

@@ -1287,6 +1287,43 @@ async def verify(
     return report
 
 
+async def table_checksums(store: RowStore, *, batch_size: int = DEFAULT_BATCH) -> dict[str, Any]:
+    """Rows and a checksum per table, as stored (for backup manifests).
+
+    The checksum folds each row's :func:`~kotonoha_bot.db.rowconv.row_digest` in key
+    order, exactly like :func:`compare`'s table checksums.
+    """
+    _, dims = await _dims(store)
+    side = _Side(store, UTC, dims)
+    out: dict[str, Any] = {}
+    for spec in TABLES:
+        h = hashlib.blake2b(digest_size=16)
+        rows = invalid = 0
+        if spec.large:
+            async for key, row, _reason, _raw in _items(
+                side, spec, batch_size, TransferProgress(), None
+            ):
+                rows += 1
+                if row is None:
+                    invalid += 1
+                    h.update(b"invalid" + repr(key).encode())
+                else:
+                    h.update(repr(key).encode() + row_digest(comparable(spec, row)))
+        else:
+            converted: dict[Any, Row] = {}
+            for raw in await store.read_all(spec):
+                rows += 1
+                row, _reason = side.convert(spec, raw)
+                if row is None:
+                    invalid += 1
+                else:
+                    converted[row[spec.key_index]] = row
+            for key in sorted(converted, key=lambda k: (str(type(k)), k)):
+                h.update(repr(key).encode() + row_digest(comparable(spec, converted[key])))
+        out[spec.name] = {"rows": rows, "invalid": invalid, "checksum": h.hexdigest()}
+    return out
+
+
 # --- markers, upgrade, wipe ------------------------------------------------------------
 
 
