@@ -94,6 +94,10 @@ class Dataset:
     def dim(self) -> int:
         return int(self.vectors.shape[1])
 
+    def head(self, n: int) -> Dataset:
+        """The first ``n`` rows (same queries)."""
+        return Dataset(self.vectors[:n], self.channels[:n], self.queries)
+
     def scope_rows(self, scope: str) -> I64:
         """Row numbers (0-based) inside a scope name from ``SCOPES``."""
         channel = SCOPES[scope]
