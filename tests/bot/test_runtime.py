@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import socket
 from datetime import timedelta
 from pathlib import Path
@@ -140,6 +142,37 @@ async def test_serve_starts_everything_answers_and_saves_on_shutdown(
     with pytest.raises(aiohttp.ClientConnectionError):  # the health server stopped
         async with aiohttp.ClientSession() as http:
             await http.get(f"http://127.0.0.1:{port}/health")
+
+
+async def test_sigterm_closes_the_bot_and_saves(
+    fake_api: FakeAPIServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ANTHROPIC_BASE_URL", fake_api.base_url)
+    settings = chat_settings(
+        tmp_path, discord_token="t" * 20, health_port=0, session_sync_interval=3600
+    )
+    before = signal.getsignal(signal.SIGTERM)
+    dm = FakeChannel(type=discord.ChannelType.private)
+
+    async def connect(bot: KotonohaBot, token: str) -> None:
+        # Like bot.start(): run until the client is closed.
+        handler = signal.getsignal(signal.SIGTERM)
+        assert getattr(handler, "__name__", "") == "_sighandler_noop", "handler not installed"
+        message = FakeMessage(content="またね", channel=dm, author=FakeUser(5, "ミナ"))
+        await bot.handler.handle(message)  # type: ignore[arg-type]
+        assert bot.chat.sessions.unsaved_count() == 2
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(500):
+            if bot.is_closed():
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError("SIGTERM did not close the bot")
+
+    await serve(settings, connect=connect)
+    assert signal.getsignal(signal.SIGTERM) == before
+    async with open_database(sqlite_url(tmp_path / "kotonoha.db"), settings=settings) as db:
+        stored = await db.load_session(f"dm:{dm.id}")
+    assert stored is not None and len(stored.messages) == 2
 
 
 @pytest.mark.parametrize(

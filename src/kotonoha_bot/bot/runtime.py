@@ -93,13 +93,18 @@ def _close_on_signals(bot: KotonohaBot) -> Iterator[None]:
     loop = asyncio.get_running_loop()
     closing: set[asyncio.Task[None]] = set()  # references keep the tasks alive
 
+    installed: list[signal.Signals] = []
+
     def request_close(sig: signal.Signals) -> None:
-        log.info("%s received: shutting down", sig.name)
+        log.info("%s received: saving sessions and shutting down", sig.name)
+        # A second Ctrl-C should interrupt a shutdown that hangs: restore the defaults.
+        for s in installed:
+            loop.remove_signal_handler(s)
+        installed.clear()
         task = loop.create_task(bot.close())
         closing.add(task)
         task.add_done_callback(closing.discard)
 
-    installed = []
     for sig in (signal.SIGTERM, signal.SIGINT):
         try:
             loop.add_signal_handler(sig, request_close, sig)
