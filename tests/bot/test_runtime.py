@@ -256,3 +256,30 @@ async def test_retention_forgets_only_guilds_gone_long_enough(
     off = GuildRetention(db, days=0)
     assert not off.enabled and await off.sweep(set()) == {}
     assert await db.load_session("mention:10:7") is not None
+
+
+async def test_backup_job_backs_up_the_configured_database(
+    fake_api: FakeAPIServer, tmp_path: Path
+) -> None:
+    settings = chat_settings(tmp_path, backup_dir=tmp_path / "backups", backup_interval_hours=24)
+    async with (
+        open_database(settings.database_location(), settings=settings) as db,
+        chat_service(db, fake_api, settings) as service,
+    ):
+        await service.respond(Conversation.dm(3, 7), [Incoming("バックアップしてね", 7, "ミナ")])
+        bot = KotonohaBot(service, settings, sync_commands=False)
+        job = next(j for j in bot.jobs if j.name == "database backup")
+        assert job.interval == 24 * 3600 and job.first_delay == 600
+        path = await service.backup()
+    assert path.parent == tmp_path / "backups" and path.stat().st_size > 0
+    async with open_database(sqlite_url(path), settings=settings) as copy:
+        stored = await copy.load_session("dm:3")
+    assert stored is not None and stored.messages[0].content == "バックアップしてね"
+
+    off = chat_settings(tmp_path, backup_interval_hours=0)
+    async with (
+        open_database(off.database_location(), settings=off) as db,
+        chat_service(db, fake_api, off) as service,
+    ):
+        names = [j.name for j in KotonohaBot(service, off, sync_commands=False).jobs]
+    assert "database backup" not in names and "archive idle sessions" in names

@@ -26,6 +26,8 @@ log = logging.getLogger("kotonoha_bot.bot")
 EMBED_PENDING_SECONDS = 300.0
 #: How often data of guilds the bot left is checked against DATA_RETENTION_DAYS.
 RETENTION_SECONDS = 3600.0
+#: Delay before the first automatic backup after a start.
+FIRST_BACKUP_DELAY_SECONDS = 600.0
 #: Archiving checks at least this often (and at least twice per ARCHIVE_IDLE_MINUTES).
 ARCHIVE_MAX_SECONDS = 600.0
 
@@ -76,6 +78,18 @@ class KotonohaBot(commands.Bot):
         if s.session_sync_interval > 0:
             jobs.append(
                 Periodic("save sessions", s.session_sync_interval, self.chat.sessions.flush)
+            )
+        if s.backup_interval_hours > 0:
+            interval = s.backup_interval_hours * 3600.0
+            # The first backup comes a little after startup, not a full interval later:
+            # a bot restarted daily would otherwise never back up.
+            jobs.append(
+                Periodic(
+                    "database backup",
+                    interval,
+                    self.chat.backup,
+                    first_delay=min(interval, FIRST_BACKUP_DELAY_SECONDS),
+                )
             )
         if self.chat.retention.enabled:
             jobs.append(Periodic("data retention", RETENTION_SECONDS, self._retention))

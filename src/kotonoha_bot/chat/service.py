@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from pathlib import Path
 
 from kotonoha_bot.chat.conversation import Conversation, Incoming
 from kotonoha_bot.chat.prompt import (
@@ -379,6 +380,14 @@ class ChatService:
         return await embed_pending(
             self.db, self.embedder, batch_size=self.settings.embedding_batch_size
         )
+
+    async def backup(self) -> Path:
+        """Back up the configured database and rotate (``BACKUP_INTERVAL_HOURS`` in the bot)."""
+        from kotonoha_bot.db.backup import run_backup
+
+        path = await run_backup(self.settings)
+        log.info("database backup written: %s", path)
+        return path
 
     async def sweep_retention(self, member_guild_ids: set[int]) -> dict[int, ForgetResult]:
         """Apply ``DATA_RETENTION_DAYS`` given every guild the bot is in."""
