@@ -18,6 +18,7 @@ import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import numpy as np
 import pytest
@@ -755,3 +756,83 @@ async def test_cli_migrate_exit_codes_and_no_password(
     assert "Traceback" not in again.stderr
     help_text = run_cli("db", "migrate", "--help", cwd=tmp_path).stdout
     assert "3 = migrated" in help_text
+
+
+async def test_dropped_connection_then_rerun_resumes(
+    new_database_url: Any, settings: Settings, tmp_path: Path
+) -> None:
+    """The server kills the migration's connection mid-copy (pg_terminate_backend)."""
+    import asyncpg
+
+    src = await new_database_url("sqlite")
+    target = await new_database_url("postgres")
+    await big_source(src, settings)
+    dbname = urlsplit(target).path.lstrip("/")
+    task = asyncio.create_task(migrate(src, target, settings=settings, batch_size=25))
+    admin = await asyncpg.connect(target)
+    try:
+        killed = 0
+        for _ in range(1200):
+            await asyncio.sleep(0.02)
+            if task.done():
+                break
+            if not await admin.fetchval("SELECT to_regclass('messages') IS NOT NULL"):
+                continue
+            if await admin.fetchval("SELECT count(*) FROM messages") >= 500:
+                killed = await admin.fetchval(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                    " WHERE datname = $1 AND pid <> pg_backend_pid()",
+                    dbname,
+                )
+                break
+    finally:
+        await admin.close()
+        if not task.done():
+            with pytest.raises(MigrationError, match="partial copy marked 'migration_in_progress'"):
+                await task
+    assert killed >= 1
+    assert isinstance(task.exception(), MigrationError)
+    assert await migration_marker(target, settings) is not None
+    rerun = await migrate(src, target, settings=settings)
+    assert rerun.mode == "resume"
+    check_clean(rerun)
+    assert rerun.tables["messages"].already_present >= 500
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Any:
+    """A 1 MiB tmpfs (root only); yields its path and a function that enlarges it."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1M", "tmpfs", str(disk)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip("needs permission to mount a tmpfs (a real full disk)")
+
+    def grow() -> None:
+        subprocess.run(["mount", "-o", "remount,size=64M", str(disk)], check=True)
+
+    try:
+        yield disk, grow
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+async def test_disk_full_then_rerun_resumes(
+    small_disk: Any, new_database_url: Any, settings: Settings
+) -> None:
+    disk, grow = small_disk
+    src = await new_database_url("sqlite")
+    await big_source(src, settings)
+    target = f"sqlite:///{disk / 'kotonoha.db'}"
+    with pytest.raises(MigrationError, match="disk full") as info:
+        await migrate(src, target, settings=settings)
+    assert "rerun the same command to resume" in str(info.value)
+    assert await migration_marker(target, settings) is not None
+    assert 0 < await _rows(target, settings) < 12_503
+    grow()
+    rerun = await migrate(src, target, settings=settings)
+    assert rerun.mode == "resume"
+    check_clean(rerun)
+    assert await _rows(target, settings) == 12_503
