@@ -129,6 +129,9 @@ _RETRYABLE: tuple[type[BaseException], ...] = (
     pgerr.AdminShutdownError,
     pgerr.CrashShutdownError,
     pgerr.InvalidCachedStatementError,
+    # The protocol state broke under us (e.g. the server's FATAL message arrived
+    # between two statements): the connection is unusable, a fresh one is fine.
+    pgerr.InternalClientError,
     ConnectionResetError,
     BrokenPipeError,
 )
@@ -427,6 +430,12 @@ class PostgreSQLDatabase:
                     committing = True
                     await tx.commit()
                     return result
+                except _RETRYABLE:
+                    # Never hand a broken connection back: the pool reconnects the slot.
+                    # (asyncpg may already have detached a connection that closed.)
+                    with contextlib.suppress(pgerr.InterfaceError):
+                        conn.terminate()
+                    raise
                 finally:
                     await pool.release(conn)
             except KotonohaError:
@@ -925,7 +934,9 @@ class PostgreSQLDatabase:
         if not chunks:
             return 0
         now = datetime.now(UTC)
-        records = [
+        # A generator, not a list: asyncpg sends each buffer as soon as it fills, so the
+        # server ingests rows while Python is still tokenising the next ones.
+        records = (
             (
                 source_id,
                 guild_id,
@@ -939,8 +950,9 @@ class PostgreSQLDatabase:
                 now,
             )
             for c in chunks
-        ]
-        rebuild = await self._drop_index_for_bulk_load(conn, records, config)
+        )
+        embedded = sum(1 for c in chunks if c.embedding is not None)
+        rebuild = await self._drop_index_for_bulk_load(conn, embedded, config)
         await conn.copy_records_to_table(
             "knowledge_chunks",
             records=records,
@@ -949,10 +961,10 @@ class PostgreSQLDatabase:
         )
         if rebuild is not None:
             await self._create_ann_index(conn, rebuild)
-        return len(records)
+        return len(chunks)
 
     async def _drop_index_for_bulk_load(
-        self, conn: Conn, records: list[Any], config: EmbeddingConfig | None
+        self, conn: Conn, embedded: int, config: EmbeddingConfig | None
     ) -> int | None:
         """Drop the ANN index before a bulk load that at least doubles the vectors.
 
@@ -961,7 +973,6 @@ class PostgreSQLDatabase:
         stored is loaded without the index and the index is rebuilt in the same
         transaction (searches wait for it). Returns the dimension to rebuild with.
         """
-        embedded = sum(1 for r in records if r[8] is not None)
         if embedded < BULK_REBUILD_MIN_ROWS or config is None:
             return None
         stored = int(
