@@ -270,3 +270,34 @@ def test_rrf_rewards_agreement_and_keeps_single_mode_hits() -> None:
         [hit(1)], [hit(2)], k=60, vector_weight=0.0, keyword_weight=1.0, top_k=1
     )
     assert only_kw[0].hit.chunk_id == 2
+
+
+async def test_archiving_after_forget_keeps_new_messages(db: DatabaseProtocol) -> None:
+    """forget() renumbers a session; the next archive must not skip the new windows."""
+    emb = HashingEmbeddingProvider(dimension=64)
+    old = datetime.now(UTC) - timedelta(hours=3)
+    s = ChatSession(
+        "mention:f", "mention", guild_id=4, channel_id=4, created_at=old, last_active_at=old
+    )
+    for i in range(4):
+        s.add_message(
+            Message("user", f"消したい話 {i}", old + timedelta(seconds=i), 42, "forgetme")
+        )
+    for i in range(4):
+        s.add_message(Message("user", f"残る話 {i}", old + timedelta(seconds=10 + i), 43, "stay"))
+    await db.save_session(s)
+    first = await archive_idle_sessions(db, emb, idle_minutes=60, window=4, overlap=0)
+    assert first.chunks_added == 2
+    await db.forget(guild_id=4, user_id=42)
+    loaded = await db.load_session("mention:f")
+    assert loaded is not None and len(loaded.messages) == 4
+    for i in range(4):
+        loaded.add_message(
+            Message("user", f"新しい話 {i}", old + timedelta(seconds=20 + i), 43, "stay")
+        )
+    await db.save_session(loaded)
+    report = await archive_idle_sessions(db, emb, idle_minutes=60, window=4, overlap=0)
+    assert report.chunks_added >= 1
+    hits = await search_knowledge(db, emb, "新しい話", guild_id=4, mode="keyword", top_k=10)
+    assert any("新しい話 3" in h.hit.content for h in hits.hits)
+    assert not any("消したい話" in h.hit.content for h in hits.hits)

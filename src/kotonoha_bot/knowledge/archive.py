@@ -10,6 +10,7 @@ archived: a DM must not become knowledge another member could retrieve.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -66,6 +67,17 @@ def windows(
         start += step
 
 
+def window_key(session_key: str, first: int, last: int, text: str) -> str:
+    """Stable key of an archived window: its message range and a hash of its text.
+
+    The hash matters after ``/kb forget``: deleting a user's messages renumbers the
+    session, and a new window over the same range but other messages must not be
+    mistaken for the old one (which would skip it silently).
+    """
+    digest = hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+    return f"{session_key}:{first}-{last}:{digest}"
+
+
 def window_text(messages: Sequence[Message]) -> str:
     """``speaker: text`` lines, normalised, NUL-free."""
     lines = []
@@ -106,7 +118,7 @@ async def archive_session(
         authors = sorted({m.author_id for m in part if m.author_id is not None})
         rows.append(
             KnowledgeChunk(
-                chunk_key=f"{key}:{a}-{b}",
+                chunk_key=window_key(key, a, b, text),
                 content=text,
                 chunk_index=a,
                 embedding=None if vectors is None else vectors[i],
