@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import shlex
 import sqlite3
 import sys
@@ -215,7 +216,9 @@ def render(
         " Target: PostgreSQL 18 + pgvector (`benchmarks.pgserver`), database"
         f" {target_bytes / 2**20:,.0f} MiB afterwards (with the HNSW index).",
         "",
-        f"Machine: {m['cpu']}, {m['nproc']} cores, {m['memory']}, {m['os']}, Python {m['python']}.",
+        f"Machine: {m['cpu']}, {m['nproc']} cores, {m['memory']}, {m['os']}, Python {m['python']}."
+        f" Load average during the run: {args.load[0]:.1f} at the start, {args.load[1]:.1f} at"
+        " the end (the host is shared; other jobs ran at the same time).",
         "",
         table(["table", "rows", "seconds", "rows/s"], rows),
         "",
@@ -257,6 +260,7 @@ async def main(args: argparse.Namespace) -> None:
         with bench_server() as server:
             url = await server.create_database("migrate")
             try:
+                load_start = os.getloadavg()[0]
                 timeline = Timeline()
                 report = await migrate(
                     f"sqlite:///{src}",
@@ -265,6 +269,7 @@ async def main(args: argparse.Namespace) -> None:
                     batch_size=args.batch_size,
                     progress=timeline,
                 )
+                args.load = (load_start, os.getloadavg()[0])
                 import asyncpg
 
                 conn = await asyncpg.connect(url)

@@ -535,6 +535,7 @@ async def test_dirty_rows_are_moved_converted_or_quarantined(
     assert report.verify is not None and report.verify.identical
     assert report.quarantined == len(expected)
     assert report.quarantine_path is not None
+    assert report.quarantine_path.stat().st_mode & 0o777 == 0o600
     lines = [json.loads(x) for x in report.quarantine_path.read_text().splitlines()]
     got = {str(e["key"]): e["reason"] for e in lines}
     assert got.keys() == expected.keys()

@@ -30,13 +30,14 @@ differs from their source's (that would leak one server's memory into another).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
 import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, tzinfo
 from decimal import Decimal
 from typing import Any
@@ -99,14 +100,13 @@ class TableSpec:
     key: str
     columns: tuple[tuple[str, str], ...]
     large: bool
+    names: tuple[str, ...] = field(init=False)
+    key_index: int = field(init=False)
 
-    @property
-    def names(self) -> tuple[str, ...]:
-        return tuple(c for c, _ in self.columns)
-
-    @property
-    def key_index(self) -> int:
-        return self.names.index(self.key)
+    def __post_init__(self) -> None:
+        names = tuple(c for c, _ in self.columns)
+        object.__setattr__(self, "names", names)
+        object.__setattr__(self, "key_index", names.index(self.key))
 
 
 META = TableSpec("kotonoha_meta", "key", (("key", TEXT), ("value", TEXT)), large=False)
@@ -236,10 +236,13 @@ class RowConverter:
         self.chunk_exists: Callable[[int], bool] = lambda _cid: False
         #: Messages accepted per session (the target's message_count).
         self.message_counts: Counter[str] = Counter()
+        self._plans: dict[str, list[tuple[str, str, bool, Callable[[Any], Any]]]] = {}
 
     # --- values -------------------------------------------------------------------
 
     def text(self, value: Any, column: str) -> str:
+        if type(value) is str and value.isascii() and NUL not in value:
+            return value  # the common case, checked cheaply
         if isinstance(value, RawText):
             try:
                 text = value.decode("utf-8")
@@ -272,6 +275,8 @@ class RowConverter:
         return text
 
     def integer(self, value: Any, column: str, bounds: tuple[int, int]) -> int:
+        if type(value) is int and bounds[0] <= value <= bounds[1]:
+            return value  # the common case
         if isinstance(value, bool):
             raise Reject(f"{column}: boolean is not an integer")
         if isinstance(value, int):
@@ -372,37 +377,67 @@ class RowConverter:
             self.stats.update(self.pending)
             self.pending.clear()
 
-    def _convert(self, spec: TableSpec, raw: Sequence[Any]) -> Row:
-        out: list[Any] = []
-        for (column, kind), value in zip(spec.columns, raw, strict=True):
-            if value is None:
-                if kind in (TEXT_OPT, SNOWFLAKE_OPT, VECTOR_OPT):
-                    out.append(None)
-                    continue
-                raise Reject(f"{column}: NULL in a required column")
+    def _plan(self, spec: TableSpec) -> list[tuple[str, str, bool, Callable[[Any], Any]]]:
+        """Per column: name, kind, nullable, and the function that converts a value."""
+        plan = []
+        for column, kind in spec.columns:
+            nullable = kind in (TEXT_OPT, SNOWFLAKE_OPT, VECTOR_OPT)
+            fn: Callable[[Any], Any]
             if kind in (TEXT, TEXT_OPT):
-                text = self.text(value, column)
-                allowed = _ENUMS.get((spec.name, column))
-                if allowed is not None and text not in allowed:
-                    raise Reject(f"{column}: unknown value {text[:40]!r}")
-                if not text and (spec.name, column) in _NON_EMPTY:
-                    raise Reject(f"{column}: empty")
-                out.append(text)
+                fn = self._text_rule(
+                    column, _ENUMS.get((spec.name, column)), (spec.name, column) in _NON_EMPTY
+                )
             elif kind == ROW_ID:
-                out.append(self.integer(value, column, (1, _INT64_ID[1])))
+                fn = functools.partial(self.integer, column=column, bounds=(1, _INT64_ID[1]))
             elif kind in (SNOWFLAKE, SNOWFLAKE_OPT):
-                out.append(self.integer(value, column, _INT64_ID))
+                fn = functools.partial(self.integer, column=column, bounds=_INT64_ID)
             elif kind == INT32:
-                out.append(self.integer(value, column, _INT32))
+                fn = functools.partial(self.integer, column=column, bounds=_INT32)
             elif kind == TIME:
-                out.append(self.time(value, column))
+                fn = functools.partial(self.time, column=column)
             elif kind == JSON_OBJ:
-                out.append(self.json_object(value, column))
+                fn = functools.partial(self.json_object, column=column)
             elif kind in (VECTOR, VECTOR_OPT):
-                dim = self.reembed_dim if spec is REEMBED else self.embedding_dim
-                out.append(self.vector(value, column, dim))
+                fn = self._vector_rule(column, spec is REEMBED)
             else:  # pragma: no cover - the specs above use only these kinds
                 raise AssertionError(kind)
+            plan.append((column, kind, nullable, fn))
+        return plan
+
+    def _text_rule(
+        self, column: str, allowed: tuple[str, ...] | None, non_empty: bool
+    ) -> Callable[[Any], str]:
+        def rule(value: Any) -> str:
+            text = self.text(value, column)
+            if allowed is not None and text not in allowed:
+                raise Reject(f"{column}: unknown value {text[:40]!r}")
+            if non_empty and not text:
+                raise Reject(f"{column}: empty")
+            return text
+
+        return rule
+
+    def _vector_rule(self, column: str, reembed: bool) -> Callable[[Any], bytes]:
+        def rule(value: Any) -> bytes:
+            dim = self.reembed_dim if reembed else self.embedding_dim
+            return self.vector(value, column, dim)
+
+        return rule
+
+    def _convert(self, spec: TableSpec, raw: Sequence[Any]) -> Row:
+        plan = self._plans.get(spec.name)
+        if plan is None:
+            plan = self._plans[spec.name] = self._plan(spec)
+        if len(raw) != len(plan):
+            raise Reject(f"{len(raw)} values where {len(plan)} columns are expected")
+        out: list[Any] = []
+        for (column, _kind, nullable, fn), value in zip(plan, raw, strict=True):
+            if value is None:
+                if not nullable:
+                    raise Reject(f"{column}: NULL in a required column")
+                out.append(None)
+            else:
+                out.append(fn(value))
         return self._cross_check(spec, out)
 
     def _cross_check(self, spec: TableSpec, row: list[Any]) -> Row:
@@ -487,22 +522,22 @@ def comparable(spec: TableSpec, row: Row) -> tuple[Any, ...]:
 
 def row_digest(values: Iterable[Any]) -> bytes:
     """A 16-byte checksum of a comparable row (type-tagged, length-prefixed)."""
-    h = hashlib.blake2b(digest_size=16)
+    parts: list[bytes] = []
     for value in values:
         if value is None:
-            h.update(b"N")
+            parts.append(b"N")
         elif isinstance(value, int):
-            h.update(b"I%d;" % value)
+            parts.append(b"I%d;" % value)
         elif isinstance(value, str):
             data = value.encode("utf-8")
-            h.update(b"S%d:" % len(data))
-            h.update(data)
+            parts.append(b"S%d:" % len(data))
+            parts.append(data)
         elif isinstance(value, bytes):
-            h.update(b"B%d:" % len(value))
-            h.update(value)
+            parts.append(b"B%d:" % len(value))
+            parts.append(value)
         else:  # pragma: no cover - comparable() produces only these
             raise TypeError(type(value).__name__)
-    return h.digest()
+    return hashlib.blake2b(b"".join(parts), digest_size=16).digest()
 
 
 def jsonable(value: Any) -> Any:

@@ -35,7 +35,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, tzinfo
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from kotonoha_bot.db import open_database, parse_database_url, sqlite_path_from_url
@@ -70,6 +70,8 @@ if TYPE_CHECKING:
     from kotonoha_bot.config import Settings
     from kotonoha_bot.db.postgres import PostgreSQLDatabase
     from kotonoha_bot.db.sqlite_legacy import LegacyReport
+
+T = TypeVar("T")
 
 #: Rows per batch (and per transaction) when copying.
 DEFAULT_BATCH = 2000
@@ -162,7 +164,9 @@ class Quarantine:
             return
         if self._file is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = self.path.open("a", encoding="utf-8")
+            # Quarantined rows are conversations: readable by their owner only.
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            self._file = os.fdopen(fd, "a", encoding="utf-8")
         try:
             line = json.dumps(entry, ensure_ascii=False, default=str)
             line.encode("utf-8")
@@ -779,11 +783,28 @@ class _Copier:
                 rows = self._convert(spec, raws)
                 self.progress.advance(spec.name, len(raws) - len(rows))
                 await self._insert(spec, target, rows)
-        async for raws in store.batches(spec, after=high, size=self.batch):
+        async for raws in _prefetch(store.batches(spec, after=high, size=self.batch)):
             rows = self._convert(spec, raws)
             self.progress.advance(spec.name, len(raws) - len(rows))
             await self._insert(spec, target, rows)
         self.progress.end(spec.name)
+
+
+async def _prefetch(batches: AsyncIterator[T]) -> AsyncIterator[T]:
+    """Fetch the next batch while the caller works on this one (I/O overlaps CPU)."""
+    pending: asyncio.Future[T | None] = asyncio.ensure_future(anext(batches, None))
+    try:
+        while True:
+            item = await pending
+            if item is None:
+                return
+            pending = asyncio.ensure_future(anext(batches, None))
+            yield item
+    finally:
+        if not pending.done():
+            pending.cancel()
+            with contextlib.suppress(asyncio.CancelledError, KotonohaError):
+                await pending
 
 
 def _key_text(key: Any) -> Any:
@@ -1159,7 +1180,7 @@ async def compare(
 async def _items(
     side: _Side, spec: TableSpec, batch: int, progress: TransferProgress, task: str | None
 ) -> AsyncIterator[tuple[int, Row | None, str | None, Any]]:
-    async for raws in side.store.batches(spec, after=None, size=batch):
+    async for raws in _prefetch(side.store.batches(spec, after=None, size=batch)):
         for raw in raws:
             row, reason = side.convert(spec, raw)
             if row is not None and spec is CHUNKS:
