@@ -44,11 +44,11 @@ from benchmarks.systems import (
     SqliteVec,
     System,
     run_concurrent,
-    run_queries,
 )
 from benchmarks.util import best_bandwidth, machine, pct, read_bandwidth
 
 WARMUP = 3
+PG_NAME = "ours PostgreSQL"
 CLIENTS = 8
 SYSTEM_KEYS = ("numpy", "sqlite", "sqlite-vec", "chroma", "postgres")
 
@@ -67,26 +67,6 @@ def cell(seconds: list[float], found: list[list[int]], truth: list[np.ndarray]) 
     }
 
 
-async def sweep(
-    system: System, ds: Dataset, truth: dict[str, list[np.ndarray]], out: dict[str, Any]
-) -> None:
-    """Every variant x scope, one client; QPS with 1 and 8 clients on the default variant."""
-    for variant in system.variants():
-        await system.use(variant)
-        cells: dict[str, Any] = {}
-        for scope, channel in SCOPES.items():
-            for q in ds.queries[:WARMUP]:
-                await system.search(q, channel)
-            seconds, found = await run_queries(system, list(ds.queries), channel)
-            cells[scope] = cell(seconds, found, truth[scope])
-            log(
-                f"  {system.name} [{variant}] {scope}: p50 {cells[scope]['p50'] * 1e3:.2f} ms"
-                f" recall {cells[scope]['recall']:.3f}"
-            )
-        out["variants"][variant] = cells
-    await throughput(system, ds, out)
-
-
 def default_variant(system: System) -> str:
     """The variant a user gets without tuning (our settings' defaults, Chroma's default)."""
     names = system.variants()
@@ -96,58 +76,36 @@ def default_variant(system: System) -> str:
     return names[0]
 
 
-async def throughput(system: System, ds: Dataset, out: dict[str, Any]) -> None:
-    variant = default_variant(system)
-    await system.use(variant)
-    queries = list(ds.queries) * 2
-    out["qps1"] = 1.0 / out["variants"][variant]["100%"]["mean"]
-    out["qps8"] = await run_concurrent(system, queries, None, CLIENTS)
-    out["default"] = variant
-    log(f"  {system.name}: QPS 1 client {out['qps1']:.1f}, {CLIENTS} clients {out['qps8']:.1f}")
+async def interleaved(
+    systems: list[System], ds: Dataset, truth: dict[str, list[np.ndarray]], label: str
+) -> dict[str, dict[str, Any]]:
+    """One client; for every query each system in turn (rotating who goes first).
 
-
-async def sweep_pg_pair(
-    ours: OursPostgres,
-    raw: RawPostgres,
-    ds: Dataset,
-    truth: dict[str, list[np.ndarray]],
-    out_ours: dict[str, Any],
-    out_raw: dict[str, Any],
-) -> None:
-    """Ours and the raw SQL alternate query by query (same index, same moment)."""
-    for variant in ours.variants():
-        await ours.use(variant)
-        await raw.use(variant)
-        for system in (ours, raw):
-            for channel in SCOPES.values():
-                for q in ds.queries[:WARMUP]:
-                    await system.search(q, channel)
-        c_ours: dict[str, Any] = {}
-        c_raw: dict[str, Any] = {}
-        for scope, channel in SCOPES.items():
-            s_o, f_o, s_r, f_r = [], [], [], []
-            for q in ds.queries:
-                for system, s, f in ((ours, s_o, f_o), (raw, s_r, f_r)):
-                    t = time.perf_counter()
-                    rows = await system.search(q, channel)
-                    s.append(time.perf_counter() - t)
-                    f.append(rows)
-            c_ours[scope] = cell(s_o, f_o, truth[scope])
-            c_raw[scope] = cell(s_r, f_r, truth[scope])
-            log(
-                f"  PostgreSQL [{variant}] {scope}: ours p50 {c_ours[scope]['p50'] * 1e3:.2f} ms"
-                f" recall {c_ours[scope]['recall']:.3f} | raw p50"
-                f" {c_raw[scope]['p50'] * 1e3:.2f} ms recall {c_raw[scope]['recall']:.3f}"
-            )
-        out_ours["variants"][variant] = c_ours
-        out_raw["variants"][variant] = c_raw
-        if variant == "hnsw ef_search=100":
-            ours.memory()
-            for system, out in ((ours, out_ours), (raw, out_raw)):
-                out["qps1"] = 1.0 / out["variants"][variant]["100%"]["mean"]
-                out["qps8"] = await run_concurrent(system, list(ds.queries) * 2, None, CLIENTS)
-                out["default"] = variant
-                log(f"  {system.name}: QPS 1 client {out['qps1']:.1f}, 8 clients {out['qps8']:.1f}")
+    The host is shared and its load changes by the minute; taking turns query by query
+    exposes every system to the same moments, so the ratios hold even when the
+    absolute times drift.
+    """
+    out: dict[str, dict[str, Any]] = {s.name: {} for s in systems}
+    for scope, channel in SCOPES.items():
+        for s in systems:
+            for q in ds.queries[:WARMUP]:
+                await s.search(q, channel)
+        secs: dict[str, list[float]] = {s.name: [] for s in systems}
+        found: dict[str, list[list[int]]] = {s.name: [] for s in systems}
+        for i, q in enumerate(ds.queries):
+            for j in range(len(systems)):
+                s = systems[(i + j) % len(systems)]
+                t = time.perf_counter()
+                rows = await s.search(q, channel)
+                secs[s.name].append(time.perf_counter() - t)
+                found[s.name].append(rows)
+        parts = []
+        for s in systems:
+            out[s.name][scope] = cell(secs[s.name], found[s.name], truth[scope])
+            c = out[s.name][scope]
+            parts.append(f"{s.name} {c['p50'] * 1e3:.2f} ms r={c['recall']:.3f}")
+        log(f"  [{label}] {scope}: " + " | ".join(parts))
+    return out
 
 
 def build_record(system: System) -> dict[str, Any]:
@@ -212,63 +170,114 @@ async def run_size(
     tmp: Path,
     server: Any,
 ) -> None:
+    """Build every system, then measure them side by side."""
     factories: list[tuple[str, Any]] = [
         ("numpy", NumpyExact),
         ("sqlite", OursSQLite),
         ("sqlite-vec", SqliteVec),
         ("chroma", Chroma),
     ]
-    for key, factory in factories:
-        if key not in args.systems:
-            continue
-        system = factory()
-        out: dict[str, Any] = {"variants": {}}
-        log(f"N={ds.n:,}: {system.name}: building")
-        try:
-            await system.build(ds, tmp)
-            out["build"] = build_record(system)
-            log(f"  built: insert {system.info.insert_s:.1f} s")
-            await sweep(system, ds, truth, out)
-            out["build"] = build_record(system)
-        except Exception as exc:
-            out["error"] = f"{type(exc).__name__}: {exc}"
-            log(f"  {system.name} failed: {traceback.format_exc()}")
-        finally:
+    systems: list[System] = []
+    outs: dict[str, dict[str, Any]] = {}
+    ours: OursPostgres | None = None
+    raw: RawPostgres | None = None
+    try:
+        for key, factory in factories:
+            if key in args.systems:
+                system = factory()
+                if await build(system, ds, tmp, outs):
+                    systems.append(system)
+        if "postgres" in args.systems and server is not None:
+            if ds.n > args.pg_max_n:
+                outs[PG_NAME] = {
+                    "variants": {},
+                    "error": f"skipped above --pg-max-n {args.pg_max_n:,}",
+                }
+            else:
+                ours = OursPostgres(server)
+                if await build(ours, ds, tmp, outs):
+                    raw = RawPostgres(ours)
+                    outs[raw.name] = {"variants": {}, "build": {"note": "same table and index"}}
+                    systems += [ours, raw]
+                else:
+                    ours = None
+        await measure_all(systems, ds, truth, outs, ours, raw)
+    finally:
+        for system in reversed(systems):
             with contextlib.suppress(Exception):
                 await system.close()
-        out["loadavg"] = os.getloadavg()
-        per_n[system.name] = out
-        del system
-        gc.collect()
-    if "postgres" in args.systems and server is not None:
-        if ds.n > args.pg_max_n:
-            per_n["ours PostgreSQL"] = {
-                "variants": {},
-                "error": f"skipped above --pg-max-n {args.pg_max_n:,}",
-            }
-            return
-        ours = OursPostgres(server)
-        raw = RawPostgres(ours)
-        out_o: dict[str, Any] = {"variants": {}}
-        out_r: dict[str, Any] = {"variants": {}}
-        log(f"N={ds.n:,}: ours PostgreSQL: inserting (HNSW maintained) and rebuilding HNSW")
-        try:
-            await ours.build(ds, tmp)
-            log(f"  built: insert {ours.info.insert_s:.1f} s, HNSW build {ours.info.index_s:.1f} s")
-            await sweep_pg_pair(ours, raw, ds, truth, out_o, out_r)
-        except Exception as exc:
-            out_o["error"] = f"{type(exc).__name__}: {exc}"
-            log(f"  PostgreSQL failed: {traceback.format_exc()}")
-        finally:
-            with contextlib.suppress(Exception):
-                await raw.close()
-            with contextlib.suppress(Exception):
-                await ours.close()
-        out_o["build"] = build_record(ours)
-        out_r["build"] = {"note": "same table and index as ours"}
-        out_o["loadavg"] = out_r["loadavg"] = os.getloadavg()
-        per_n[ours.name] = out_o
-        per_n[raw.name] = out_r
+            if system.name in outs:
+                outs[system.name]["build"] = build_record(system)
+        if raw is not None:
+            outs[raw.name]["build"] = {"note": "same table and index as ours"}
+        per_n.update(outs)
+
+
+async def build(system: System, ds: Dataset, tmp: Path, outs: dict[str, Any]) -> bool:
+    """Build one system; on failure record why (the report shows it) and go on."""
+    log(f"N={ds.n:,}: {system.name}: building")
+    outs[system.name] = {"variants": {}}
+    try:
+        await system.build(ds, tmp)
+    except Exception as exc:
+        outs[system.name]["error"] = f"{type(exc).__name__}: {exc}"
+        log(f"  {system.name} failed: {traceback.format_exc()}")
+        with contextlib.suppress(Exception):
+            await system.close()
+        return False
+    outs[system.name]["build"] = build_record(system)
+    log(f"  built in {system.info.insert_s:.1f} s (+ index {system.info.index_s:.1f} s)")
+    return True
+
+
+async def measure_all(
+    systems: list[System],
+    ds: Dataset,
+    truth: dict[str, list[np.ndarray]],
+    outs: dict[str, dict[str, Any]],
+    ours: OursPostgres | None,
+    raw: RawPostgres | None,
+) -> None:
+    """Defaults side by side, throughput, then the ef_search / probes sweeps."""
+    for s in systems:
+        await s.use(default_variant(s))
+        outs[s.name]["default"] = default_variant(s)
+    try:
+        cells = await interleaved(systems, ds, truth, "defaults")
+    except Exception:
+        log(f"  interleaved run failed: {traceback.format_exc()}")
+        raise
+    for s in systems:
+        outs[s.name]["variants"][default_variant(s)] = cells[s.name]
+        outs[s.name]["loadavg"] = os.getloadavg()
+    if ours is not None:
+        ours.memory()
+    for s in systems:
+        out = outs[s.name]
+        out["qps1"] = 1.0 / out["variants"][out["default"]]["100%"]["mean"]
+        out["qps8"] = await run_concurrent(s, list(ds.queries) * 2, None, CLIENTS)
+        log(f"  {s.name}: QPS 1 client {out['qps1']:.1f}, {CLIENTS} clients {out['qps8']:.1f}")
+    chroma = next((s for s in systems if isinstance(s, Chroma)), None)
+    # HNSW sweep: ours, the raw SQL and Chroma at the same ef_search, taking turns.
+    for ef in OursPostgres.HNSW_EF:
+        variant = f"hnsw ef_search={ef}"
+        group: list[System] = [s for s in (ours, raw, chroma) if s is not None]
+        if not group or ef == 100:  # 100 is every HNSW system's default, measured above
+            continue
+        for s in group:
+            await s.use(variant)
+        cells = await interleaved(group, ds, truth, variant)
+        for s in group:
+            outs[s.name]["variants"][variant] = cells[s.name]
+    # IVFFlat: rebuild the index once, then ours and the raw SQL per probes value.
+    if ours is not None and raw is not None:
+        for probes in OursPostgres.IVF_PROBES:
+            variant = f"ivfflat probes={probes}"
+            await ours.use(variant)
+            await raw.use(variant)
+            cells = await interleaved([ours, raw], ds, truth, variant)
+            for s in (ours, raw):
+                outs[s.name]["variants"][variant] = cells[s.name]
 
 
 def save(results: dict[str, Any], args: argparse.Namespace) -> None:

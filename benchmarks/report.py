@@ -418,10 +418,13 @@ def write_report(results: dict[str, Any]) -> None:
         " row; scopes: the whole guild (100 %), a channel with 10 %, a channel with 1 % of the"
         f" rows. {results['args']['queries']} queries from the same mixture (not in the"
         " data), top-10, recall@10 against numpy's exact top-10 of the same scope.",
-        "- Latency: one client, sequential, after 3 warm-up queries. QPS 8: 8 concurrent"
-        " clients (coroutines for our async backends, threads for the others) over the"
-        " queries twice. Our PostgreSQL and the raw SQL alternate query by query on the same"
-        " table and index. Chroma keeps one collection per guild (so a guild search has"
+        "- Latency: one client, after 3 warm-up queries per system and scope; the systems take"
+        " turns query by query (the first one rotating), so all of them meet the same"
+        " moments of the shared host's load. The ef_search sweep runs our PostgreSQL, the"
+        " raw SQL and Chroma in turns the same way; the probes sweep ours and the raw SQL."
+        " QPS 8: 8 concurrent clients (coroutines for our async backends, threads for the"
+        " others) over the queries twice, one system at a time. The raw SQL runs on the same"
+        " table and index as ours. Chroma keeps one collection per guild (so a guild search has"
         " no filter; a channel is a `where` filter).",
         f"- numpy read bandwidth in this run: {results['bandwidth']['best'] / 1e9:.1f} GB/s"
         " (best of a measurement at the start and one at the end).",

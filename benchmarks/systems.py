@@ -201,6 +201,20 @@ class OursPostgres(System):
             self.info.index_s = time.perf_counter() - t
         self.info.extra["hnsw_build_s"] = self.info.index_s
         self.info.extra["sizes_hnsw"] = await self.sizes()
+        await self.analyze()
+
+    async def analyze(self) -> None:
+        """Give the planner statistics now, as autovacuum soon would after a bulk load.
+
+        Without them the first queries after the load may plan a sequential scan.
+        """
+        import asyncpg
+
+        conn = await asyncpg.connect(self.url)
+        try:
+            await conn.execute("VACUUM ANALYZE knowledge_chunks")
+        finally:
+            await conn.close()
 
     async def sizes(self) -> dict[str, int]:
         import asyncpg
@@ -230,6 +244,7 @@ class OursPostgres(System):
                 await db.rebuild_vector_index()
                 self.info.extra[f"{kind}_build_s"] = time.perf_counter() - t
             self.info.extra[f"sizes_{kind}"] = await self.sizes()
+            await self.analyze()
             self.kind = kind
         self.db = open_database(self.url, settings=self._settings(variant))
         await self.db.initialize()
