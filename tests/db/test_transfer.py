@@ -837,3 +837,16 @@ async def test_disk_full_then_rerun_resumes(
     assert rerun.mode == "resume"
     check_clean(rerun)
     assert await _rows(target, settings) == 12_503
+
+
+async def test_too_many_dimensions_for_pgvector_is_refused_before_writing(
+    new_database_url: Any, settings: Settings
+) -> None:
+    src = await new_database_url("sqlite")
+    target = await new_database_url("postgres")
+    await fill(src, settings, sessions=1, sources=1, chunks=2, dim=4001)
+    with pytest.raises(MigrationError, match="pgvector indexes at most 4000"):
+        await migrate(src, target, settings=settings)
+    assert await table_counts(target, settings) == {}
+    # SQLite has no such limit: the same source moves there.
+    check_clean(await migrate(src, await new_database_url("sqlite"), settings=settings))

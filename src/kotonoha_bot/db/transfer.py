@@ -572,6 +572,22 @@ def _plan(info: _TargetInfo, target: str, identity: str, restart: bool) -> str:
     return "fresh"
 
 
+def _check_target_can_index(target_url: str, embedding: EmbeddingConfig | None) -> None:
+    """pgvector indexes at most 4000 dimensions: say so before anything is written."""
+    from kotonoha_bot.db.pg_schema import HALFVEC_INDEX_MAX_DIM
+
+    if (
+        embedding is not None
+        and parse_database_url(target_url) != "sqlite"
+        and embedding.dimension > HALFVEC_INDEX_MAX_DIM
+    ):
+        raise MigrationError(
+            f"the source's embedding model {embedding.model!r} has {embedding.dimension}"
+            f" dimensions; pgvector indexes at most {HALFVEC_INDEX_MAX_DIM}. Re-embed with a"
+            " smaller model first (`kotonoha kb reembed`), or stay on SQLite"
+        )
+
+
 def _check_target_meta(info: _TargetInfo, source_meta: dict[str, str], target: str) -> None:
     """A fresh target may only hold meta rows that equal the source's."""
     if MIGRATION_MARKER in info.meta:
@@ -924,6 +940,7 @@ async def migrate(
                 report.mode = _plan(info, report.target, identity, restart)
                 if report.mode == "fresh":
                     _check_target_meta(info, copier.meta, report.target)
+                _check_target_can_index(target_url, copier.embedding)
             except MigrationError as exc:
                 if not dry_run:
                     raise
@@ -1417,6 +1434,8 @@ async def upgrade(
         return UpgradeReport(
             path, None, None, 0, tz_label, {}, Counter(), [], None, already_current=True
         )
+    if info.kind == "missing":
+        raise MigrationError(f"{path} does not exist")
     if info.kind != "legacy":
         raise MigrationError(f"{path} is not a legacy kotonoha database ({info.kind})")
     try:
