@@ -850,3 +850,15 @@ async def test_too_many_dimensions_for_pgvector_is_refused_before_writing(
     assert await table_counts(target, settings) == {}
     # SQLite has no such limit: the same source moves there.
     check_clean(await migrate(src, await new_database_url("sqlite"), settings=settings))
+
+
+def test_transfer_and_backup_import_no_postgres_driver() -> None:
+    """SQLite users never load asyncpg: the drivers are imported only when needed."""
+    code = (
+        "import sys, kotonoha_bot.db.transfer, kotonoha_bot.db.backup, kotonoha_bot.cli.db;"
+        " bad = [m for m in ('asyncpg', 'pgvector') if m in sys.modules];"
+        " assert not bad, bad"
+    )
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
