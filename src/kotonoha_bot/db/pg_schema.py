@@ -132,6 +132,17 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         );
         """,
     ),
+    (
+        2,
+        "job leases",
+        """
+        CREATE TABLE job_leases (
+            name TEXT PRIMARY KEY,
+            owner TEXT NOT NULL,
+            expires_at TIMESTAMPTZ NOT NULL
+        );
+        """,
+    ),
 ]
 
 LATEST_SCHEMA_VERSION = MIGRATIONS[-1][0]

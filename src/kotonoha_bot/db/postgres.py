@@ -24,7 +24,7 @@ import json
 import logging
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self, TypeVar
@@ -854,7 +854,9 @@ class PostgreSQLDatabase:
 
         async def body(conn: Conn) -> KnowledgeSource:
             config = await self._read_config(conn)
-            check_source(source, chunks, config.dimension if config else None)
+            # The source now; its chunks while they stream to the server (one bad chunk
+            # aborts the COPY and the transaction: nothing is kept).
+            check_source(source, [], None)
             self._require_config(chunks, config, where)
             _check_chunk_scope(source.guild_id, chunks, where)
             status = "ready" if all(c.embedding is not None for c in chunks) else "pending"
@@ -881,7 +883,7 @@ class PostgreSQLDatabase:
             source_id = int(row["id"])
             await conn.execute("DELETE FROM knowledge_chunks WHERE source_id = $1", source_id)
             await self._copy_chunks(
-                conn, source_id, source.guild_id, source.channel_id, chunks, config
+                conn, source_id, source.guild_id, source.channel_id, chunks, config, where
             )
             return _source(row)
 
@@ -929,33 +931,49 @@ class PostgreSQLDatabase:
         channel_id: int | None,
         chunks: Sequence[KnowledgeChunk],
         config: EmbeddingConfig | None,
+        validate: str | None = None,
     ) -> int:
-        """Bulk insert (binary COPY) chunks already validated and known to be new."""
+        """Bulk insert (binary COPY) chunks known to be new.
+
+        With ``validate`` (the "where" of error messages) each chunk is checked with
+        the shared rules as it is sent; otherwise the caller has checked them.
+        """
         if not chunks:
             return 0
         now = datetime.now(UTC)
+        dim = config.dimension if config else None
+
         # A generator, not a list: asyncpg sends each buffer as soon as it fills, so the
-        # server ingests rows while Python is still tokenising the next ones.
-        records = (
-            (
-                source_id,
-                guild_id,
-                c.channel_id if c.channel_id is not None else channel_id,
-                c.chunk_index,
-                c.chunk_key,
-                c.content,
-                keyword_document(c.content),
-                _json(c.metadata),
-                None if c.embedding is None else np.asarray(c.embedding, dtype=np.float32),
-                now,
-            )
-            for c in chunks
-        )
+        # server ingests rows while Python is still checking and tokenising the next.
+        def records() -> Iterator[tuple[Any, ...]]:
+            seen: set[str] = set()
+            for c in chunks:
+                if validate is not None:
+                    check_chunks([c], dim, validate)
+                    if c.chunk_key in seen:
+                        raise InvalidInputError(
+                            f"{validate} chunk {c.chunk_index} ({c.chunk_key!r}):"
+                            " duplicate chunk_key"
+                        )
+                    seen.add(c.chunk_key)
+                yield (
+                    source_id,
+                    guild_id,
+                    c.channel_id if c.channel_id is not None else channel_id,
+                    c.chunk_index,
+                    c.chunk_key,
+                    c.content,
+                    keyword_document(c.content),
+                    _json(c.metadata),
+                    None if c.embedding is None else np.asarray(c.embedding, dtype=np.float32),
+                    now,
+                )
+
         embedded = sum(1 for c in chunks if c.embedding is not None)
         rebuild = await self._drop_index_for_bulk_load(conn, embedded, config)
         await conn.copy_records_to_table(
             "knowledge_chunks",
-            records=records,
+            records=records(),
             columns=_CHUNK_COPY_COLS,
             timeout=MAINTENANCE_TIMEOUT_SECONDS,
         )
@@ -1482,6 +1500,37 @@ class PostgreSQLDatabase:
             )
 
         await self._run("aborting the re-embedding", body, write=True)
+
+    # --- job leases -----------------------------------------------------------------
+
+    async def acquire_lease(self, name: str, owner: str, seconds: float) -> bool:
+        check_text(name, "lease name")
+        check_text(owner, "lease owner")
+
+        async def body(conn: Conn) -> bool:
+            # The server's clock decides expiry, so processes on hosts whose clocks
+            # disagree still agree. A competing INSERT waits for ours, then re-checks
+            # the WHERE against our row: exactly one owner wins.
+            row = await conn.fetchrow(
+                "INSERT INTO job_leases AS l (name, owner, expires_at)"
+                " VALUES ($1, $2, clock_timestamp() + make_interval(secs => $3))"
+                " ON CONFLICT (name) DO UPDATE SET owner = EXCLUDED.owner,"
+                " expires_at = EXCLUDED.expires_at"
+                " WHERE l.expires_at < clock_timestamp() OR l.owner = EXCLUDED.owner"
+                " RETURNING owner",
+                name,
+                owner,
+                float(seconds),
+            )
+            return row is not None
+
+        return await self._run(f"taking lease {name!r}", body, write=True)
+
+    async def release_lease(self, name: str, owner: str) -> None:
+        async def body(conn: Conn) -> None:
+            await conn.execute("DELETE FROM job_leases WHERE name = $1 AND owner = $2", name, owner)
+
+        await self._run(f"releasing lease {name!r}", body, write=True)
 
     # --- maintenance ----------------------------------------------------------------
 
