@@ -17,6 +17,7 @@ import pytest
 
 from kotonoha_bot.config import Settings
 from kotonoha_bot.db import open_database, sqlite_path_from_url
+from kotonoha_bot.db.sqlite import LATEST_SCHEMA_VERSION
 from kotonoha_bot.db.sqlite_rows import inspect_file
 from kotonoha_bot.db.transfer import (
     EXIT_QUARANTINED,
@@ -338,7 +339,7 @@ async def test_upgrade_in_place_after_a_backup(
     assert done.returncode == EXIT_QUARANTINED, done.stderr
     assert "backup of the legacy file" in done.stderr and "verified" in done.stderr
     info = inspect_file(legacy)
-    assert info.kind == "current" and info.schema_version == 1
+    assert info.kind == "current" and info.schema_version == LATEST_SCHEMA_VERSION
     assert "kotonoha_legacy_sessions" not in info.tables
     backups = files("backups/kotonoha-legacy-*.db", tmp_path)
     assert len(backups) == 1 and inspect_file(backups[0]).kind == "legacy"

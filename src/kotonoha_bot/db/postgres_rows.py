@@ -21,7 +21,7 @@ import numpy as np
 
 from kotonoha_bot.db.pg_schema import ANN_INDEX_NAME
 from kotonoha_bot.db.postgres import PostgreSQLDatabase
-from kotonoha_bot.db.rowconv import REEMBED, TABLES, Row, TableSpec
+from kotonoha_bot.db.rowconv import REEMBED, TABLES, TRANSIENT_TABLES, Row, TableSpec
 from kotonoha_bot.errors import DatabaseError, KotonohaError
 
 #: Tables whose ``id`` is an identity column.
@@ -314,8 +314,13 @@ class PostgresRows:
                 )
 
     async def wipe(self) -> None:
-        names = ", ".join(t.name for t in TABLES)
-        await self._do("wiping", self._c().execute(f"TRUNCATE {names} RESTART IDENTITY"))
+        tables = [t.name for t in TABLES]
+        for name in TRANSIENT_TABLES:
+            if await self._do("wiping", self._c().fetchval("SELECT to_regclass($1)", name)):
+                tables.append(name)
+        await self._do(
+            "wiping", self._c().execute(f"TRUNCATE {', '.join(tables)} RESTART IDENTITY")
+        )
 
     async def drop_vector_index(self) -> None:
         """Bulk loads are far faster without the ANN index; rebuild it afterwards."""

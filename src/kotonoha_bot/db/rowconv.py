@@ -188,6 +188,9 @@ REEMBED = TableSpec(
 
 #: Copy order (parents before children).
 TABLES: tuple[TableSpec, ...] = (META, SESSIONS, MESSAGES, SOURCES, CHUNKS, REEMBED)
+#: Schema tables that are never moved: short-lived locks of the running bot's jobs,
+#: meaningless in another database (a wipe empties them).
+TRANSIENT_TABLES: tuple[str, ...] = ("job_leases",)
 TABLE_BY_NAME = {t.name: t for t in TABLES}
 
 _ENUMS: dict[tuple[str, str], tuple[str, ...]] = {

@@ -22,6 +22,7 @@ from kotonoha_bot.db.rowconv import (
     MESSAGES,
     SOURCES,
     TABLES,
+    TRANSIENT_TABLES,
     RawText,
     Row,
     TableSpec,
@@ -39,6 +40,7 @@ T = TypeVar("T")
 #: Tables that belong to the current schema (anything else in a file is reported).
 KNOWN_TABLES = frozenset(
     {t.name for t in TABLES}
+    | set(TRANSIENT_TABLES)
     | {"schema_migrations", "sqlite_sequence"}
     | {
         "knowledge_chunks_fts",
@@ -215,17 +217,32 @@ def create_schema(conn: sqlite3.Connection) -> None:
 
 
 def check_schema_version(path: Path, version: int) -> None:
-    """Only the schema this code writes can be moved row for row."""
+    """A newer schema than this code knows cannot be read faithfully."""
     if version > LATEST_SCHEMA_VERSION:
         raise SchemaError(
             f"{path} has schema version {version}, newer than this kotonoha-bot understands"
             f" ({LATEST_SCHEMA_VERSION}); upgrade kotonoha-bot"
         )
-    if version < LATEST_SCHEMA_VERSION:
-        raise SchemaError(
-            f"{path} has schema version {version}; run `kotonoha db init --database"
-            f" sqlite:///{path}` first"
-        )
+
+
+def check_columns(path: Path) -> None:
+    """Every column the transfer moves must exist (an older schema may lack one)."""
+    try:
+        conn = _connect(path, readonly=True)
+        try:
+            for spec in TABLES:
+                have = {str(r[1]) for r in conn.execute(f"PRAGMA table_info({spec.name})")}
+                missing = [c for c in spec.names if c not in have]
+                if missing:
+                    raise SchemaError(
+                        f"{path}: table {spec.name} lacks {', '.join(missing)} (an older"
+                        " schema); upgrade a copy with `kotonoha db init --database"
+                        " sqlite:///COPY` and migrate from the copy"
+                    )
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        raise _translate(path, "inspecting", exc) from None
 
 
 # --- rows -----------------------------------------------------------------------------
@@ -471,9 +488,16 @@ class SQLiteRows:
         """Delete every row (children first) and reset the id sequences."""
 
         def write(c: sqlite3.Connection) -> None:
+            present = {
+                bytes(r[0]).decode()
+                for r in c.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+            }
             c.execute("BEGIN IMMEDIATE")
             for spec in reversed(TABLES):
                 c.execute(f"DELETE FROM {spec.name}")
+            for name in TRANSIENT_TABLES:
+                if name in present:
+                    c.execute(f"DELETE FROM {name}")
             c.execute("DELETE FROM sqlite_sequence")
             c.execute("COMMIT")
 

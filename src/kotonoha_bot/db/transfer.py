@@ -394,6 +394,7 @@ async def _open_source(
 
     from kotonoha_bot.db.sqlite_rows import (
         SQLiteRows,
+        check_columns,
         check_schema_version,
         inspect_file,
         integrity_check,
@@ -414,6 +415,7 @@ async def _open_source(
         raise MigrationError(f"source {path} is not a kotonoha database (tables: {tables})")
     if info.kind == "current":
         check_schema_version(path, info.schema_version)
+        await asyncio.to_thread(check_columns, path)
         if MIGRATION_MARKER in info.meta:
             raise MigrationError(
                 f"source {path} is itself an unfinished migration target"
