@@ -59,6 +59,7 @@ class Case:
     name: str
     guild: int
     ann_only: bool
+    ef_search: int | None = None
     ours: list[float] = field(default_factory=list)
     raw: list[float] = field(default_factory=list)
     recalls: list[float] = field(default_factory=list)
@@ -202,7 +203,9 @@ async def run_case(
     queries: np.ndarray,
     warmup: int,
 ) -> None:
-    extra = {"exact_search_max_rows": 0} if case.ann_only else {}
+    extra: dict[str, Any] = {"exact_search_max_rows": 0} if case.ann_only else {}
+    if case.ef_search:
+        extra["hnsw_ef_search"] = case.ef_search
     scope_rows = np.flatnonzero(guilds == case.guild).astype(np.int64)
     async with PostgreSQLDatabase(url, settings=settings(**extra)) as db:
         await db.get_embedding_config()
@@ -271,6 +274,10 @@ async def main(args: argparse.Namespace) -> None:
                 Case("guild 1% (default settings)", 3, False),
                 Case("guild 20% (index only)", 2, True),
                 Case("guild 1% (index only)", 3, True),
+                # What recall costs: the largest guild at other ef_search values.
+                Case("guild 79%, ef_search=40", 1, False, 40),
+                Case("guild 79%, ef_search=200", 1, False, 200),
+                Case("guild 79%, ef_search=400", 1, False, 400),
             ]
             for case in cases:
                 print(f"searching: {case.name}", file=sys.stderr, flush=True)
