@@ -606,3 +606,16 @@ async def test_ensure_source_creates_once_and_never_replaces(db: DatabaseProtoco
     assert again.source_id == first.source_id and again.title == "conv"
     assert [c.content for c in await db.list_chunks(first.source_id)] == ["kept"]
     assert (await db.stats()).sources == 1
+
+
+async def test_leases_have_one_owner_and_expire(db: DatabaseProtocol) -> None:
+    assert await db.acquire_lease("archive:x", "worker-a", 60) is True
+    assert await db.acquire_lease("archive:x", "worker-b", 60) is False
+    assert await db.acquire_lease("archive:x", "worker-a", 60) is True  # renew
+    await db.release_lease("archive:x", "worker-b")  # not the owner: no effect
+    assert await db.acquire_lease("archive:x", "worker-b", 60) is False
+    await db.release_lease("archive:x", "worker-a")
+    assert await db.acquire_lease("archive:x", "worker-b", 0.2) is True
+    await asyncio.sleep(0.3)  # worker-b "crashed": its lease expires
+    results = await asyncio.gather(*(db.acquire_lease("archive:x", f"w{i}", 60) for i in range(5)))
+    assert results.count(True) == 1

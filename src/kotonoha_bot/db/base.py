@@ -246,6 +246,20 @@ class DatabaseProtocol(Protocol):
         """Drop the partial new vectors."""
         ...
 
+    # job leases ----------------------------------------------------------------------
+    async def acquire_lease(self, name: str, owner: str, seconds: float) -> bool:
+        """Take (or renew) the named lease for ``seconds``; False while another owner holds it.
+
+        Background jobs (archiving a session) take a lease first, so two bot processes
+        sharing one database never do the same work; an expired lease (a crashed
+        process) can be taken over.
+        """
+        ...
+
+    async def release_lease(self, name: str, owner: str) -> None:
+        """Give a lease back early (only its owner can)."""
+        ...
+
     # maintenance ---------------------------------------------------------------------
     async def rebuild_vector_index(self) -> None:
         """(Re)build the approximate index; a no-op where there is none."""

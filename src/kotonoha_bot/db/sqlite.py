@@ -16,7 +16,7 @@ import json
 import sqlite3
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
@@ -165,6 +165,17 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         CREATE TABLE reembed_vectors (
             chunk_id INTEGER PRIMARY KEY REFERENCES knowledge_chunks (id) ON DELETE CASCADE,
             embedding BLOB NOT NULL
+        );
+        """,
+    ),
+    (
+        2,
+        "job leases",
+        """
+        CREATE TABLE job_leases (
+            name TEXT PRIMARY KEY,
+            owner TEXT NOT NULL,
+            expires_at TEXT NOT NULL
         );
         """,
     ),
@@ -1293,6 +1304,29 @@ class SQLiteDatabase:
             await conn.execute(
                 "DELETE FROM kotonoha_meta WHERE key IN ('reembed_model', 'reembed_dimension')"
             )
+
+    # --- job leases -----------------------------------------------------------------
+
+    async def acquire_lease(self, name: str, owner: str, seconds: float) -> bool:
+        check_text(name, "lease name")
+        check_text(owner, "lease owner")
+        now = utcnow()
+        async with self._write(f"taking lease {name!r}") as conn:
+            await conn.execute(
+                "INSERT INTO job_leases (name, owner, expires_at) VALUES (?, ?, ?)"
+                " ON CONFLICT (name) DO UPDATE SET owner = excluded.owner,"
+                " expires_at = excluded.expires_at"
+                " WHERE job_leases.expires_at < ? OR job_leases.owner = excluded.owner",
+                (name, owner, _ts(now + timedelta(seconds=seconds)), _ts(now)),
+            )
+            row = await (
+                await conn.execute("SELECT owner FROM job_leases WHERE name = ?", (name,))
+            ).fetchone()
+        return row is not None and row[0] == owner
+
+    async def release_lease(self, name: str, owner: str) -> None:
+        async with self._write(f"releasing lease {name!r}") as conn:
+            await conn.execute("DELETE FROM job_leases WHERE name = ? AND owner = ?", (name, owner))
 
     # --- maintenance ----------------------------------------------------------------
 

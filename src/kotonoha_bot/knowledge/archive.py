@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import socket
+import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -30,6 +33,11 @@ Summarizer = Callable[[Sequence[Message]], Awaitable[str]]
 
 ASSISTANT_LABEL = "kotonoha"
 
+#: Identifies this process in job leases (host, pid and a random part).
+WORKER_ID = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+#: How long an archiving lease lasts; a crashed process's lease expires after this.
+ARCHIVE_LEASE_SECONDS = 600.0
+
 
 @dataclass
 class ArchiveReport:
@@ -38,6 +46,7 @@ class ArchiveReport:
     sessions: list[str] = field(default_factory=list)
     chunks_added: int = 0
     skipped_dm: int = 0
+    skipped_busy: int = 0
     pending_chunks: int = 0
 
 
@@ -215,12 +224,21 @@ async def archive_idle_sessions(
             continue
         if info.message_count - 1 <= info.last_archived_message_index:
             continue
-        session = await db.load_session(info.session_key)
-        if session is None:
+        # Another bot process sharing this database may be archiving the same session:
+        # whoever holds the lease does it, the other skips (no duplicated embedding work).
+        lease = f"archive:{info.session_key}"
+        if not await db.acquire_lease(lease, WORKER_ID, ARCHIVE_LEASE_SECONDS):
+            report.skipped_busy += 1
             continue
-        added = await archive_session(
-            db, embedder, session, window=window, overlap=overlap, summarizer=summarizer
-        )
+        try:
+            session = await db.load_session(info.session_key)
+            if session is None:
+                continue
+            added = await archive_session(
+                db, embedder, session, window=window, overlap=overlap, summarizer=summarizer
+            )
+        finally:
+            await db.release_lease(lease, WORKER_ID)
         if added:
             report.sessions.append(info.session_key)
             report.chunks_added += added
