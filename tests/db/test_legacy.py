@@ -247,6 +247,20 @@ async def test_legacy_database_imports_good_rows_and_quarantines_bad_ones(
     check_quarantine(report.quarantine_path, expected)
     assert report.tables["sessions"].moved == len(expected["good"])
     assert report.tables["messages"].moved == 7
+    # Rows set aside while converting are counted against their tables.
+    assert report.tables["sessions"].quarantined == len(expected["bad_sessions"])
+    assert report.tables["messages"].quarantined == len(expected["bad_messages"])
+    assert report.tables["messages"].legacy_rows == 7 + len(expected["bad_messages"])
+    dry = await migrate(
+        f"sqlite:///{legacy}",
+        await new_database_url(target_kind),
+        settings=settings,
+        source_timezone="Asia/Tokyo",
+        dry_run=True,
+    )
+    assert {t: (r.moved, r.quarantined) for t, r in dry.tables.items()} == {
+        t: (r.moved, r.quarantined) for t, r in report.tables.items()
+    }
     assert report.conversions["nul_replaced"] == 2
     assert report.conversions["int_from_text"] == 1
     assert report.conversions["type_from_key"] == 1

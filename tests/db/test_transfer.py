@@ -256,6 +256,7 @@ async def test_round_trip_sqlite_postgres_sqlite_is_identical(
     there = await migrate(src, pg, settings=settings)
     check_clean(there)
     assert there.backup_path is not None and there.backup_path.is_file()
+    assert there.backup_path.stat().st_mode & 0o777 == 0o600
     assert {t: r.moved for t, r in there.tables.items()} == {
         "kotonoha_meta": 4,  # embedding model + dimension, re-embed model + dimension
         "sessions": 6,

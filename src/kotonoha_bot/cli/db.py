@@ -180,7 +180,7 @@ def _print_migration(report: MigrationReport) -> None:
     for t in report.tables.values():
         table.add_row(
             t.table,
-            f"{t.source_rows:,}",
+            f"{t.source_rows if t.legacy_rows is None else t.legacy_rows:,}",
             f"{t.moved:,}",
             f"{t.already_present:,}",
             f"[red]{t.quarantined:,}[/]" if t.quarantined else "0",

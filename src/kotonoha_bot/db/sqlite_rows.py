@@ -10,6 +10,7 @@ one batch per hop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
@@ -129,6 +130,9 @@ def online_backup(source: Path, dest: Path) -> None:
     except OSError as exc:
         partial.unlink(missing_ok=True)
         raise DatabaseError(f"backing up {source} to {dest}: {exc.strerror}") from None
+    # A backup holds a community's conversations: readable by its owner only.
+    with contextlib.suppress(OSError):
+        partial.chmod(0o600)
     partial.replace(dest)
 
 

@@ -257,6 +257,8 @@ class TableReport:
     already_present: int = 0
     quarantined: int = 0
     seconds: float = 0.0
+    #: For a legacy source: rows (or messages) in the legacy file, before conversion.
+    legacy_rows: int | None = None
 
 
 @dataclass
@@ -478,6 +480,14 @@ async def _convert_legacy(
     if report is not None:
         report.legacy = _legacy_summary(result)
         report.conversions.update(result.stats)
+        # Rows set aside while converting count against their tables like any other.
+        for spec, read, bad in (
+            (SESSIONS, result.sessions_read, result.quarantined_sessions),
+            (MESSAGES, result.messages + result.quarantined_messages, result.quarantined_messages),
+        ):
+            rep = report.tables.setdefault(spec.name, TableReport(spec.name))
+            rep.quarantined += bad
+            rep.legacy_rows = read
         if result.ignored_fields:
             report.warnings.append(
                 "legacy message fields not moved: "
@@ -692,15 +702,13 @@ class _Copier:
             async for raws in store.batches(spec, after=None, size=self.batch):
                 rows = self._convert(spec, raws)
                 rep.source_rows += len(raws)
+                rep.moved += len(rows)
                 if spec is CHUNKS:
                     chunk_ids.update(r[0] for r in rows)
                 self.progress.advance(f"scan {spec.name}", len(raws))
             self.progress.end(f"scan {spec.name}")
-        for spec in TABLES:
-            rep = self._table(spec)
-            rep.moved = rep.source_rows - rep.quarantined
-            if spec is META:
-                rep.moved = len(self.small[META.name])
+        for spec in (META, SESSIONS, SOURCES):
+            self._table(spec).moved = len(self.small[spec.name])
 
     async def check_resumable(self, target: RowStore) -> None:
         """Before writing: the target may only hold rows of this source."""
