@@ -36,8 +36,11 @@ def safe_url(url: str) -> str:
     except ValueError:
         return redact(url)
     netloc = parts.netloc
-    if "@" in netloc:
-        userinfo, _, hostinfo = netloc.rpartition("@")
-        user = userinfo.split(":", 1)[0]
-        netloc = f"{user}:***@{hostinfo}" if ":" in userinfo else f"{user}@{hostinfo}"
+    if "@" not in netloc:
+        # Nothing to hide in the authority; keep the URL as written (urlunsplit would
+        # turn sqlite:///x.db into sqlite:/x.db).
+        return redact(url)
+    userinfo, _, hostinfo = netloc.rpartition("@")
+    user = userinfo.split(":", 1)[0]
+    netloc = f"{user}:***@{hostinfo}" if ":" in userinfo else f"{user}@{hostinfo}"
     return redact(urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment)))
