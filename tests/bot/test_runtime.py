@@ -283,3 +283,31 @@ async def test_backup_job_backs_up_the_configured_database(
     ):
         names = [j.name for j in KotonohaBot(service, off, sync_commands=False).jobs]
     assert "database backup" not in names and "archive idle sessions" in names
+
+
+async def test_run_refuses_a_half_migrated_database(tmp_path: Path) -> None:
+    import sqlite3
+
+    from kotonoha_bot.db.rowconv import MIGRATION_MARKER
+
+    db_path = tmp_path / "half.db"
+    settings = Settings(
+        _env_file=None,  # type: ignore[call-arg]
+        database_path=db_path,
+        discord_token="discord-token-never-used",
+        anthropic_api_key="sk-unused",
+        health_port=0,
+    )
+    async with open_database(settings):
+        pass
+    with sqlite3.connect(db_path) as conn:  # what an interrupted `db migrate` leaves
+        conn.execute(
+            "INSERT INTO kotonoha_meta (key, value) VALUES (?, ?)",
+            (MIGRATION_MARKER, '{"source": "sqlite:///old.db"}'),
+        )
+
+    async def connect(bot: KotonohaBot, token: str) -> None:
+        raise AssertionError("the bot must not start on a half-migrated database")
+
+    with pytest.raises(ConfigError, match="unfinished"):
+        await serve(settings, connect=connect)

@@ -21,6 +21,7 @@ from kotonoha_bot.bot.client import KotonohaBot
 from kotonoha_bot.chat.service import ChatService, checked_embedder
 from kotonoha_bot.config import Settings
 from kotonoha_bot.db import open_database
+from kotonoha_bot.db.transfer import migration_marker
 from kotonoha_bot.errors import ConfigError, KotonohaError
 from kotonoha_bot.health import health_server_from_settings
 from kotonoha_bot.knowledge.embeddings import create_embedding_provider
@@ -48,6 +49,14 @@ async def _discord_start(bot: KotonohaBot, token: str) -> None:
 async def serve(settings: Settings, *, connect: Connect = _discord_start) -> None:
     """Run the bot until it is closed; resources are released on every way out."""
     token = settings.discord_token.get_secret_value() if settings.discord_token else ""
+    marker = await migration_marker(settings.database_location(), settings)
+    if marker is not None:
+        # A half-migrated target would serve partial data and then diverge from the
+        # source; the operator must finish (rerun) or discard the migration first.
+        raise ConfigError(
+            "this database is the target of an unfinished `kotonoha db migrate`; rerun the"
+            " same migrate command to finish it (or `--restart`), then start the bot"
+        )
     async with open_database(settings) as db:
         embedder = create_embedding_provider(settings)
         try:
