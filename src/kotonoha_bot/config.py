@@ -134,8 +134,7 @@ class Settings(BaseSettings):
     )
     discord_mention_thread: bool = Field(
         False,
-        description="Answer a mention in a new thread; the thread then continues"
-        " without mentions.",
+        description="Answer a mention in a new thread; the thread then continues without mentions.",
     )
     session_sync_interval: float = Field(
         0.0, ge=0, description="0 = every turn is saved before the reply (see docs)."
