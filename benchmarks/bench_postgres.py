@@ -300,7 +300,7 @@ async def main(args: argparse.Namespace) -> None:
                 f"{o99 * 1e3:.2f}",
                 f"{r50 * 1e3:.2f}",
                 f"{r99 * 1e3:.2f}",
-                f"{o50 / r50:.2f}x / +{(o50 - r50) * 1e3:.2f} ms",
+                f"{o50 / r50:.2f}x / {(o50 - r50) * 1e3:+.2f} ms",
             ]
         )
     ours_rate = loaded["rows"] / loaded["ours_s"]
