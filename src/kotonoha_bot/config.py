@@ -55,7 +55,7 @@ class Settings(BaseSettings):
     )
     hnsw_m: int = Field(16, ge=2, le=100, description="HNSW: links per node.")
     hnsw_ef_construction: int = Field(64, ge=4, le=1000, description="HNSW: build-time list.")
-    hnsw_ef_search: int = Field(100, ge=1, le=1000, description="HNSW: query-time list.")
+    hnsw_ef_search: int = Field(200, ge=1, le=1000, description="HNSW: query-time list.")
     ivfflat_lists: int = Field(
         0, ge=0, description="IVFFlat lists; 0 = rows/1000 (min 10) at build time."
     )
