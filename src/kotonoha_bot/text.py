@@ -146,3 +146,13 @@ def query_tokens(text: str) -> list[str]:
 def keyword_document(text: str) -> str:
     """The space-separated token string both backends store in their full-text index."""
     return " ".join(keyword_tokens(text))
+
+
+def human_size(n: int) -> str:
+    """Bytes as people read them: ``512 B``, ``1.5 KiB``, ``781.0 MiB``."""
+    size = float(n)
+    for unit in ("B", "KiB", "MiB"):
+        if size < 1024:
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} GiB"

@@ -35,6 +35,7 @@ from kotonoha_bot.db.transfer import (
     upgrade,
     verify,
 )
+from kotonoha_bot.text import human_size
 
 app = typer.Typer(help="Create, inspect and maintain the database.", no_args_is_help=True)
 
@@ -50,15 +51,6 @@ async def init(database: DatabaseOption = None) -> None:
     async with open_database(database_url(settings, database), settings=settings) as db:
         version = await db.schema_version()
         err_console.print(f"database ready: {db.location} (schema version {version})")
-
-
-def _size(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{n} B"
 
 
 @app.command("status")
@@ -97,7 +89,7 @@ async def status(database: DatabaseOption = None, as_json: JsonOption = False) -
     table.add_row("chunks awaiting embedding", str(stats.pending_chunks))
     emb = stats.embedding
     table.add_row("embedding", f"{emb.model} ({emb.dimension} dims)" if emb else "not recorded yet")
-    table.add_row("size on disk", _size(stats.size_bytes))
+    table.add_row("size on disk", human_size(stats.size_bytes))
     for key, value in stats.details.items():
         table.add_row(key, str(value))
     out_console.print(table)
@@ -492,7 +484,8 @@ async def backup_command(
     if result.note:
         err_console.print(f"[yellow]note:[/] {result.note}", soft_wrap=True)
     err_console.print(
-        f"backup written ({result.method}, {_size(result.size_bytes)}, {result.seconds:.1f} s):"
+        f"backup written ({result.method}, {human_size(result.size_bytes)},"
+        f" {result.seconds:.1f} s):"
     )
     out_console.print(str(result.path.resolve()), soft_wrap=True)
     if result.manifest is not None:

@@ -89,7 +89,7 @@ from kotonoha_bot.models import (
     Vector,
 )
 from kotonoha_bot.redact import redact, register_secret, safe_url
-from kotonoha_bot.text import check_text, keyword_document, query_tokens
+from kotonoha_bot.text import check_text, human_size, keyword_document, query_tokens
 
 if TYPE_CHECKING:
     from kotonoha_bot.config import Settings
@@ -1610,7 +1610,7 @@ class PostgreSQLDatabase:
                 "server_version": row["server_version"],
                 "pgvector_version": row["pgvector"],
                 "vector_index": (
-                    f"{ann['type']} ({_size_text(ann['size'])})" if ann else "none (exact search)"
+                    f"{ann['type']} ({human_size(ann['size'])})" if ann else "none (exact search)"
                 ),
                 "vector_index_setting": self._index_type,
                 "pool": f"{self._min_size}-{self._max_size} connections",
@@ -1749,12 +1749,3 @@ def _source(r: Any) -> KnowledgeSource:
         created_at=r["created_at"],
         updated_at=r["updated_at"],
     )
-
-
-def _size_text(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{n} B"
