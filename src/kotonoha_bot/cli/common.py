@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import logging
 import sys
 from collections.abc import Callable, Coroutine
 from typing import Annotated, Any, TypeVar
@@ -46,11 +47,18 @@ def fail(message: str, code: int = 1) -> typer.Exit:
 
 
 def get_settings() -> Settings:
-    """Load settings or exit 2 with the one-line message."""
+    """Load settings (or exit 2 with the one-line message) and set up redacting logs."""
     try:
-        return load_settings()
+        settings = load_settings()
     except ConfigError as exc:
         raise fail(str(exc), 2) from None
+    from kotonoha_bot.logging_setup import setup_logging
+
+    setup_logging(settings)
+    if settings.log_level != "DEBUG":
+        # One line per HTTP request from the SDKs' client is noise on a terminal.
+        logging.getLogger("httpx").setLevel(logging.WARNING)
+    return settings
 
 
 def database_url(settings: Settings, override: str | None) -> str:
