@@ -1,7 +1,7 @@
 """Issue 8: the storage comparison behind ADR-0007, in one command on one machine.
 
     .venv/bin/python -m benchmarks                 # N = 10k and 100k (default)
-    .venv/bin/python -m benchmarks --quick         # N = 10k, fewer queries (smoke run)
+    .venv/bin/python -m benchmarks --quick         # N = 10k, 30 queries, docs/ untouched
     .venv/bin/python -m benchmarks --with-1m       # also N = 1M (hours; see the report)
     .venv/bin/python -m benchmarks --report-only   # rewrite the report from results.json
 
@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.data import SCOPES, Dataset, ground_truth, make_dataset, recall
-from benchmarks.report import RESULTS, write_report
+from benchmarks.report import RESULTS, latency_table, write_report
 from benchmarks.systems import (
     Chroma,
     NumpyExact,
@@ -281,6 +281,8 @@ async def measure_all(
 
 
 def save(results: dict[str, Any], args: argparse.Namespace) -> None:
+    if not args.write:
+        return
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=1, default=str))
 
@@ -307,9 +309,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="skip PostgreSQL above this N (its HNSW build is the slowest step)",
     )
     p.add_argument("--report-only", action="store_true", help="rewrite the report from JSON")
+    p.add_argument(
+        "--no-write",
+        dest="write",
+        action="store_false",
+        help="print the tables only; leave docs/ alone (implied by --quick)",
+    )
     args = p.parse_args(argv)
     args.sizes = [int(s) for s in str(args.sizes).split(",") if s]
     if args.quick:
+        args.write = False
         args.sizes, args.queries = [10_000], min(args.queries, 30)
     if args.with_1m and 1_000_000 not in args.sizes:
         args.sizes.append(1_000_000)
@@ -341,8 +350,11 @@ def main(argv: list[str] | None = None) -> None:
     results["elapsed_s"] = time.perf_counter() - t
     results["loadavg_end"] = os.getloadavg()
     save(results, args)
-    write_report(results)
-    log(f"done in {results['elapsed_s'] / 60:.1f} min; wrote docs/PERFORMANCE.md")
+    print(latency_table(results))
+    if args.write:
+        write_report(results)
+    wrote = "; wrote docs/PERFORMANCE.md" if args.write else ""
+    log(f"done in {results['elapsed_s'] / 60:.1f} min{wrote}")
 
 
 def versions() -> dict[str, str]:
