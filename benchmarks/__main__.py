@@ -69,11 +69,7 @@ def cell(seconds: list[float], found: list[list[int]], truth: list[np.ndarray]) 
 
 def default_variant(system: System) -> str:
     """The variant a user gets without tuning (our settings' defaults, Chroma's default)."""
-    names = system.variants()
-    for wanted in ("hnsw ef_search=100", "default"):
-        if wanted in names:
-            return wanted
-    return names[0]
+    return system.default_variant()
 
 
 async def interleaved(
@@ -259,10 +255,15 @@ async def measure_all(
         log(f"  {s.name}: QPS 1 client {out['qps1']:.1f}, {CLIENTS} clients {out['qps8']:.1f}")
     chroma = next((s for s in systems if isinstance(s, Chroma)), None)
     # HNSW sweep: ours, the raw SQL and Chroma at the same ef_search, taking turns.
-    for ef in OursPostgres.HNSW_EF:
+    for ef in sorted(set(OursPostgres.HNSW_EF) | set(Chroma.EF)):
         variant = f"hnsw ef_search={ef}"
-        group: list[System] = [s for s in (ours, raw, chroma) if s is not None]
-        if not group or ef == 100:  # 100 is every HNSW system's default, measured above
+        # Each system's default was measured above, with everyone.
+        group: list[System] = [
+            s
+            for s in (ours, raw, chroma)
+            if s is not None and variant in s.variants() and variant != s.default_variant()
+        ]
+        if not group:
             continue
         for s in group:
             await s.use(variant)

@@ -25,6 +25,7 @@ import numpy as np
 from benchmarks.bench_sqlite import TOP_K, chunk_text, fill, row_of, settings
 from benchmarks.data import GUILD_ID, SCOPES, Dataset
 from benchmarks.util import dir_bytes, files_bytes, rss_bytes, tree_pss_bytes
+from kotonoha_bot.config import Settings
 
 BATCH = 1000
 HNSW_INSERT_ROWS = 3000  # rows inserted with the HNSW index maintained (PostgreSQL)
@@ -54,8 +55,12 @@ class System:
         self.variant: str = "default"
 
     def variants(self) -> list[str]:
-        """Settings to sweep (e.g. ef_search values), the default first."""
+        """Settings to sweep (e.g. ef_search values)."""
         return ["default"]
+
+    def default_variant(self) -> str:
+        """The setting a user gets without tuning."""
+        return self.variants()[0]
 
     async def use(self, variant: str) -> None:
         """Switch to a variant (may rebuild an index)."""
@@ -146,6 +151,12 @@ class OursPostgres(System):
 
     blocking = False
     HNSW_EF = (20, 40, 100, 200)
+
+    def default_variant(self) -> str:
+        """Our settings' defaults (HNSW with HNSW_EF_SEARCH), read from the code."""
+        ef = Settings.model_fields["hnsw_ef_search"].default
+        return f"hnsw ef_search={ef}"
+
     IVF_PROBES = (1, 3, 10, 30)
 
     def __init__(self, server: Any, raw: bool = False) -> None:
@@ -156,7 +167,8 @@ class OursPostgres(System):
         self.name = "ours PostgreSQL"
 
     def variants(self) -> list[str]:
-        return [f"hnsw ef_search={e}" for e in self.HNSW_EF] + [
+        efs = sorted({*self.HNSW_EF, int(self.default_variant().split("=")[1])})
+        return [f"hnsw ef_search={e}" for e in efs] + [
             f"ivfflat probes={p}" for p in self.IVF_PROBES
         ]
 
@@ -288,6 +300,9 @@ class RawPostgres(System):
 
     def variants(self) -> list[str]:
         return self.ours.variants()
+
+    def default_variant(self) -> str:
+        return self.ours.default_variant()
 
     async def build(self, ds: Dataset, workdir: Path) -> None:
         return None
@@ -430,6 +445,9 @@ class Chroma(System):
 
     def variants(self) -> list[str]:
         return [f"hnsw ef_search={e}" for e in self.EF]
+
+    def default_variant(self) -> str:
+        return "hnsw ef_search=100"  # Chroma's own default
 
     async def build(self, ds: Dataset, workdir: Path) -> None:
         import chromadb
