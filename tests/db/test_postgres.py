@@ -108,6 +108,21 @@ def chunks_for(vectors: np.ndarray, start: int = 0, **kw: Any) -> list[Knowledge
 # --- codec, schema, migrations ------------------------------------------------------
 
 
+async def test_search_settings_are_connection_defaults(pg_url: str, settings: Settings) -> None:
+    """ef_search and the iterative scan hold on every pooled connection, even after the
+    pool's RESET ALL on release, so a search needs no SET LOCAL round trips."""
+    tuned = settings.model_copy(update={"hnsw_ef_search": 123, "ivfflat_probes": 7})
+    async with PostgreSQLDatabase(pg_url, settings=tuned) as db:
+        for _ in range(2):  # the second acquire gets a connection that was reset
+            async with db._pool.acquire() as conn:
+                assert await conn.fetchval("SHOW hnsw.ef_search") == "123"
+                assert await conn.fetchval("SHOW hnsw.iterative_scan") == "relaxed_order"
+                assert await conn.fetchval("SHOW ivfflat.probes") == "7"
+                await conn.execute("SET hnsw.ef_search = 5")
+        assert db._needs_local_settings(10) is False
+        assert db._needs_local_settings(500) is True  # top_k above ef_search
+
+
 async def test_vectors_use_the_binary_codec(pg: PostgreSQLDatabase, pg_url: str) -> None:
     await pg.set_embedding_config(EmbeddingConfig("t", 4))
     vec = np.array([0.1, -2.5, 3.0e-7, 1234.5678], np.float32)
@@ -270,8 +285,10 @@ async def test_small_scopes_get_full_results_with_high_recall(
     guild = np.where(rng.random(n) < 0.01, 1, 2)  # guild 1 holds ~1% of the rows
     channel = np.where(rng.random(n) < 0.2, 10, 20)  # channel 10 ~20% of guild 2
     # Force the approximate path (no exact shortcut) to measure the index itself, with
-    # an ef_search so small that only the iterative scan can find 10 rows in a channel.
-    ann_only = settings.model_copy(update={"exact_search_max_rows": 0, "hnsw_ef_search": 10})
+    # pgvector's default ef_search (40): a 1% scope holds ~0.4 of 40 candidates, so only
+    # the iterative scan can find 10 rows there. (At ef_search=10 the recall of this
+    # graph, whose build is random, fell below 0.95 in about one run in ten.)
+    ann_only = settings.model_copy(update={"exact_search_max_rows": 0, "hnsw_ef_search": 40})
     async with PostgreSQLDatabase(pg_url, settings=ann_only) as db:
         await db.set_embedding_config(EmbeddingConfig("t", dim))
         ids = np.zeros(n, np.int64)

@@ -293,8 +293,15 @@ class PostgreSQLDatabase:
                 timeout=self._acquire_timeout,
                 command_timeout=self._command_timeout,
                 init=_init_connection,
-                # JIT compilation costs more than it saves on these short queries.
-                server_settings={"application_name": "kotonoha-bot", "jit": "off"},
+                # JIT compilation costs more than it saves on these short queries. The
+                # vector-search settings are session defaults of every pooled connection
+                # (they survive asyncpg's RESET ALL on release), so an ordinary search is
+                # one statement: no transaction and SET LOCAL round trips around it.
+                server_settings={
+                    "application_name": "kotonoha-bot",
+                    "jit": "off",
+                    **self._search_settings(),
+                },
             ),
         )
 
@@ -1252,8 +1259,11 @@ class PostgreSQLDatabase:
                 return []
             if size > bound:
                 guc, sql, limit = self.ann_statements(config.dimension, scope, len(params), top_k)
-                async with conn.transaction(readonly=True):
-                    await conn.execute(guc)
+                if self._needs_local_settings(limit):
+                    async with conn.transaction(readonly=True):
+                        await conn.execute(guc)
+                        rows = list(await conn.fetch(sql, *params, limit, top_k))
+                else:
                     rows = list(await conn.fetch(sql, *params, limit, top_k))
                 if len(rows) >= top_k:
                     self.search_counts["approximate"] += 1
@@ -1264,6 +1274,22 @@ class PostgreSQLDatabase:
             return list(await conn.fetch(exact_search_sql(scope, len(params) + 1), *params, top_k))
 
         return await self._run("searching knowledge", body, read_replica=True)
+
+    def _search_settings(self) -> dict[str, str]:
+        """Connection defaults for approximate search (both index types, pgvector 0.8+)."""
+        settings = self._settings
+        return {
+            "hnsw.ef_search": str(settings.hnsw_ef_search),
+            "hnsw.iterative_scan": "relaxed_order",
+            "ivfflat.probes": str(settings.ivfflat_probes),
+            "ivfflat.iterative_scan": "relaxed_order",
+        }
+
+    def _needs_local_settings(self, limit: int) -> bool:
+        """True when the connection defaults do not fit this search (SET LOCAL needed)."""
+        if self._pgvector_version < (0, 8):
+            return True  # no iterative scan: the connection defaults mean nothing
+        return self._index_type == "hnsw" and limit > self._settings.hnsw_ef_search
 
     def ann_statements(
         self, dimension: int, scope: str, n_params: int, top_k: int
