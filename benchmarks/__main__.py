@@ -382,6 +382,17 @@ def versions() -> dict[str, str]:
 
     out["sqlite (stdlib)"] = sqlite3.sqlite_version
     with contextlib.suppress(Exception):
+        import subprocess
+
+        root = Path(__file__).resolve().parent.parent
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "src"], cwd=root, capture_output=True, text=True
+        ).stdout.strip()
+        out["kotonoha-bot commit"] = head + (" (src/ modified)" if dirty else "")
+    with contextlib.suppress(Exception):
         import apsw
 
         out["sqlite (apsw)"] = apsw.sqlite_lib_version()
