@@ -619,3 +619,32 @@ async def test_leases_have_one_owner_and_expire(db: DatabaseProtocol) -> None:
     await asyncio.sleep(0.3)  # worker-b "crashed": its lease expires
     results = await asyncio.gather(*(db.acquire_lease("archive:x", f"w{i}", 60) for i in range(5)))
     assert results.count(True) == 1
+
+
+async def test_concurrent_embedders_leave_the_source_ready(
+    database_url: str, settings: Settings
+) -> None:
+    """Two workers embedding disjoint halves of one source at once (two connections)."""
+    vecs = unit(np.random.default_rng(12), 40)
+    async with (
+        open_database(database_url, settings=settings) as a,
+        open_database(database_url, settings=settings) as b,
+    ):
+        await a.set_embedding_config(EmbeddingConfig("t", DIM))
+        for round_ in range(6):
+            src = await a.save_source(
+                KnowledgeSource(guild_id=1, uri=f"half{round_}", title="H"),
+                [chunk(f"k{i}", f"text {i}", None, chunk_index=i) for i in range(40)],
+            )
+            todo = await a.pending_chunks(100)
+            assert len(todo) == 40
+            halves = (todo[:20], todo[20:])
+            await asyncio.gather(
+                *(
+                    w.set_chunk_embeddings([(p.chunk_id, vecs[i]) for i, p in enumerate(h)])
+                    for w, h in ((a, halves[0]), (b, halves[1]))
+                )
+            )
+            got = await b.get_source(src.source_id)  # type: ignore[arg-type]
+            assert got is not None and got.status == "ready", f"round {round_}"
+            assert (await b.stats()).pending_chunks == 0

@@ -1176,6 +1176,16 @@ class PostgreSQLDatabase:
             checked = {int(cid): check_vector(v, dim, f"chunk {cid}") for cid, v in items}
             if not checked:
                 return 0
+            # Lock the sources first (in id order): two workers finishing disjoint chunks
+            # of one source would otherwise each judge it from a snapshot without the
+            # other's vectors and leave it 'pending' for ever. After the lock, this
+            # transaction's next statements see what the other committed.
+            await conn.execute(
+                "SELECT s.id FROM knowledge_sources s WHERE s.id IN"
+                " (SELECT c.source_id FROM knowledge_chunks c WHERE c.id = ANY($1::bigint[]))"
+                " ORDER BY s.id FOR UPDATE OF s",
+                list(checked),
+            )
             rows = await conn.fetch(
                 "UPDATE knowledge_chunks c SET embedding = v.embedding, claimed_until = NULL"
                 " FROM unnest($1::bigint[], $2::vector[]) AS v(id, embedding)"
