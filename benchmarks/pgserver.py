@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import os
 import tempfile
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+
+from tests.pg import PgServer
 
 CONFIG = {
     "shared_buffers": "1GB",
@@ -30,35 +29,10 @@ CONFIG = {
 
 
 @dataclass
-class BenchServer:
-    admin_url: str
-    pid: int | None
-    handle: Any = None
+class BenchServer(PgServer):
+    """A running server (database helpers from tests/pg.py) and its postmaster pid."""
 
-    def url_for(self, dbname: str) -> str:
-        parts = urlsplit(self.admin_url)
-        return urlunsplit((parts.scheme, parts.netloc, "/" + dbname, parts.query, ""))
-
-    async def create_database(self, prefix: str) -> str:
-        import asyncpg
-
-        name = f"{prefix}_{uuid.uuid4().hex[:8]}"
-        conn = await asyncpg.connect(self.admin_url)
-        try:
-            await conn.execute(f'CREATE DATABASE "{name}"')
-        finally:
-            await conn.close()
-        return self.url_for(name)
-
-    async def drop_database(self, url: str) -> None:
-        import asyncpg
-
-        name = urlsplit(url).path.lstrip("/")
-        conn = await asyncpg.connect(self.admin_url)
-        try:
-            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await conn.close()
+    pid: int | None = None
 
     async def settings(self) -> dict[str, str]:
         import asyncpg

@@ -266,6 +266,28 @@ class DatabaseProtocol(Protocol):
         ...
 
 
+class AsyncLifecycle:
+    """``async with backend:`` initialises on enter and closes on exit (both backends)."""
+
+    async def initialize(self) -> None:
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        raise NotImplementedError
+
+    async def __aenter__(self) -> Self:
+        await self.initialize()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+
 # --- shared checks (used by both backends so the rules are identical) ------------------
 
 

@@ -26,8 +26,7 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
-from types import TracebackType
-from typing import TYPE_CHECKING, Any, Self, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 import asyncpg
@@ -41,6 +40,7 @@ from kotonoha_bot.db.base import (
     CAP_MULTI_PROCESS,
     CAP_READ_REPLICA,
     CAP_SERVER,
+    AsyncLifecycle,
     ForgetResult,
     ReembedStatus,
     check_chunks,
@@ -202,7 +202,7 @@ async def _init_connection(conn: Conn) -> None:
     await register_vector(conn)
 
 
-class PostgreSQLDatabase:
+class PostgreSQLDatabase(AsyncLifecycle):
     """The server backend: asyncpg pool, pgvector ANN index, JSONB filters, GIN full text."""
 
     backend_name = "postgresql"
@@ -235,18 +235,6 @@ class PostgreSQLDatabase:
         return safe_url(self._url)
 
     # --- lifecycle ------------------------------------------------------------------
-
-    async def __aenter__(self) -> Self:
-        await self.initialize()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     async def initialize(self) -> None:
         if self._pool is not None:

@@ -18,14 +18,14 @@ from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from types import TracebackType
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Any
 
 import aiosqlite
 import numpy as np
 
 from kotonoha_bot.db import sqlite_path_from_url
 from kotonoha_bot.db.base import (
+    AsyncLifecycle,
     ForgetResult,
     ReembedStatus,
     check_chunks,
@@ -205,7 +205,7 @@ def _json(value: Mapping[str, Any]) -> str:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"), sort_keys=True)
 
 
-class SQLiteDatabase:
+class SQLiteDatabase(AsyncLifecycle):
     """The embedded backend: one file, one connection, exact vector search."""
 
     backend_name = "sqlite"
@@ -225,18 +225,6 @@ class SQLiteDatabase:
         return f"sqlite:///{self.path}"
 
     # --- lifecycle ------------------------------------------------------------------
-
-    async def __aenter__(self) -> Self:
-        await self.initialize()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     async def initialize(self) -> None:
         if self._conn is not None:
@@ -980,16 +968,22 @@ class SQLiteDatabase:
             for r in rows
         ]
 
-    async def pending_chunks(self, limit: int = 100) -> list[PendingChunk]:
-        async with self._read("listing chunks awaiting embeddings") as conn:
+    async def _chunks_to_embed(self, what: str, where: str, limit: int) -> list[PendingChunk]:
+        """Chunks matching ``where`` (SQL over alias ``c``), by id: work for an embedder."""
+        async with self._read(what) as conn:
             rows = await (
                 await conn.execute(
-                    "SELECT id, source_id, content FROM knowledge_chunks WHERE embedding IS NULL"
-                    " ORDER BY id LIMIT ?",
+                    "SELECT c.id, c.source_id, c.content FROM knowledge_chunks c"
+                    f" WHERE {where} ORDER BY c.id LIMIT ?",
                     (limit,),
                 )
             ).fetchall()
         return [PendingChunk(chunk_id=r[0], source_id=r[1], content=r[2]) for r in rows]
+
+    async def pending_chunks(self, limit: int = 100) -> list[PendingChunk]:
+        return await self._chunks_to_embed(
+            "listing chunks awaiting embeddings", "c.embedding IS NULL", limit
+        )
 
     async def set_chunk_embeddings(self, items: Sequence[tuple[int, Vector]]) -> int:
         async with self._write("storing embeddings") as conn:
@@ -1218,16 +1212,11 @@ class SQLiteDatabase:
             )
 
     async def reembed_todo(self, limit: int = 100) -> list[PendingChunk]:
-        async with self._read("listing chunks to re-embed") as conn:
-            rows = await (
-                await conn.execute(
-                    "SELECT c.id, c.source_id, c.content FROM knowledge_chunks c"
-                    " WHERE NOT EXISTS (SELECT 1 FROM reembed_vectors r WHERE r.chunk_id = c.id)"
-                    " ORDER BY c.id LIMIT ?",
-                    (limit,),
-                )
-            ).fetchall()
-        return [PendingChunk(chunk_id=r[0], source_id=r[1], content=r[2]) for r in rows]
+        return await self._chunks_to_embed(
+            "listing chunks to re-embed",
+            "NOT EXISTS (SELECT 1 FROM reembed_vectors r WHERE r.chunk_id = c.id)",
+            limit,
+        )
 
     async def store_reembed(self, items: Sequence[tuple[int, Vector]]) -> int:
         async with self._write("storing re-embedded vectors") as conn:
