@@ -291,6 +291,16 @@ class AsyncLifecycle:
 # --- shared checks (used by both backends so the rules are identical) ------------------
 
 
+def config_from_meta(meta: Mapping[str, str], prefix: str) -> EmbeddingConfig | None:
+    """``{prefix}_model``/``{prefix}_dimension`` rows of kotonoha_meta as a config, or None.
+
+    ``prefix`` is ``embedding`` (the recorded model) or ``reembed`` (a running re-embed).
+    """
+    if f"{prefix}_model" not in meta:
+        return None
+    return EmbeddingConfig(meta[f"{prefix}_model"], int(meta[f"{prefix}_dimension"]))
+
+
 def check_vector(value: Sequence[float] | Vector, expected_dim: int | None, where: str) -> Vector:
     """Return a contiguous float32 copy, or raise a typed error naming ``where``."""
     try:

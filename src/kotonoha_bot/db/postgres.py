@@ -50,6 +50,7 @@ from kotonoha_bot.db.base import (
     check_source,
     check_top_k,
     check_vector,
+    config_from_meta,
 )
 from kotonoha_bot.db.pg_schema import (
     ANN_INDEX_NAME,
@@ -462,20 +463,14 @@ class PostgreSQLDatabase(AsyncLifecycle):
             "SELECT key, value FROM kotonoha_meta"
             " WHERE key IN ('embedding_model', 'embedding_dimension')"
         )
-        meta = {r["key"]: r["value"] for r in rows}
-        if "embedding_model" not in meta:
-            return None
-        return EmbeddingConfig(meta["embedding_model"], int(meta["embedding_dimension"]))
+        return config_from_meta({r["key"]: r["value"] for r in rows}, "embedding")
 
     async def _reembed_target(self, conn: Conn) -> EmbeddingConfig | None:
         rows = await conn.fetch(
             "SELECT key, value FROM kotonoha_meta"
             " WHERE key IN ('reembed_model', 'reembed_dimension')"
         )
-        meta = {r["key"]: r["value"] for r in rows}
-        if "reembed_model" not in meta:
-            return None
-        return EmbeddingConfig(meta["reembed_model"], int(meta["reembed_dimension"]))
+        return config_from_meta({r["key"]: r["value"] for r in rows}, "reembed")
 
     async def _set_meta(self, conn: Conn, items: Mapping[str, str]) -> None:
         await conn.executemany(

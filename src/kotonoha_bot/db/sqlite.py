@@ -35,6 +35,7 @@ from kotonoha_bot.db.base import (
     check_source,
     check_top_k,
     check_vector,
+    config_from_meta,
 )
 from kotonoha_bot.db.vector_cache import VectorCache
 from kotonoha_bot.errors import (
@@ -346,10 +347,7 @@ class SQLiteDatabase(AsyncLifecycle):
 
     async def _read_config(self, conn: aiosqlite.Connection) -> EmbeddingConfig | None:
         rows = await (await conn.execute("SELECT key, value FROM kotonoha_meta")).fetchall()
-        meta: dict[str, str] = {r[0]: r[1] for r in rows}
-        if "embedding_model" not in meta:
-            return None
-        return EmbeddingConfig(meta["embedding_model"], int(meta["embedding_dimension"]))
+        return config_from_meta({r[0]: r[1] for r in rows}, "embedding")
 
     async def schema_version(self) -> int:
         async with self._read("reading the schema version") as conn:
@@ -1183,17 +1181,13 @@ class SQLiteDatabase(AsyncLifecycle):
     # --- re-embedding ---------------------------------------------------------------
 
     async def _reembed_target(self, conn: aiosqlite.Connection) -> EmbeddingConfig | None:
-        meta: dict[str, str] = dict(
-            await (  # type: ignore[arg-type]
-                await conn.execute(
-                    "SELECT key, value FROM kotonoha_meta WHERE key IN ('reembed_model',"
-                    " 'reembed_dimension')"
-                )
-            ).fetchall()
-        )
-        if "reembed_model" not in meta:
-            return None
-        return EmbeddingConfig(meta["reembed_model"], int(meta["reembed_dimension"]))
+        rows = await (
+            await conn.execute(
+                "SELECT key, value FROM kotonoha_meta"
+                " WHERE key IN ('reembed_model', 'reembed_dimension')"
+            )
+        ).fetchall()
+        return config_from_meta({r[0]: r[1] for r in rows}, "reembed")
 
     async def begin_reembed(self, target: EmbeddingConfig) -> None:
         async with self._write("starting a re-embedding") as conn:
