@@ -167,9 +167,25 @@ class Settings(BaseSettings):
             raise ValueError("DATABASE_POOL_MIN_SIZE must not exceed DATABASE_POOL_MAX_SIZE")
         if self.database_type == "postgres" and not self.database_url:
             raise ValueError("DATABASE_URL is required when DATABASE_TYPE=postgres")
+        self._check_urls()
         if self.chunk_overlap_chars >= self.chunk_max_chars:
             raise ValueError("CHUNK_OVERLAP_CHARS must be smaller than CHUNK_MAX_CHARS")
         return self
+
+    def _check_urls(self) -> None:
+        """Parse the URLs once, strictly, here: a mistyped one never reaches a driver."""
+        from kotonoha_bot.db.url import DatabaseURL, InvalidDatabaseURLError
+
+        for name in ("database_url", "database_read_url"):
+            value = getattr(self, name)
+            if not value:
+                continue
+            try:
+                parsed = DatabaseURL.parse(value)
+            except InvalidDatabaseURLError as exc:
+                raise ValueError(f"{name.upper()}: {exc}") from None
+            if parsed.backend != "postgresql":
+                raise ValueError(f"{name.upper()}: {parsed.display()} is not a postgresql:// URL")
 
     def database_location(self) -> str:
         """The URL of the configured database (sqlite:/// URL for the SQLite path)."""

@@ -20,9 +20,8 @@ from collections.abc import Iterable
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TextIO
-from urllib.parse import unquote, urlsplit
 
-from kotonoha_bot.redact import redact, register_secret
+from kotonoha_bot.redact import password_candidates, redact, register_secret
 
 if TYPE_CHECKING:
     from kotonoha_bot.config import Settings
@@ -100,16 +99,13 @@ def secret_values(settings: Settings) -> list[str]:
 
 
 def url_passwords(url: str | None) -> list[str]:
-    """The password of a database URL, as written and percent-decoded."""
-    if not url:
-        return []
-    try:
-        password = urlsplit(url).password
-    except ValueError:
-        return []
-    if not password:
-        return []
-    return list(dict.fromkeys([password, unquote(password)]))
+    """The password of a database URL, as written and percent-decoded.
+
+    A malformed URL (no scheme, an unencoded ``/`` or ``#`` in the password) still
+    yields every string its password could be, so the redactor knows it before the
+    URL is refused.
+    """
+    return password_candidates(url)
 
 
 def register_secrets(values: Iterable[str | None]) -> None:

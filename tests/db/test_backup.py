@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from kotonoha_bot.config import Settings
+from kotonoha_bot.db import DatabaseURL
 from kotonoha_bot.db.backup import (
     backup_database,
     backup_kind,
@@ -97,7 +98,7 @@ async def test_rotation_keeps_the_newest_and_touches_nothing_else(
     ours = sorted(p for p in backups.iterdir() if p not in strangers)
     assert ours == sorted(made[-2:])
     assert all(p.read_text() == "keep me" for p in strangers)
-    assert rotate(backups, Path(url).stem, 1) == [made[-2]]
+    assert rotate(backups, DatabaseURL.parse(url).label, 1) == [made[-2]]
 
     exact = tmp_path / "elsewhere" / "exact.db"
     result = await backup_database(settings, url, output=exact)

@@ -20,7 +20,7 @@ from rich.console import Console
 
 from kotonoha_bot.config import Settings, load_settings
 from kotonoha_bot.errors import ConfigError, KotonohaError
-from kotonoha_bot.redact import redact
+from kotonoha_bot.redact import password_candidates, redact, register_secret
 
 T = TypeVar("T")
 
@@ -62,8 +62,15 @@ def get_settings() -> Settings:
 
 
 def database_url(settings: Settings, override: str | None) -> str:
-    """The URL a command should open: --database wins over the settings."""
-    return override if override else settings.database_location()
+    """The URL a command should open: --database wins over the settings.
+
+    An override's password is handed to the log redactor before anything can fail.
+    """
+    if override:
+        for secret in password_candidates(override):
+            register_secret(secret)
+        return override
+    return settings.database_location()
 
 
 def run_async(coro_fn: Callable[..., Coroutine[Any, Any, T]]) -> Callable[..., T]:

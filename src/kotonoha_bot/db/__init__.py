@@ -10,47 +10,45 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from kotonoha_bot.db.base import DatabaseProtocol
+from kotonoha_bot.db.url import DatabaseURL
 from kotonoha_bot.errors import ConfigError
-from kotonoha_bot.redact import safe_url
 
 if TYPE_CHECKING:
     from kotonoha_bot.config import Settings
 
-__all__ = ["DatabaseProtocol", "open_database", "parse_database_url", "sqlite_path_from_url"]
+__all__ = [
+    "DatabaseProtocol",
+    "DatabaseURL",
+    "open_database",
+    "parse_database_url",
+    "sqlite_path_from_url",
+]
 
-#: URL scheme -> "module:Class" (imported lazily).
+#: Backend (DatabaseURL.backend) -> "module:Class" (imported lazily).
 BACKENDS: dict[str, str] = {
     "sqlite": "kotonoha_bot.db.sqlite:SQLiteDatabase",
     "postgresql": "kotonoha_bot.db.postgres:PostgreSQLDatabase",
-    "postgres": "kotonoha_bot.db.postgres:PostgreSQLDatabase",
 }
 
 
-def sqlite_path_from_url(url: str) -> Path:
+def sqlite_path_from_url(url: str | DatabaseURL) -> Path:
     """``sqlite:///rel.db`` -> ``rel.db``; ``sqlite:////abs/x.db`` -> ``/abs/x.db``."""
-    if not url.startswith("sqlite:///"):
+    parsed = DatabaseURL.parse(url)
+    if parsed.path is None:
         raise ConfigError(
-            f"invalid SQLite URL {safe_url(url)!r}: use sqlite:///relative.db or"
+            f"{parsed.display()} is not a SQLite URL: use sqlite:///relative.db or"
             " sqlite:////absolute/path.db"
         )
-    rest = url[len("sqlite:///") :].split("?", 1)[0]
-    if not rest or rest == ":memory:":
-        raise ConfigError("a SQLite URL must name a file (in-memory databases are not kept)")
-    return Path(rest)
+    return parsed.path
 
 
-def parse_database_url(url: str) -> str:
-    """Return the backend scheme of ``url`` or raise ``ConfigError``."""
-    scheme = url.split("://", 1)[0].lower() if "://" in url else ""
-    scheme = scheme.split("+", 1)[0]
-    if scheme not in BACKENDS:
-        known = ", ".join(sorted({"sqlite", "postgresql"}))
-        raise ConfigError(f"unsupported database URL {safe_url(url)!r}: scheme must be {known}")
-    return scheme
+def parse_database_url(url: str | DatabaseURL) -> str:
+    """The backend of ``url`` (``sqlite`` or ``postgresql``), or raise ``ConfigError``."""
+    return DatabaseURL.parse(url).backend
 
 
 def open_database(
-    target: str | Settings | None = None, *, settings: Settings | None = None
+    target: str | DatabaseURL | Settings | None = None, *, settings: Settings | None = None
 ) -> DatabaseProtocol:
     """Create (not yet connect) the backend for a URL or Settings.
 
@@ -64,9 +62,8 @@ def open_database(
         target = None
     if settings is None:
         settings = load_settings()
-    url = target if target is not None else settings.database_location()
-    scheme = parse_database_url(url)
-    module_name, _, class_name = BACKENDS[scheme].partition(":")
+    url = DatabaseURL.parse(target if target is not None else settings.database_location())
+    module_name, _, class_name = BACKENDS[url.backend].partition(":")
     module = importlib.import_module(module_name)
     cls = getattr(module, class_name)
     db: DatabaseProtocol = cls(url, settings=settings)

@@ -27,9 +27,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
-from urllib.parse import unquote, urlsplit, urlunsplit
 
-from kotonoha_bot.db import open_database, parse_database_url, sqlite_path_from_url
+from kotonoha_bot.db import DatabaseURL, open_database, parse_database_url, sqlite_path_from_url
 from kotonoha_bot.db.transfer import (
     MigrationReport,
     TransferProgress,
@@ -82,11 +81,7 @@ class RestoreResult:
 
 
 def _label(url: str) -> str:
-    if parse_database_url(url) == "sqlite":
-        name = sqlite_path_from_url(url).stem
-    else:
-        name = urlsplit(url).path.lstrip("/") or "postgres"
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", name) or "kotonoha"
+    return DatabaseURL.parse(url).label
 
 
 def _private(path: Path) -> None:
@@ -150,17 +145,8 @@ def find_pg_tool(name: str, server_major: int) -> str | None:
 
 def _libpq(url: str) -> tuple[str, dict[str, str]]:
     """A libpq URI without the password, and the environment that carries it."""
-    parts = urlsplit(url)
-    env = dict(os.environ)
-    netloc = parts.netloc
-    if "@" in netloc:
-        userinfo, _, hostinfo = netloc.rpartition("@")
-        user, _, password = userinfo.partition(":")
-        if password:
-            env["PGPASSWORD"] = unquote(password)
-        netloc = f"{user}@{hostinfo}"
-    uri = urlunsplit(("postgresql", netloc, parts.path, parts.query, ""))
-    return uri, env
+    uri, secret_env = DatabaseURL.parse(url).libpq()
+    return uri, {**os.environ, **secret_env}
 
 
 async def _run_tool(args: list[str], env: dict[str, str], what: str) -> None:

@@ -27,7 +27,6 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, TypeVar
-from urllib.parse import unquote, urlsplit, urlunsplit
 
 import asyncpg
 import asyncpg.exceptions as pgerr
@@ -65,6 +64,7 @@ from kotonoha_bot.db.pg_schema import (
     ann_query_sql,
     uses_halfvec,
 )
+from kotonoha_bot.db.url import DatabaseURL
 from kotonoha_bot.errors import (
     DatabaseError,
     DatabaseUnavailableError,
@@ -89,7 +89,7 @@ from kotonoha_bot.models import (
     SessionInfo,
     Vector,
 )
-from kotonoha_bot.redact import redact, register_secret, safe_url
+from kotonoha_bot.redact import redact, register_secret
 from kotonoha_bot.text import check_text, human_size, keyword_document, query_tokens
 
 if TYPE_CHECKING:
@@ -182,20 +182,9 @@ def _tsquery_lexeme(token: str) -> str:
     return "'" + token.replace("\\", "\\\\").replace("'", "''") + "'"
 
 
-def _asyncpg_dsn(url: str) -> str:
-    """asyncpg wants postgresql:// or postgres://; accept postgresql+driver:// too."""
-    parts = urlsplit(url)
-    return urlunsplit(("postgresql", parts.netloc, parts.path, parts.query, parts.fragment))
-
-
-def _register_url_secret(url: str) -> None:
-    try:
-        password = urlsplit(url).password
-    except ValueError:
-        return
-    if password:
-        register_secret(password)
-        register_secret(unquote(password))
+def _register_url_secrets(url: DatabaseURL) -> None:
+    for secret in url.secrets:
+        register_secret(secret)
 
 
 async def _init_connection(conn: Conn) -> None:
@@ -209,13 +198,15 @@ class PostgreSQLDatabase(AsyncLifecycle):
     backend_name = "postgresql"
     capabilities: frozenset[str] = frozenset({CAP_ANN_INDEX, CAP_MULTI_PROCESS, CAP_SERVER})
 
-    def __init__(self, url: str, *, settings: Settings) -> None:
-        self._url = url
-        self._dsn = _asyncpg_dsn(url)
-        _register_url_secret(url)
-        self._read_url = settings.database_read_url
+    def __init__(self, url: str | DatabaseURL, *, settings: Settings) -> None:
+        self._url = DatabaseURL.parse(url)
+        self._dsn = self._url.dsn()
+        _register_url_secrets(self._url)
+        self._read_url = (
+            DatabaseURL.parse(settings.database_read_url) if settings.database_read_url else None
+        )
         if self._read_url:
-            _register_url_secret(self._read_url)
+            _register_url_secrets(self._read_url)
             self.capabilities = self.capabilities | {CAP_READ_REPLICA}
         self._settings = settings
         self._min_size = min(settings.database_pool_min_size, settings.database_pool_max_size)
@@ -233,7 +224,7 @@ class PostgreSQLDatabase(AsyncLifecycle):
 
     @property
     def location(self) -> str:
-        return safe_url(self._url)
+        return self._url.display()
 
     # --- lifecycle ------------------------------------------------------------------
 
@@ -255,7 +246,9 @@ class PostgreSQLDatabase(AsyncLifecycle):
         self._pool = await self._create_pool(self._dsn)
         if self._read_url:
             try:
-                self._read_pool = await self._create_pool(_asyncpg_dsn(self._read_url))
+                self._read_pool = await self._create_pool(
+                    self._read_url.dsn(), where=self._read_url.display()
+                )
             except BaseException:
                 await self.close()
                 raise
@@ -272,7 +265,7 @@ class PostgreSQLDatabase(AsyncLifecycle):
             ),
         )
 
-    async def _create_pool(self, dsn: str) -> Any:
+    async def _create_pool(self, dsn: str, *, where: str | None = None) -> Any:
         return await self._guard(
             "opening the connection pool",
             asyncpg.create_pool(
@@ -292,6 +285,7 @@ class PostgreSQLDatabase(AsyncLifecycle):
                     **self._search_settings(),
                 },
             ),
+            where=where,
         )
 
     async def _migrate(self, conn: Conn) -> None:
@@ -339,20 +333,23 @@ class PostgreSQLDatabase(AsyncLifecycle):
 
     # --- plumbing -------------------------------------------------------------------
 
-    async def _guard(self, what: str, awaitable: Awaitable[T]) -> T:
-        """Await ``awaitable`` while connecting, translating driver errors."""
+    async def _guard(self, what: str, awaitable: Awaitable[T], *, where: str | None = None) -> T:
+        """Await ``awaitable`` while connecting, translating driver errors.
+
+        ``where`` names the server when it is not the primary (the read replica).
+        """
         try:
             return await awaitable
         except KotonohaError:
             raise
         except BaseException as exc:
-            translated = self._translate(what, exc, connecting=True)
+            translated = self._translate(what, exc, connecting=True, where=where)
             if translated is None:
                 raise
             raise translated from None
 
     def _translate(
-        self, what: str, exc: BaseException, *, connecting: bool = False
+        self, what: str, exc: BaseException, *, connecting: bool = False, where: str | None = None
     ) -> KotonohaError | None:
         """The typed error for a driver exception (None: not ours to translate)."""
         if isinstance(exc, asyncio.CancelledError | KeyboardInterrupt | SystemExit):
@@ -367,7 +364,7 @@ class PostgreSQLDatabase(AsyncLifecycle):
             isinstance(exc, pgerr.InterfaceError) and "closed" in str(exc)
         ):
             return DatabaseUnavailableError(
-                f"{what}: cannot reach PostgreSQL at {self.location}: {detail}"
+                f"{what}: cannot reach PostgreSQL at {where or self.location}: {detail}"
             )
         if isinstance(exc, pgerr.QueryCanceledError):
             return DatabaseError(f"{what}: the server cancelled the statement ({detail})")
@@ -1647,7 +1644,7 @@ class PostgreSQLDatabase(AsyncLifecycle):
             if config is not None and uses_halfvec(config.dimension):
                 details["vector_index_precision"] = "halfvec (over 2000 dimensions)"
             if self._read_pool is not None and self._read_url:
-                details["read_replica"] = safe_url(self._read_url)
+                details["read_replica"] = self._read_url.display()
             return DatabaseStats(
                 backend=self.backend_name,
                 location=self.location,

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from kotonoha_bot.db import open_database, parse_database_url, sqlite_path_from_url
+from kotonoha_bot.db import DatabaseURL, open_database, parse_database_url, sqlite_path_from_url
 from kotonoha_bot.db.rowconv import (
     CHUNKS,
     EMBEDDING_KEYS,
@@ -64,7 +64,6 @@ from kotonoha_bot.errors import (
     MigrationError,
 )
 from kotonoha_bot.models import EmbeddingConfig
-from kotonoha_bot.redact import safe_url
 
 if TYPE_CHECKING:
     from kotonoha_bot.config import Settings
@@ -116,16 +115,12 @@ def timestamped(directory: Path, label: str, suffix: str) -> Path:
 
 def _identity(url: str) -> str:
     """A stable name for a database, safe to store and print (no password)."""
-    if parse_database_url(url) == "sqlite":
-        return f"sqlite:///{sqlite_path_from_url(url).resolve()}"
-    return safe_url(url)
+    return DatabaseURL.parse(url).identity
 
 
 def display_url(url: str) -> str:
-    """A URL fit for printing: SQLite URLs as given, others without their password."""
-    if url.startswith("sqlite:"):
-        return url
-    return safe_url(url)
+    """A URL fit for printing (no password)."""
+    return DatabaseURL.parse(url).display()
 
 
 def _small_pool(settings: Settings) -> Settings:
