@@ -188,4 +188,6 @@ async def test_restore_refuses_a_non_empty_target_and_asks_first(
     assert done.returncode == 0, done.stderr
     assert "verified" in done.stderr
     assert await snapshot(url, settings) == before
-    assert files("backups/*.db", tmp_path) == [path]
+    safety = [p for p in files("backups/*.db", tmp_path) if p != path]
+    assert len(safety) == 1 and "-prerestore-" in safety[0].name
+    assert str(safety[0]) in done.stderr and owner_only(safety[0])

@@ -452,11 +452,12 @@ async def upgrade_command(
 @run_async
 async def backup_command(
     output: Annotated[
-        Path | None,
+        str | None,
         typer.Option(
             "--output",
             "-o",
-            help="A directory (rotated) or an exact file name (not rotated); default BACKUP_DIR.",
+            help="A directory (ending in /, or existing; rotated) or a new file name (not"
+            " rotated); default BACKUP_DIR.",
             show_default=False,
         ),
     ] = None,
@@ -532,7 +533,12 @@ async def restore_command(
             1,
         )
     if not yes:
-        warning = "ALL ITS CURRENT ROWS WILL BE DELETED first. " if not empty else ""
+        warning = (
+            "ALL ITS CURRENT ROWS WILL BE DELETED first (after a safety copy into"
+            f" {settings.backup_dir}). "
+            if not empty
+            else ""
+        )
         question = (
             f"Restore {path} ({kind}) into {display_url(url)}? {warning}Stop the bot before"
             " restoring. Continue?"
@@ -553,6 +559,7 @@ async def restore_command(
                 "method": result.method,
                 "verified": result.verified,
                 "wiped": result.wiped,
+                "safety_copy": str(result.safety_copy) if result.safety_copy else None,
                 "seconds": round(result.seconds, 3),
             }
         )
@@ -562,3 +569,9 @@ async def restore_command(
         f" {result.seconds:.1f} s); verified: {result.verified}",
         soft_wrap=True,
     )
+    if result.safety_copy is not None:
+        err_console.print(
+            f"the rows it replaced are kept in {result.safety_copy}; to go back:"
+            f" kotonoha db restore {result.safety_copy} --wipe --yes",
+            soft_wrap=True,
+        )

@@ -32,6 +32,7 @@ from kotonoha_bot.db import DatabaseURL, open_database, parse_database_url, sqli
 from kotonoha_bot.db.transfer import (
     MigrationReport,
     TransferProgress,
+    check_target_can_index,
     display_url,
     migrate,
     table_checksums,
@@ -39,7 +40,7 @@ from kotonoha_bot.db.transfer import (
     timestamped,
     wipe,
 )
-from kotonoha_bot.errors import ConfigError, CorruptDatabaseError, MigrationError
+from kotonoha_bot.errors import ConfigError, CorruptDatabaseError, KotonohaError, MigrationError
 from kotonoha_bot.redact import redact
 
 if TYPE_CHECKING:
@@ -78,6 +79,7 @@ class RestoreResult:
     seconds: float
     wiped: bool
     report: MigrationReport | None = None
+    safety_copy: Path | None = None
 
 
 def _label(url: str) -> str:
@@ -109,13 +111,27 @@ def rotate(directory: Path, label: str, keep: int) -> list[Path]:
 
 
 def _destination(
-    settings: Settings, url: str, output: Path | None, suffix: str
+    settings: Settings, label: str, output: str | Path | None, suffix: str
 ) -> tuple[Path, Path | None]:
-    """The file to write and the directory to rotate (None: an explicit file name)."""
-    if output is not None and not (output.is_dir() or str(output).endswith(os.sep)):
-        return output.resolve(), None
-    directory = (output if output is not None else settings.backup_dir).resolve()
-    return timestamped(directory, _label(url), suffix), directory
+    """The file to write and the directory to rotate (None: an explicit file name).
+
+    ``output`` is read as the operator wrote it: a trailing ``/`` means a directory
+    even before it exists (``Path`` would drop the slash and make it a file name that
+    every later run overwrites). An explicit file that exists is never overwritten.
+    """
+    if output is not None:
+        text = str(output)
+        as_dir = text.endswith(("/", os.sep)) or Path(text).is_dir()
+        if not as_dir:
+            dest = Path(text).resolve()
+            if dest.exists():
+                raise MigrationError(
+                    f"{dest} already exists; give a new file name, or a directory"
+                    " (ending in /) to get timestamped, rotated backups"
+                )
+            return dest, None
+    directory = Path(output if output is not None else settings.backup_dir).resolve()
+    return timestamped(directory, label, suffix), directory
 
 
 # --- PostgreSQL tools ----------------------------------------------------------------
@@ -185,21 +201,27 @@ async def backup_database(
     settings: Settings,
     db_url: str | None = None,
     *,
-    output: Path | None = None,
+    output: str | Path | None = None,
+    kind: str = "",
     progress: TransferProgress | None = None,
 ) -> BackupResult:
-    """Back up the database at ``db_url`` (default: the configured one), then rotate."""
+    """Back up the database at ``db_url`` (default: the configured one), then rotate.
+
+    ``kind`` (e.g. ``prerestore``) goes into the name, and rotation keeps
+    ``BACKUP_KEEP`` files of each kind of each database separately.
+    """
     url = db_url or settings.database_location()
+    label = _label(url) + (f"-{kind}" if kind else "")
     started = time.perf_counter()
     if parse_database_url(url) == "sqlite":
-        result = await _backup_sqlite(settings, url, output)
+        result = await _backup_sqlite(settings, url, label, output)
     else:
         major = await _server_major(url, settings)
         pg_dump = await asyncio.to_thread(find_pg_tool, "pg_dump", major)
         if pg_dump is not None:
-            result = await _backup_pg_dump(settings, url, output, pg_dump)
+            result = await _backup_pg_dump(settings, url, label, output, pg_dump)
         else:
-            result = await _backup_logical(settings, url, output, progress)
+            result = await _backup_logical(settings, url, label, output, progress)
             result.note = (
                 f"no pg_dump of major version >= {major} on PATH: wrote a verified logical"
                 " export (a SQLite file) instead"
@@ -213,13 +235,15 @@ async def run_backup(settings: Settings, db_url: str | None = None) -> Path:
     return (await backup_database(settings, db_url)).path
 
 
-async def _backup_sqlite(settings: Settings, url: str, output: Path | None) -> BackupResult:
+async def _backup_sqlite(
+    settings: Settings, url: str, label: str, output: str | Path | None
+) -> BackupResult:
     from kotonoha_bot.db.sqlite_rows import integrity_check, online_backup
 
     source = sqlite_path_from_url(url)
     if not source.is_file():
         raise MigrationError(f"{source} does not exist")
-    dest, rotate_dir = _destination(settings, url, output, ".db")
+    dest, rotate_dir = _destination(settings, label, output, ".db")
     _make_dir(dest.parent)
     await asyncio.to_thread(online_backup, source, dest)
     _private(dest)
@@ -228,16 +252,16 @@ async def _backup_sqlite(settings: Settings, url: str, output: Path | None) -> B
     except CorruptDatabaseError as exc:
         dest.unlink(missing_ok=True)
         raise MigrationError(f"the backup failed its check and was deleted: {exc}") from None
-    rotated = rotate(rotate_dir, _label(url), settings.backup_keep) if rotate_dir else []
+    rotated = rotate(rotate_dir, label, settings.backup_keep) if rotate_dir else []
     return BackupResult(dest, "sqlite-online-backup", dest.stat().st_size, 0.0, rotated=rotated)
 
 
 async def _backup_pg_dump(
-    settings: Settings, url: str, output: Path | None, pg_dump: str
+    settings: Settings, url: str, label: str, output: str | Path | None, pg_dump: str
 ) -> BackupResult:
     from kotonoha_bot.db.postgres_rows import PostgresRows
 
-    dest, rotate_dir = _destination(settings, url, output, ".dump")
+    dest, rotate_dir = _destination(settings, label, output, ".dump")
     _make_dir(dest.parent)
     partial = dest.with_name(dest.name + ".partial")
     uri, env = _libpq(url)
@@ -276,7 +300,7 @@ async def _backup_pg_dump(
     await asyncio.to_thread(manifest_path.write_text, text, encoding="utf-8")
     _private(manifest_path)
     partial.replace(dest)
-    rotated = rotate(rotate_dir, _label(url), settings.backup_keep) if rotate_dir else []
+    rotated = rotate(rotate_dir, label, settings.backup_keep) if rotate_dir else []
     rows = sum(int(t["rows"]) for t in manifest.values())
     return BackupResult(
         dest,
@@ -290,11 +314,15 @@ async def _backup_pg_dump(
 
 
 async def _backup_logical(
-    settings: Settings, url: str, output: Path | None, progress: TransferProgress | None
+    settings: Settings,
+    url: str,
+    label: str,
+    output: str | Path | None,
+    progress: TransferProgress | None,
 ) -> BackupResult:
     from kotonoha_bot.db.sqlite_rows import finalize_file
 
-    dest, rotate_dir = _destination(settings, url, output, ".db")
+    dest, rotate_dir = _destination(settings, label, output, ".db")
     _make_dir(dest.parent)
     partial = dest.with_name(dest.name + ".partial")
     quarantine = dest.with_name(dest.name + ".quarantine.jsonl")
@@ -316,7 +344,7 @@ async def _backup_logical(
         raise
     _private(partial)
     partial.replace(dest)
-    rotated = rotate(rotate_dir, _label(url), settings.backup_keep) if rotate_dir else []
+    rotated = rotate(rotate_dir, label, settings.backup_keep) if rotate_dir else []
     rows = sum(t.moved for t in report.tables.values())
     if report.quarantined:
         raise MigrationError(
@@ -359,9 +387,18 @@ async def restore_backup(
     wipe_first: bool = False,
     progress: TransferProgress | None = None,
 ) -> RestoreResult:
-    """Restore ``path`` into an empty database (``wipe_first`` empties it), then verify."""
+    """Restore ``path`` into an empty database (``wipe_first`` empties it), then verify.
+
+    The order is what keeps a community's data: (1) the backup is checked completely
+    — readable, kotonoha's, every row convertible (a dry run of the copy) — while the
+    target is untouched; (2) when ``wipe_first`` has rows to delete, a safety copy of
+    the target is written first (a regular, verified backup named ``-prerestore-``);
+    (3) only then is the target wiped and the backup copied in. Any failure after (2)
+    names the safety copy and the one command that puts it back.
+    """
     url = db_url or settings.database_location()
     started = time.perf_counter()
+    progress = progress or TransferProgress()
     kind = backup_kind(path)
     if kind == "pg_dump" and parse_database_url(url) == "sqlite":
         raise ConfigError(
@@ -374,36 +411,119 @@ async def restore_backup(
             f"{display_url(url)} is not empty; restore into an empty database, or add --wipe"
             " to delete its rows first"
         )
-    wiped = False
     if kind == "sqlite":
-        if not empty:
-            await wipe(url, settings)
-            wiped = True
-        quarantine = timestamped(settings.backup_dir, "kotonoha-quarantine", ".jsonl")
-        report = await migrate(
-            f"sqlite:///{path}",
-            url,
-            settings=settings,
-            backup_source=False,
-            quarantine_path=quarantine,
-            progress=progress,
+        await check_sqlite_backup(path, url, settings, target_empty=empty, progress=progress)
+    else:
+        await check_pg_dump_backup(path, url, settings)
+    safety: Path | None = None
+    if not empty:
+        progress.note(f"writing a safety copy of {display_url(url)} before wiping it")
+        safety = (await backup_database(settings, url, kind="prerestore", progress=progress)).path
+    try:
+        if kind == "pg_dump":
+            result = await _restore_pg_dump(path, url, settings, started, not empty)
+        else:
+            result = await _restore_sqlite(path, url, settings, started, not empty, progress)
+    except KotonohaError as exc:
+        if safety is None:
+            raise
+        raise MigrationError(
+            f"{exc}. The rows --wipe replaced are kept in {safety}; put them back with"
+            f" `kotonoha db restore {safety} --wipe --yes`"
+        ) from None
+    result.safety_copy = safety
+    return result
+
+
+async def check_sqlite_backup(
+    path: Path,
+    url: str,
+    settings: Settings,
+    *,
+    target_empty: bool,
+    progress: TransferProgress | None = None,
+) -> None:
+    """Refuse a SQLite backup that cannot be restored completely; the target is not touched.
+
+    A dry run of the copy: integrity check, kotonoha schema, every row converted.
+    """
+    report = await migrate(
+        f"sqlite:///{path}", url, settings=settings, dry_run=True, progress=progress
+    )
+    if report.mode == "refuse" and target_empty:
+        # Not the "target is not empty" refusal that --wipe answers: a foreign or legacy
+        # target file, another embedding model's meta rows, too many dimensions.
+        reason = report.warnings[-1] if report.warnings else "the target cannot take it"
+        raise MigrationError(f"{reason}; nothing was changed")
+    check_target_can_index(url, report.embedding)
+    if report.quarantined:
+        samples = "; ".join(
+            f"{e['table']} {e['key']!r}: {e['reason']}" for e in report.quarantine_samples[:3]
         )
-        if report.quarantined:
-            raise MigrationError(
-                f"restored, but {report.quarantined} rows of the backup could not be stored"
-                f" (see {report.quarantine_path})"
-            )
-        rows = sum(t.matching for t in report.verify.tables.values()) if report.verify else 0
-        return RestoreResult(
-            path,
-            display_url(url),
-            "migrate",
-            f"{rows} rows identical to the backup",
-            time.perf_counter() - started,
-            wiped,
-            report,
+        raise MigrationError(
+            f"{path} holds {report.quarantined} rows that cannot be restored ({samples});"
+            " nothing was changed"
         )
-    return await _restore_pg_dump(path, url, settings, started, not empty)
+
+
+async def check_pg_dump_backup(path: Path, url: str, settings: Settings) -> None:
+    """``pg_restore --list`` reads the whole table of contents: a damaged archive fails here."""
+    major = await _server_major_any(url, settings)
+    pg_restore = await asyncio.to_thread(find_pg_tool, "pg_restore", major)
+    if pg_restore is None:
+        raise MigrationError(
+            f"restoring a pg_dump archive needs pg_restore of major version >= {major} on PATH;"
+            " nothing was changed"
+        )
+    try:
+        await _run_tool([pg_restore, "--list", str(path)], dict(os.environ), "pg_restore --list")
+    except MigrationError as exc:
+        raise MigrationError(
+            f"{path} is not a readable pg_dump archive ({exc}); nothing was changed"
+        ) from None
+
+
+async def _server_major_any(url: str, settings: Settings) -> int:
+    from kotonoha_bot.db.postgres_rows import inspect_database
+
+    db = cast("PostgreSQLDatabase", open_database(url, settings=_small(settings)))
+    return (await inspect_database(db)).server_version_num // 10000
+
+
+async def _restore_sqlite(
+    path: Path,
+    url: str,
+    settings: Settings,
+    started: float,
+    wipe_target: bool,
+    progress: TransferProgress,
+) -> RestoreResult:
+    if wipe_target:
+        await wipe(url, settings)
+    quarantine = timestamped(settings.backup_dir, "kotonoha-quarantine", ".jsonl")
+    report = await migrate(
+        f"sqlite:///{path}",
+        url,
+        settings=settings,
+        backup_source=False,
+        quarantine_path=quarantine,
+        progress=progress,
+    )
+    if report.quarantined:
+        raise MigrationError(
+            f"restored, but {report.quarantined} rows of the backup could not be stored"
+            f" (see {report.quarantine_path})"
+        )
+    rows = sum(t.matching for t in report.verify.tables.values()) if report.verify else 0
+    return RestoreResult(
+        path,
+        display_url(url),
+        "migrate",
+        f"{rows} rows identical to the backup",
+        time.perf_counter() - started,
+        wipe_target,
+        report,
+    )
 
 
 async def _restore_pg_dump(

@@ -424,9 +424,15 @@ async def _open_source(
         )
     read_path = path
     if backup_dir is not None:
-        dest = timestamped(backup_dir, f"{path.stem}-premigrate", ".db")
+        from kotonoha_bot.db.backup import rotate
+
+        # Named after this database (label has a hash of its identity) and rotated like
+        # the regular backups, so reruns cannot fill the disk with safety copies.
+        label = f"{DatabaseURL.parse(url).label}-premigrate"
+        dest = timestamped(backup_dir, label, ".db")
         progress.note(f"backing up {path} -> {dest}")
         await asyncio.to_thread(online_backup, path, dest)
+        rotate(backup_dir, label, settings.backup_keep)
         if report is not None:
             report.backup_path = dest.resolve()
         read_path = dest
@@ -579,7 +585,7 @@ def _plan(info: _TargetInfo, target: str, identity: str, restart: bool) -> str:
     return "fresh"
 
 
-def _check_target_can_index(target_url: str, embedding: EmbeddingConfig | None) -> None:
+def check_target_can_index(target_url: str, embedding: EmbeddingConfig | None) -> None:
     """pgvector indexes at most 4000 dimensions: say so before anything is written."""
     from kotonoha_bot.db.pg_schema import HALFVEC_INDEX_MAX_DIM
 
@@ -945,7 +951,7 @@ async def migrate(
                 report.mode = _plan(info, report.target, identity, restart)
                 if report.mode == "fresh":
                     _check_target_meta(info, copier.meta, report.target)
-                _check_target_can_index(target_url, copier.embedding)
+                check_target_can_index(target_url, copier.embedding)
             except MigrationError as exc:
                 if not dry_run:
                     raise
