@@ -35,6 +35,26 @@ class CorruptDatabaseError(DatabaseError):
     """The database file failed an integrity check."""
 
 
+class ForeignDatabaseError(DatabaseError):
+    """The file is not kotonoha's (another program's, or not SQLite at all); left unchanged."""
+
+
+class LegacyDatabaseError(SchemaError):
+    """The file is a legacy (pre-ADR-0007) kotonoha database; `kotonoha db upgrade` converts it."""
+
+
+class DiskFullError(DatabaseError):
+    """The disk holding the database (or a file being written) is full; the write was undone."""
+
+
+class ReadOnlyDatabaseError(DatabaseUnavailableError):
+    """The database file or its directory cannot be written (permissions, read-only mount)."""
+
+
+class DatabaseLockedError(DatabaseError):
+    """Another process held the database's write lock for longer than the busy timeout."""
+
+
 class SessionConflictError(DatabaseError):
     """A session was saved from a stale version; reload it and apply the change again."""
 

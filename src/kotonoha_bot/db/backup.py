@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 from kotonoha_bot.db import DatabaseURL, open_database, parse_database_url, sqlite_path_from_url
+from kotonoha_bot.db.sqlite_files import create_private
 from kotonoha_bot.db.transfer import (
     MigrationReport,
     TransferProgress,
@@ -264,6 +265,8 @@ async def _backup_pg_dump(
     dest, rotate_dir = _destination(settings, label, output, ".dump")
     _make_dir(dest.parent)
     partial = dest.with_name(dest.name + ".partial")
+    partial.unlink(missing_ok=True)
+    create_private(partial)  # pg_dump keeps the mode of a file that exists: 0600 from birth
     uri, env = _libpq(url)
     async with open_database(url, settings=_small(settings)) as opened:
         store = PostgresRows(cast("PostgreSQLDatabase", opened), snapshot=True)

@@ -37,11 +37,12 @@ from kotonoha_bot.db.base import (
     check_vector,
     config_from_meta,
 )
+from kotonoha_bot.db.sqlite_files import OURS, check_openable, create_private, translate
+from kotonoha_bot.db.url import DatabaseURL
 from kotonoha_bot.db.vector_cache import VectorCache
 from kotonoha_bot.errors import (
-    CorruptDatabaseError,
     DatabaseError,
-    DatabaseUnavailableError,
+    ForeignDatabaseError,
     InvalidInputError,
     NotFoundError,
     SchemaError,
@@ -183,6 +184,8 @@ MIGRATIONS: list[tuple[int, str, str]] = [
 ]
 
 LATEST_SCHEMA_VERSION = MIGRATIONS[-1][0]
+#: Extra BEGIN IMMEDIATE attempts (each waits up to the busy timeout) before giving up.
+_BUSY_RETRIES = 5
 
 
 def _ts(value: datetime) -> str:
@@ -212,7 +215,7 @@ class SQLiteDatabase(AsyncLifecycle):
     backend_name = "sqlite"
     capabilities: frozenset[str] = frozenset()
 
-    def __init__(self, url: str, *, settings: Settings | None = None) -> None:
+    def __init__(self, url: str | DatabaseURL, *, settings: Settings | None = None) -> None:
         self.path: Path = sqlite_path_from_url(url)
         self._busy_timeout_ms = settings.sqlite_busy_timeout_ms if settings else 5000
         self._conn: aiosqlite.Connection | None = None
@@ -230,16 +233,16 @@ class SQLiteDatabase(AsyncLifecycle):
     async def initialize(self) -> None:
         if self._conn is not None:
             return
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise DatabaseUnavailableError(
-                f"cannot create the directory for {self.path}: {exc.strerror}"
-            ) from None
+        # Decide what the file is before SQLite touches it: a foreign or legacy file is
+        # refused unchanged (no tables added, journal mode left alone), a new one is
+        # created 0600 (its -wal and -shm inherit that mode).
+        exists = await asyncio.to_thread(check_openable, self.path)
+        if not exists:
+            await asyncio.to_thread(create_private, self.path)
         try:
             conn = await aiosqlite.connect(self.path, isolation_level=None)
         except sqlite3.Error as exc:
-            raise DatabaseUnavailableError(f"cannot open {self.path}: {exc}") from None
+            raise translate(self.path, "opening the database", exc) from None
         self._conn = conn
         try:
             async with self._lock, self._errors("opening the database"):
@@ -256,12 +259,12 @@ class SQLiteDatabase(AsyncLifecycle):
             raise
 
     async def _check_is_database(self, conn: aiosqlite.Connection) -> None:
-        try:
-            await (await conn.execute("SELECT count(*) FROM sqlite_master")).fetchone()
-        except sqlite3.DatabaseError as exc:
-            raise CorruptDatabaseError(
-                f"{self.path} is not a usable SQLite database: {exc}"
-            ) from None
+        """Read the schema once more on our own connection (the file may have changed)."""
+        rows = await (await conn.execute("SELECT type, name FROM sqlite_master")).fetchall()
+        tables = {str(r[1]) for r in rows if r[0] == "table"}
+        if rows and not tables >= OURS:
+            await asyncio.to_thread(check_openable, self.path)  # raises the precise error
+            raise ForeignDatabaseError(f"{self.path} is not a kotonoha database; left unchanged")
 
     async def _migrate(self, conn: aiosqlite.Connection) -> None:
         await conn.execute("BEGIN IMMEDIATE")
@@ -290,7 +293,7 @@ class SQLiteDatabase(AsyncLifecycle):
                 )
             await conn.execute("COMMIT")
         except BaseException:
-            await conn.execute("ROLLBACK")
+            await _rollback(conn)
             raise
 
     async def close(self) -> None:
@@ -310,22 +313,8 @@ class SQLiteDatabase(AsyncLifecycle):
     async def _errors(self, what: str) -> AsyncIterator[None]:
         try:
             yield
-        except sqlite3.IntegrityError as exc:
-            raise DatabaseError(f"{what}: constraint failed ({exc})") from None
-        except sqlite3.OperationalError as exc:
-            text = str(exc)
-            if "locked" in text or "busy" in text:
-                raise DatabaseError(
-                    f"{what}: the database file is busy (another process holds the write"
-                    " lock longer than the busy timeout)"
-                ) from None
-            if "unable to open" in text or "disk I/O" in text or "readonly" in text:
-                raise DatabaseUnavailableError(f"{what}: {text}") from None
-            if "full" in text:
-                raise DatabaseError(f"{what}: disk full ({text})") from None
-            raise DatabaseError(f"{what}: {text}") from None
-        except sqlite3.DatabaseError as exc:
-            raise CorruptDatabaseError(f"{what}: {self.path}: {exc}") from None
+        except sqlite3.Error as exc:
+            raise translate(self.path, what, exc) from None
 
     @asynccontextmanager
     async def _read(self, what: str) -> AsyncIterator[aiosqlite.Connection]:
@@ -337,13 +326,30 @@ class SQLiteDatabase(AsyncLifecycle):
         """A write transaction (BEGIN IMMEDIATE) under the lock; rolled back on any error."""
         async with self._lock, self._errors(what):
             conn = self._c()
-            await conn.execute("BEGIN IMMEDIATE")
+            await self._begin(conn)
             try:
                 yield conn
             except BaseException:
-                await conn.execute("ROLLBACK")
+                await _rollback(conn)
                 raise
             await conn.execute("COMMIT")
+
+    async def _begin(self, conn: aiosqlite.Connection) -> None:
+        """BEGIN IMMEDIATE, retried while another process holds the write lock.
+
+        Nothing has run yet, so a retry is always safe; a long writer elsewhere (a big
+        ingest) costs this one a wait, not an error, for up to ``_BUSY_RETRIES`` more
+        busy timeouts.
+        """
+        for attempt in range(_BUSY_RETRIES + 1):
+            try:
+                await conn.execute("BEGIN IMMEDIATE")
+                return
+            except sqlite3.OperationalError as exc:
+                code = getattr(exc, "sqlite_errorcode", 0) & 0xFF
+                if code not in (5, 6) or attempt == _BUSY_RETRIES:  # SQLITE_BUSY, SQLITE_LOCKED
+                    raise
+                await asyncio.sleep(min(0.05 * 2**attempt, 1.0))
 
     async def _read_config(self, conn: aiosqlite.Connection) -> EmbeddingConfig | None:
         rows = await (await conn.execute("SELECT key, value FROM kotonoha_meta")).fetchall()
@@ -1358,6 +1364,13 @@ class SQLiteDatabase(AsyncLifecycle):
             size_bytes=size,
             details=details,
         )
+
+
+async def _rollback(conn: aiosqlite.Connection) -> None:
+    """Roll back if a transaction is open: SQLite has already undone it after some errors
+    (a full disk), and a second ROLLBACK would hide the real error behind "no transaction"."""
+    if conn.in_transaction:
+        await conn.execute("ROLLBACK")
 
 
 def _split_sql(script: str) -> list[str]:

@@ -29,6 +29,7 @@ from kotonoha_bot.db.rowconv import (
     TableSpec,
 )
 from kotonoha_bot.db.sqlite import LATEST_SCHEMA_VERSION, MIGRATIONS, _split_sql
+from kotonoha_bot.db.sqlite_files import OURS, create_private, translate
 from kotonoha_bot.errors import (
     CorruptDatabaseError,
     DatabaseError,
@@ -61,18 +62,7 @@ def _ro_uri(path: Path) -> str:
 
 
 def _translate(path: Path, what: str, exc: sqlite3.Error) -> Exception:
-    text = str(exc)
-    if isinstance(exc, sqlite3.OperationalError):
-        if "unable to open" in text or "readonly" in text or "disk I/O" in text:
-            return DatabaseUnavailableError(f"{what}: {path}: {text}")
-        if "full" in text:
-            return DatabaseError(f"{what}: {path}: disk full ({text})")
-        return DatabaseError(f"{what}: {path}: {text}")
-    if isinstance(exc, sqlite3.IntegrityError):
-        return DatabaseError(f"{what}: {path}: constraint failed ({text})")
-    if isinstance(exc, sqlite3.DatabaseError):
-        return CorruptDatabaseError(f"{what}: {path} is not a usable SQLite database: {text}")
-    return DatabaseError(f"{what}: {path}: {text}")
+    return translate(path, what, exc)
 
 
 def _connect(path: Path, *, readonly: bool) -> sqlite3.Connection:
@@ -112,6 +102,8 @@ def online_backup(source: Path, dest: Path) -> None:
     dest.parent.mkdir(parents=True, exist_ok=True)
     partial = dest.with_name(dest.name + ".partial")
     partial.unlink(missing_ok=True)
+    # Private from the first byte (a backup holds a community's conversations).
+    create_private(partial)
     try:
         src = _connect(source, readonly=True)
         try:
@@ -178,7 +170,7 @@ def inspect_file(path: Path) -> FileInfo:
             )
             if not tables:
                 return FileInfo("empty")
-            if "schema_migrations" in tables:
+            if set(tables) >= OURS:
                 version = conn.execute("SELECT max(version) FROM schema_migrations").fetchone()[0]
                 counts = {
                     t.name: int(conn.execute(f"SELECT count(*) FROM {t.name}").fetchone()[0])
