@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -75,7 +76,7 @@ async def ingest(
     Example: kotonoha kb ingest examples/corpus --guild 1
     """
     settings = get_settings()
-    files = find_files(paths)
+    files = find_files(paths)  # for the progress bar; ingest reports what it skipped
     async with _open(settings, database) as (db, embedder):
         with _progress() as progress:
             task = progress.add_task("ingesting", total=len(files))
@@ -104,10 +105,17 @@ async def ingest(
         ):
             table.add_row(name, str(len(items)))
         table.add_row("failed", str(len(report.failed)))
+        table.add_row("skipped (not read)", str(len(report.skipped)))
         table.add_row("chunks written", str(report.chunks))
         err_console.print(table)
         for path, reason in report.failed:
-            err_console.print(f"[red]failed[/] {path}: {reason}")
+            err_console.print(f"[red]failed[/] {escape(path)}: {escape(reason)}", soft_wrap=True)
+        for path, reason in report.skipped:
+            err_console.print(
+                f"[yellow]skipped[/] {escape(path)}: {escape(reason)}", soft_wrap=True
+            )
+        for path, note in report.notes:
+            err_console.print(f"note {escape(path)}: {escape(note)}", soft_wrap=True)
         if report.nul_replaced:
             err_console.print(f"replaced {report.nul_replaced} NUL characters with U+FFFD")
         if report.pending:

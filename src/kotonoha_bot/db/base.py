@@ -166,6 +166,15 @@ class DatabaseProtocol(Protocol):
         """Add chunks to a source; existing chunk_keys are skipped. Returns rows added."""
         ...
 
+    async def set_source_hash(self, source_id: int, content_hash: str) -> bool:
+        """Record a source's content hash once all its parts are stored; True when it exists.
+
+        A large file is written as ``save_source`` (first part, empty hash) plus
+        ``add_chunks`` (the rest); only this call, after the last part, makes the next
+        ingest see it as unchanged, so an interrupted ingest is redone, never trusted.
+        """
+        ...
+
     async def get_source(self, source_id: int) -> KnowledgeSource | None:
         """A source by id."""
         ...
@@ -399,7 +408,7 @@ def check_session(session: ChatSession) -> None:
             check_text(msg.author_name, f"{where} author_name")
         if msg.timestamp.tzinfo is None:
             raise InvalidInputError(f"{where}: timestamp is naive")
-    _check_ids(
+    check_ids(
         session.session_key,
         session.guild_id,
         session.channel_id,
@@ -408,7 +417,13 @@ def check_session(session: ChatSession) -> None:
     )
 
 
-def _check_ids(where: str, *ids: int | None) -> None:
+def check_ids(where: str, *ids: int | None) -> None:
+    """Discord ids and row ids are 64-bit signed integers, 0 or more, on both backends.
+
+    Checked at the contract, on every path that takes one (writes, searches, listings,
+    deletes), so a hostile ``--guild 9223372036854775808`` is a typed error on SQLite
+    and PostgreSQL alike instead of a driver overflow.
+    """
     for value in ids:
         if value is not None and (
             isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**63
@@ -437,7 +452,7 @@ def check_source(
     check_text(source.title, f"{where} title")
     if not source.uri:
         raise InvalidInputError("source uri must not be empty")
-    _check_ids(where, source.guild_id, source.channel_id)
+    check_ids(where, source.guild_id, source.channel_id)
     if source.guild_id is None:
         raise InvalidInputError(f"{where}: guild_id is required (every knowledge row is scoped)")
     check_metadata(source.metadata, where)
@@ -456,7 +471,7 @@ def check_chunks(chunks: Sequence[KnowledgeChunk], dim: int | None, where: str) 
             raise InvalidInputError(f"{cw}: duplicate chunk_key")
         seen.add(chunk.chunk_key)
         check_metadata(chunk.metadata, cw)
-        _check_ids(cw, chunk.guild_id, chunk.channel_id)
+        check_ids(cw, chunk.guild_id, chunk.channel_id)
         if chunk.embedding is not None:
             vec = check_vector(chunk.embedding, first_dim, cw)
             first_dim = vec.shape[0]

@@ -45,6 +45,7 @@ from kotonoha_bot.db.base import (
     check_chunks,
     check_embedding_config,
     check_filters,
+    check_ids,
     check_session,
     check_source,
     check_top_k,
@@ -634,6 +635,7 @@ class PostgreSQLDatabase(AsyncLifecycle):
         idle_before: datetime | None = None,
         limit: int | None = None,
     ) -> list[SessionInfo]:
+        check_ids("list_sessions", guild_id)
         where: list[str] = []
         params: list[Any] = []
         if guild_id is not None:
@@ -661,6 +663,7 @@ class PostgreSQLDatabase(AsyncLifecycle):
     async def forget(
         self, *, guild_id: int, user_id: int | None = None, channel_id: int | None = None
     ) -> ForgetResult:
+        check_ids("forget", guild_id, user_id, channel_id)
         scope = "guild_id = $1" + (" AND channel_id = $2" if channel_id is not None else "")
         scope_params: list[Any] = [guild_id] + ([channel_id] if channel_id is not None else [])
         nxt = f"${len(scope_params) + 1}"
@@ -995,6 +998,8 @@ class PostgreSQLDatabase(AsyncLifecycle):
         return config.dimension
 
     async def add_chunks(self, source_id: int, chunks: Sequence[KnowledgeChunk]) -> int:
+        check_ids("add_chunks", source_id)
+
         async def body(conn: Conn) -> int:
             # Locking the source row serialises concurrent add_chunks on one source.
             row = await conn.fetchrow(
@@ -1031,6 +1036,20 @@ class PostgreSQLDatabase(AsyncLifecycle):
             await self._maybe_build_ivfflat()
         return added
 
+    async def set_source_hash(self, source_id: int, content_hash: str) -> bool:
+        check_ids("set_source_hash", source_id)
+        check_text(content_hash, "content_hash")
+
+        async def body(conn: Conn) -> bool:
+            status = await conn.execute(
+                "UPDATE knowledge_sources SET content_hash = $1, updated_at = now() WHERE id = $2",
+                content_hash,
+                source_id,
+            )
+            return bool(status != "UPDATE 0")
+
+        return await self._run(f"recording the hash of source {source_id}", body, write=True)
+
     @staticmethod
     async def _refresh_status(conn: Conn, source_ids: Sequence[int]) -> None:
         if not source_ids:
@@ -1044,6 +1063,8 @@ class PostgreSQLDatabase(AsyncLifecycle):
         )
 
     async def get_source(self, source_id: int) -> KnowledgeSource | None:
+        check_ids("get_source", source_id)
+
         async def body(conn: Conn) -> KnowledgeSource | None:
             row = await conn.fetchrow(
                 f"SELECT {_SOURCE_COLS} FROM knowledge_sources WHERE id = $1", source_id
@@ -1053,6 +1074,8 @@ class PostgreSQLDatabase(AsyncLifecycle):
         return await self._run(f"reading source {source_id}", body)
 
     async def find_source(self, guild_id: int, uri: str) -> KnowledgeSource | None:
+        check_ids("find_source", guild_id)
+
         async def body(conn: Conn) -> KnowledgeSource | None:
             row = await conn.fetchrow(
                 f"SELECT {_SOURCE_COLS} FROM knowledge_sources WHERE guild_id = $1 AND uri = $2",
@@ -1066,6 +1089,7 @@ class PostgreSQLDatabase(AsyncLifecycle):
     async def list_sources(
         self, *, guild_id: int | None = None, status: str | None = None
     ) -> list[KnowledgeSource]:
+        check_ids("list_sources", guild_id)
         where: list[str] = []
         params: list[Any] = []
         if guild_id is not None:
@@ -1085,6 +1109,8 @@ class PostgreSQLDatabase(AsyncLifecycle):
         return await self._run("listing sources", body)
 
     async def delete_source(self, source_id: int) -> bool:
+        check_ids("delete_source", source_id)
+
         async def body(conn: Conn) -> bool:
             status = await conn.execute("DELETE FROM knowledge_sources WHERE id = $1", source_id)
             return bool(status != "DELETE 0")
@@ -1094,6 +1120,8 @@ class PostgreSQLDatabase(AsyncLifecycle):
         return existed
 
     async def list_chunks(self, source_id: int) -> list[KnowledgeChunk]:
+        check_ids("list_chunks", source_id)
+
         async def body(conn: Conn) -> list[KnowledgeChunk]:
             rows = await conn.fetch(
                 "SELECT id, source_id, guild_id, channel_id, chunk_index, chunk_key, content,"
@@ -1145,6 +1173,8 @@ class PostgreSQLDatabase(AsyncLifecycle):
         return await self._run("claiming chunks awaiting embeddings", body, write=True)
 
     async def set_chunk_embeddings(self, items: Sequence[tuple[int, Vector]]) -> int:
+        check_ids("set_chunk_embeddings", *(int(i) for i, _ in items))
+
         async def body(conn: Conn) -> int:
             config = await self._read_config(conn)
             if config is None and items:
@@ -1194,6 +1224,7 @@ class PostgreSQLDatabase(AsyncLifecycle):
         filters: Mapping[str, Any] | None = None,
         min_similarity: float | None = None,
     ) -> list[SearchHit]:
+        check_ids("similarity_search", guild_id, channel_id)
         check_top_k(top_k)
         wanted = check_filters(filters)
         for attempt in (1, 2):
@@ -1338,6 +1369,7 @@ class PostgreSQLDatabase(AsyncLifecycle):
         top_k: int = 10,
         filters: Mapping[str, Any] | None = None,
     ) -> list[SearchHit]:
+        check_ids("keyword_search", guild_id, channel_id)
         check_top_k(top_k)
         check_text(query, "keyword query")
         wanted = check_filters(filters)
@@ -1421,6 +1453,8 @@ class PostgreSQLDatabase(AsyncLifecycle):
         return await self._run("listing chunks to re-embed", body)
 
     async def store_reembed(self, items: Sequence[tuple[int, Vector]]) -> int:
+        check_ids("store_reembed", *(int(i) for i, _ in items))
+
         async def body(conn: Conn) -> int:
             target = await self._reembed_target(conn)
             if target is None:

@@ -31,6 +31,7 @@ from kotonoha_bot.db.base import (
     check_chunks,
     check_embedding_config,
     check_filters,
+    check_ids,
     check_session,
     check_source,
     check_top_k,
@@ -513,6 +514,7 @@ class SQLiteDatabase(AsyncLifecycle):
         idle_before: datetime | None = None,
         limit: int | None = None,
     ) -> list[SessionInfo]:
+        check_ids("list_sessions", guild_id)
         where: list[str] = []
         params: list[Any] = []
         if guild_id is not None:
@@ -557,6 +559,7 @@ class SQLiteDatabase(AsyncLifecycle):
     async def forget(
         self, *, guild_id: int, user_id: int | None = None, channel_id: int | None = None
     ) -> ForgetResult:
+        check_ids("forget", guild_id, user_id, channel_id)
         scope_sql = "guild_id = ?" + (" AND channel_id = ?" if channel_id is not None else "")
         scope = [guild_id] + ([channel_id] if channel_id is not None else [])
         async with self._write(f"forgetting data of guild {guild_id}") as conn:
@@ -837,6 +840,7 @@ class SQLiteDatabase(AsyncLifecycle):
         return self._source(row)
 
     async def add_chunks(self, source_id: int, chunks: Sequence[KnowledgeChunk]) -> int:
+        check_ids("add_chunks", source_id)
         async with self._write(f"adding chunks to source {source_id}") as conn:
             row = await (
                 await conn.execute(
@@ -858,6 +862,16 @@ class SQLiteDatabase(AsyncLifecycle):
                 await self._refresh_status(conn, [source_id], now)
         self._cache_add(added)
         return len(added)
+
+    async def set_source_hash(self, source_id: int, content_hash: str) -> bool:
+        check_ids("set_source_hash", source_id)
+        check_text(content_hash, "content_hash")
+        async with self._write(f"recording the hash of source {source_id}") as conn:
+            cur = await conn.execute(
+                "UPDATE knowledge_sources SET content_hash = ?, updated_at = ? WHERE id = ?",
+                (content_hash, _ts(utcnow()), source_id),
+            )
+            return cur.rowcount > 0
 
     @staticmethod
     async def _refresh_status(
@@ -893,6 +907,7 @@ class SQLiteDatabase(AsyncLifecycle):
         )
 
     async def get_source(self, source_id: int) -> KnowledgeSource | None:
+        check_ids("get_source", source_id)
         async with self._read(f"reading source {source_id}") as conn:
             row = await (
                 await conn.execute(
@@ -902,6 +917,7 @@ class SQLiteDatabase(AsyncLifecycle):
         return None if row is None else self._source(row)
 
     async def find_source(self, guild_id: int, uri: str) -> KnowledgeSource | None:
+        check_ids("find_source", guild_id)
         async with self._read(f"finding source {uri!r}") as conn:
             row = await (
                 await conn.execute(
@@ -915,6 +931,7 @@ class SQLiteDatabase(AsyncLifecycle):
     async def list_sources(
         self, *, guild_id: int | None = None, status: str | None = None
     ) -> list[KnowledgeSource]:
+        check_ids("list_sources", guild_id)
         where: list[str] = []
         params: list[Any] = []
         if guild_id is not None:
@@ -933,6 +950,7 @@ class SQLiteDatabase(AsyncLifecycle):
         return [self._source(r) for r in rows]
 
     async def delete_source(self, source_id: int) -> bool:
+        check_ids("delete_source", source_id)
         async with self._write(f"deleting source {source_id}") as conn:
             removed = [
                 r[0]
@@ -948,6 +966,7 @@ class SQLiteDatabase(AsyncLifecycle):
         return existed
 
     async def list_chunks(self, source_id: int) -> list[KnowledgeChunk]:
+        check_ids("list_chunks", source_id)
         async with self._read(f"listing chunks of source {source_id}") as conn:
             rows = await (
                 await conn.execute(
@@ -990,6 +1009,7 @@ class SQLiteDatabase(AsyncLifecycle):
         )
 
     async def set_chunk_embeddings(self, items: Sequence[tuple[int, Vector]]) -> int:
+        check_ids("set_chunk_embeddings", *(int(i) for i, _ in items))
         async with self._write("storing embeddings") as conn:
             config = await self._read_config(conn)
             if config is None and items:
@@ -1028,6 +1048,7 @@ class SQLiteDatabase(AsyncLifecycle):
         filters: Mapping[str, Any] | None = None,
         min_similarity: float | None = None,
     ) -> list[SearchHit]:
+        check_ids("similarity_search", guild_id, channel_id)
         check_top_k(top_k)
         wanted = check_filters(filters)
         async with self._read("searching knowledge") as conn:
@@ -1062,6 +1083,7 @@ class SQLiteDatabase(AsyncLifecycle):
         top_k: int = 10,
         filters: Mapping[str, Any] | None = None,
     ) -> list[SearchHit]:
+        check_ids("keyword_search", guild_id, channel_id)
         check_top_k(top_k)
         check_text(query, "keyword query")
         wanted = check_filters(filters)
@@ -1219,6 +1241,7 @@ class SQLiteDatabase(AsyncLifecycle):
         )
 
     async def store_reembed(self, items: Sequence[tuple[int, Vector]]) -> int:
+        check_ids("store_reembed", *(int(i) for i, _ in items))
         async with self._write("storing re-embedded vectors") as conn:
             target = await self._reembed_target(conn)
             if target is None:

@@ -299,6 +299,22 @@ def _hard_split(norm: str, unit: _Unit, limit: int) -> list[_Unit]:
     return pieces
 
 
+def open_fence(line: str) -> str | None:
+    """The fence a line opens (```` ``` ```` or ``~~~`` run), or None."""
+    return _open_fence(line)
+
+
+def closes_fence(line: str, opener: str) -> bool:
+    """Whether ``line`` closes the fence ``opener`` opened."""
+    return _fence_close(line, opener)
+
+
+def heading_of(line: str) -> tuple[int, str] | None:
+    """``(level, title)`` of a Markdown heading line (outside fences), or None."""
+    m = _HEADING_RE.match(line)
+    return (len(m.group(1)), m.group(2).strip()) if m else None
+
+
 # --- packing -----------------------------------------------------------------------
 
 

@@ -1,30 +1,53 @@
 """Ingest text and Markdown files into one guild's knowledge base.
 
-A file is read, NUL-cleaned (the NUL rule in ``kotonoha_bot.text``), normalised and
-hashed. Unchanged content (same hash, already embedded) is skipped without calling
-the embedder. Changed content replaces the old chunks in one transaction. When the
+Which files, how they are decoded and streamed is :mod:`kotonoha_bot.knowledge.files`
+(stay inside the given folders, detect encodings, refuse binary, bounded memory);
+every problem is reported per file and the other files go on. A file is
+NUL-cleaned (the NUL rule in ``kotonoha_bot.text``), normalised and hashed.
+Unchanged content (same hash, already embedded) is skipped without calling the
+embedder. A file of one segment replaces its old chunks in one transaction; a
+larger file is written segment by segment (``save_source`` then ``add_chunks``, each
+a short transaction, so another writer is never locked out for the whole file) and
+gets its content hash only after the last segment (``set_source_hash``), so an
+interrupted ingest is redone on the next run, never taken as unchanged. When the
 embedder fails, the chunks are stored anyway without vectors (the source stays
 ``pending``) so no work is lost; :func:`embed_pending` finishes them later.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import logging
+import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kotonoha_bot.db.base import DatabaseProtocol
+from kotonoha_bot.db.base import DatabaseProtocol, check_ids
 from kotonoha_bot.errors import EmbeddingError, InvalidInputError
-from kotonoha_bot.knowledge.chunking import chunk_text, content_hash, normalize_for_storage
+from kotonoha_bot.knowledge.chunking import (
+    Chunk,
+    chunk_key,
+    chunk_text,
+    content_hash,
+    normalize_for_storage,
+)
 from kotonoha_bot.knowledge.embeddings.base import EmbeddingProvider, embedding_config
+from kotonoha_bot.knowledge.files import (
+    TEXT_SUFFIXES,
+    Segment,
+    discover,
+    display_name,
+    open_text,
+)
 from kotonoha_bot.models import KnowledgeChunk, KnowledgeSource, Vector
 from kotonoha_bot.text import replace_nul
 
 log = logging.getLogger("kotonoha_bot.knowledge")
 
-TEXT_SUFFIXES = frozenset({".txt", ".md", ".markdown", ".text", ".rst"})
+__all__ = ["TEXT_SUFFIXES", "IngestReport", "find_files", "ingest_paths", "ingest_text"]
 
 Progress = Callable[[int], None]
 
@@ -42,10 +65,14 @@ class IngestReport:
     embedded_chunks: int = 0
     nul_replaced: int = 0
     invalid_utf8_files: list[str] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    notes: list[tuple[str, str]] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready summary."""
         return {
+            "skipped": [{"path": p, "reason": r} for p, r in self.skipped],
+            "notes": [{"path": p, "note": n} for p, n in self.notes],
             "added": self.added,
             "updated": self.updated,
             "unchanged": self.unchanged,
@@ -59,30 +86,18 @@ class IngestReport:
 
 
 def find_files(paths: Iterable[Path]) -> list[Path]:
-    """Text/Markdown files under ``paths`` (folders recursively, hidden entries skipped)."""
-    found: list[Path] = []
-    for path in paths:
-        if path.is_dir():
-            for p in sorted(path.rglob("*")):
-                rel = p.relative_to(path)
-                if any(part.startswith(".") for part in rel.parts):
-                    continue
-                if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES:
-                    found.append(p)
-        elif path.is_file():
-            found.append(path)
-        else:
-            raise InvalidInputError(f"{path}: no such file or directory")
-    return found
+    """The files an ingest of ``paths`` reads (:func:`kotonoha_bot.knowledge.files.discover`)."""
+    return discover(paths).files
 
 
 def source_uri(path: Path) -> str:
-    """A stable name for a file: relative to the working directory when inside it."""
-    resolved = path.resolve()
+    """A stable name for a file, always valid text (relative to the working directory if inside)."""
+    resolved = Path(os.path.abspath(path))
     try:
-        return resolved.relative_to(Path.cwd().resolve()).as_posix()
+        name = resolved.relative_to(Path.cwd().resolve()).as_posix()
     except ValueError:
-        return resolved.as_posix()
+        name = resolved.as_posix()
+    return display_name(name)
 
 
 def _title(text: str, path: Path) -> str:
@@ -180,38 +195,199 @@ async def ingest_paths(
     on_file: Callable[[Path], None] | None = None,
 ) -> IngestReport:
     """Ingest files and folders; one bad file is reported and the rest go on."""
+    check_ids("ingest", guild_id, channel_id)
     if embedder is not None:
         await db.set_embedding_config(embedding_config(embedder))
     report = IngestReport()
-    for path in find_files(paths):
+    found = discover(paths)
+    report.skipped.extend(found.skipped)
+    for path in found.files:
         uri = source_uri(path)
+        if uri != os.fsdecode(path) and "\\x" in uri and "\\x" not in os.fsdecode(path):
+            report.notes.append((uri, "the file name is not valid UTF-8; stored under this name"))
         try:
-            raw = path.read_bytes()
-            try:
-                text = raw.decode("utf-8-sig")
-            except UnicodeDecodeError:
-                text = raw.decode("utf-8", errors="replace")
-                report.invalid_utf8_files.append(uri)
-            await ingest_text(
+            await _ingest_file(
                 db,
                 embedder,
+                path,
                 uri=uri,
-                text=text,
                 guild_id=guild_id,
                 channel_id=channel_id,
-                metadata={"path": uri, "kind": "document"},
                 max_chars=max_chars,
                 overlap_chars=overlap_chars,
                 batch_size=batch_size,
                 report=report,
             )
-        except (OSError, InvalidInputError) as exc:
-            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        except (OSError, InvalidInputError, UnicodeError) as exc:
+            if isinstance(exc, OSError) and exc.strerror:
+                reason = exc.strerror
+            elif isinstance(exc, UnicodeError):
+                reason = f"cannot be decoded ({type(exc).__name__})"
+            else:
+                reason = str(exc)
             report.failed.append((uri, reason))
             log.warning("cannot ingest %s: %s", uri, reason)
         if on_file is not None:
             on_file(path)
     return report
+
+
+async def _ingest_file(
+    db: DatabaseProtocol,
+    embedder: EmbeddingProvider | None,
+    path: Path,
+    *,
+    uri: str,
+    guild_id: int,
+    channel_id: int | None,
+    max_chars: int,
+    overlap_chars: int,
+    batch_size: int,
+    report: IngestReport,
+) -> str:
+    stream = open_text(path)
+    if stream.decoding.note:
+        report.notes.append((uri, stream.decoding.note))
+    if stream.decoding.errors != "strict":
+        report.invalid_utf8_files.append(uri)
+    segments = stream.segments()
+    first = next(segments, None)
+    second = next(segments, None)
+    metadata = {"path": uri, "kind": "document"}
+    if second is None:  # the whole file is one segment: one transaction, as for any text
+        report.nul_replaced += stream.nul_replaced
+        return await ingest_text(
+            db,
+            embedder,
+            uri=uri,
+            text=first.text if first else "",
+            guild_id=guild_id,
+            channel_id=channel_id,
+            metadata=metadata,
+            max_chars=max_chars,
+            overlap_chars=overlap_chars,
+            batch_size=batch_size,
+            report=report,
+        )
+    assert first is not None
+    segments.close()
+    return await _ingest_large(
+        db,
+        embedder,
+        path,
+        uri=uri,
+        title=_title(first.text, path),
+        guild_id=guild_id,
+        channel_id=channel_id,
+        metadata=metadata,
+        max_chars=max_chars,
+        overlap_chars=overlap_chars,
+        batch_size=batch_size,
+        report=report,
+    )
+
+
+async def _ingest_large(
+    db: DatabaseProtocol,
+    embedder: EmbeddingProvider | None,
+    path: Path,
+    *,
+    uri: str,
+    title: str,
+    guild_id: int,
+    channel_id: int | None,
+    metadata: dict[str, Any],
+    max_chars: int,
+    overlap_chars: int,
+    batch_size: int,
+    report: IngestReport,
+) -> str:
+    """A file of several segments, written one segment at a time (bounded memory)."""
+    digest = open_text(path).digest()
+    existing = await db.find_source(guild_id, uri)
+    if existing is not None and existing.content_hash == digest and existing.status == "ready":
+        report.unchanged.append(uri)
+        return "unchanged"
+    stream = open_text(path)
+    # No hash until the last segment is stored: an interrupted run is redone next time.
+    source = KnowledgeSource(
+        guild_id=guild_id,
+        channel_id=channel_id,
+        uri=uri,
+        title=title,
+        content_hash="",
+        metadata=dict(metadata),
+    )
+    source_id: int | None = None
+    seen: dict[bytes, int] = {}
+    index = 0
+    pending = False
+    for segment in stream.segments():
+        chunks = chunk_text(
+            segment.text, max_chars=max_chars, overlap_chars=overlap_chars, id_prefix=uri
+        )
+        rows = _segment_rows(chunks, segment, uri, index, seen)
+        index += len(rows)
+        vectors = await _embed_or_none(embedder, [r.content for r in rows], batch_size, uri)
+        if vectors is None:
+            pending = True
+        else:
+            rows = [dataclasses.replace(r, embedding=vectors[i]) for i, r in enumerate(rows)]
+        if source_id is None:
+            saved = await db.save_source(source, rows)
+            assert saved.source_id is not None
+            source_id = saved.source_id
+        else:
+            await db.add_chunks(source_id, rows)
+        report.chunks += len(rows)
+        if vectors is not None:
+            report.embedded_chunks += len(rows)
+    report.nul_replaced += stream.nul_replaced
+    assert source_id is not None
+    await db.set_source_hash(source_id, digest)
+    if pending:
+        report.pending.append(uri)
+        return "pending"
+    (report.added if existing is None else report.updated).append(uri)
+    return "added" if existing is None else "updated"
+
+
+def _segment_rows(
+    chunks: Sequence[Chunk], segment: Segment, uri: str, first_index: int, seen: dict[bytes, int]
+) -> list[KnowledgeChunk]:
+    """Chunks of one segment as rows keyed, numbered and located within the whole file."""
+    rows = []
+    for i, c in enumerate(chunks):
+        h = hashlib.sha256(c.content.encode("utf-8")).digest()
+        occurrence = seen.get(h, 0)
+        seen[h] = occurrence + 1
+        meta = c.metadata()
+        meta["start"] = c.start + segment.offset
+        meta["end"] = c.end + segment.offset
+        if "heading" not in meta and segment.heading:
+            meta["heading"] = " > ".join(segment.heading)
+        rows.append(
+            KnowledgeChunk(
+                chunk_key=chunk_key(uri, c.content, occurrence),
+                content=c.content,
+                chunk_index=first_index + i,
+                embedding=None,
+                metadata=meta,
+            )
+        )
+    return rows
+
+
+async def _embed_or_none(
+    embedder: EmbeddingProvider | None, texts: Sequence[str], batch_size: int, uri: str
+) -> list[Vector] | None:
+    if embedder is None or not texts:
+        return None
+    try:
+        return await embed_texts(embedder, texts, batch_size)
+    except EmbeddingError as exc:
+        log.warning("embedding %s failed, stored as pending: %s", uri, exc)
+        return None
 
 
 async def embed_pending(
