@@ -57,7 +57,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     DATABASE_PATH=/app/data/kotonoha.db \
     BACKUP_DIR=/app/backups \
-    HEALTH_HOST=0.0.0.0 \
+    HEALTH_HOST=127.0.0.1 \
     HEALTH_PORT=8080
 
 WORKDIR /app

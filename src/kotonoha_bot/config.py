@@ -149,8 +149,13 @@ class Settings(BaseSettings):
     )
 
     # --- operations ----------------------------------------------------------------
-    health_host: str = Field("0.0.0.0", description="Health server address.")
+    health_host: str = Field(
+        "127.0.0.1", description="Health server address (loopback: only this host/container)."
+    )
     health_port: int = Field(8080, ge=0, le=65535, description="Health server port; 0 = off.")
+    health_token: SecretStr | None = Field(
+        None, description="Bearer token that shows /ready's details to non-loopback callers."
+    )
     backup_dir: Path = Field(Path("backups"), description="Where `db backup` writes.")
     backup_keep: int = Field(7, ge=1, description="Backups kept by rotation.")
     backup_interval_hours: float = Field(

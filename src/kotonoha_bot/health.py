@@ -11,11 +11,21 @@ Nothing is cached except the backlog number (refreshed at most every
 ``backlog_interval`` seconds, dropped on any error), so ``/ready`` turns 200 again
 by itself as soon as the database is back. Error details go to the log (redacted,
 once per state change), not to the unauthenticated HTTP answer.
+
+Who may see what: the server binds ``127.0.0.1`` by default (the container's own
+health check runs inside the container, where loopback reaches it). ``/health`` is
+``{"status": "ok"}`` for everyone. ``/ready`` answers every caller with its status
+code and ``{"status": ...}``; the details (backend, schema version, backlog, Discord)
+only go to a loopback peer or to a caller presenting ``HEALTH_TOKEN`` as
+``Authorization: Bearer <token>`` — a monitor elsewhere on the network learns
+whether the bot is ready, not what it runs on.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
+import ipaddress
 import logging
 import sys
 import time
@@ -56,8 +66,10 @@ class HealthServer:
         expected_schema_version: int | None = None,
         db_timeout: float = DEFAULT_DB_TIMEOUT,
         backlog_interval: float = DEFAULT_BACKLOG_INTERVAL,
+        token: str | None = None,
     ) -> None:
         self.db = db
+        self.token = token or None
         self.host = host
         self.requested_port = port
         self.discord_ready = discord_ready
@@ -137,6 +149,8 @@ class HealthServer:
 
     async def _ready(self, request: web.Request) -> web.Response:
         ready, body = await self.check()
+        if not may_see_details(request.remote, request.headers.get("Authorization"), self.token):
+            body = {"status": body["status"]}
         return web.json_response(body, status=200 if ready else 503)
 
     # --- the readiness check ------------------------------------------------------------
@@ -224,6 +238,27 @@ class HealthServer:
             log.info("ready again")
 
 
+def may_see_details(remote: str | None, authorization: str | None, token: str | None) -> bool:
+    """Loopback peers, and callers with ``Authorization: Bearer <HEALTH_TOKEN>``.
+
+    Only the socket's peer address counts (a forwarded-for header is the caller's claim).
+    """
+    if token and authorization:
+        scheme, _, presented = authorization.partition(" ")
+        if scheme.lower() == "bearer" and hmac.compare_digest(
+            presented.strip().encode(), token.encode()
+        ):
+            return True
+    if not remote:
+        return False
+    try:
+        address = ipaddress.ip_address(remote.split("%", 1)[0])
+    except ValueError:
+        return False
+    mapped = getattr(address, "ipv4_mapped", None)
+    return bool(address.is_loopback or (mapped is not None and mapped.is_loopback))
+
+
 def latest_schema_version(db: DatabaseProtocol) -> int | None:
     """The schema version the backend's code expects, when it declares one.
 
@@ -246,6 +281,11 @@ def health_server_from_settings(
     """The server ``HEALTH_HOST``/``HEALTH_PORT`` ask for; None when ``HEALTH_PORT=0`` (off)."""
     if settings.health_port == 0:
         return None
+    token = settings.health_token.get_secret_value() if settings.health_token else None
     return HealthServer(
-        db, host=settings.health_host, port=settings.health_port, discord_ready=discord_ready
+        db,
+        host=settings.health_host,
+        port=settings.health_port,
+        discord_ready=discord_ready,
+        token=token,
     )

@@ -90,7 +90,12 @@ class JsonFormatter(logging.Formatter):
 def secret_values(settings: Settings) -> list[str]:
     """The secret strings in ``settings`` (tokens, API keys, database passwords)."""
     values: list[str] = []
-    for secret in (settings.discord_token, settings.openai_api_key, settings.anthropic_api_key):
+    for secret in (
+        settings.discord_token,
+        settings.openai_api_key,
+        settings.anthropic_api_key,
+        settings.health_token,
+    ):
         if secret is not None:
             values.append(secret.get_secret_value())
     for url in (settings.database_url, settings.database_read_url):

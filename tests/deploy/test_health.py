@@ -244,3 +244,51 @@ async def test_container_probes_follow_the_endpoints(sqlite_db: DatabaseProtocol
             assert await run_probe(argv, {}) != 0
     # Server gone: every probe fails.
     assert await run_probe(liveness, env) != 0
+
+
+@pytest.mark.parametrize(
+    ("remote", "authorization", "token", "detailed"),
+    [
+        ("127.0.0.1", None, None, True),
+        ("127.0.0.2", None, None, True),
+        ("::1", None, None, True),
+        ("::ffff:127.0.0.1", None, None, True),
+        ("192.0.2.7", None, None, False),
+        ("192.0.2.7", "Bearer s3cret-token", None, False),  # no token configured: no way in
+        ("192.0.2.7", "Bearer s3cret-token", "s3cret-token", True),
+        ("192.0.2.7", "bearer s3cret-token", "s3cret-token", True),
+        ("192.0.2.7", "Bearer wrong", "s3cret-token", False),
+        ("192.0.2.7", "Basic s3cret-token", "s3cret-token", False),
+        (None, None, None, False),
+        ("not-an-address", None, None, False),
+    ],
+)
+def test_ready_details_only_for_loopback_or_the_token(
+    remote: str | None, authorization: str | None, token: str | None, detailed: bool
+) -> None:
+    from kotonoha_bot.health import may_see_details
+
+    assert may_see_details(remote, authorization, token) is detailed
+
+
+async def test_ready_over_http_shows_details_to_loopback_only(
+    sqlite_db: DatabaseProtocol,
+) -> None:
+    async with HealthServer(sqlite_db, host="127.0.0.1", port=0, token="tok-12345") as server:
+        status, body = await get(f"{server.url}/ready")
+        assert status == 200 and body["database"]["backend"] == "sqlite"  # loopback peer
+        status, body = await get(f"{server.url}/health")
+        assert body == {"status": "ok"}
+
+
+def test_health_binds_loopback_by_default_everywhere(tmp_path: Path) -> None:
+    assert Settings(_env_file=None).health_host == "127.0.0.1"  # type: ignore[call-arg]
+    dockerfile = (ROOT / "Dockerfile").read_text(encoding="utf-8")
+    assert "HEALTH_HOST=127.0.0.1" in dockerfile and "0.0.0.0" not in dockerfile
+    for name in ("docker-compose.yml", "docker-compose.sqlite.yml"):
+        data = yaml.safe_load((ROOT / name).read_text(encoding="utf-8"))
+        bot = data["services"]["kotonoha-bot"]
+        # The health check runs inside the container: loopback reaches the server there.
+        assert bot["environment"]["HEALTH_HOST"] == "127.0.0.1", name
+        assert "127.0.0.1" in " ".join(bot["healthcheck"]["test"]), name
+        assert not bot.get("ports"), name
