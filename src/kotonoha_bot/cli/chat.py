@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from kotonoha_bot.cli.common import (
     DatabaseOption,
@@ -18,6 +19,8 @@ from kotonoha_bot.cli.common import (
     get_settings,
     run_async,
 )
+from kotonoha_bot.errors import DatabaseError
+from kotonoha_bot.redact import redact
 
 QUIT_COMMANDS = ("/quit", "/exit")
 
@@ -106,12 +109,23 @@ async def chat(
                         f" last turn: {summary.knowledge_hits_last_turn}"
                     )
                 elif command:
-                    reply = await service.respond(
-                        conv, [Incoming(text=text, author_id=user, author_name=name)]
-                    )
-                    # Printed only after the reply is stored: what you see is on disk.
-                    sys.stdout.write(reply.text + "\n")
-                    sys.stdout.flush()
+                    try:
+                        reply = await service.respond(
+                            conv, [Incoming(text=text, author_id=user, author_name=name)]
+                        )
+                    except DatabaseError as exc:
+                        # One turn failed (the database is down or refused the write): say
+                        # so and keep reading, so the lines after it are not dropped.
+                        err_console.print(
+                            f"[bold red]error:[/] {escape(redact(f'{type(exc).__name__}: {exc}'))}"
+                            " — this message was not answered; send it again when the"
+                            " database is back",
+                            soft_wrap=True,
+                        )
+                    else:
+                        # Printed only after the reply is stored: what you see is on disk.
+                        sys.stdout.write(reply.text + "\n")
+                        sys.stdout.flush()
                 if interactive:
                     err_console.print("[bold]you>[/] ", end="")
         finally:
