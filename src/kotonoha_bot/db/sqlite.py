@@ -268,7 +268,7 @@ class SQLiteDatabase(AsyncLifecycle):
             raise ForeignDatabaseError(f"{self.path} is not a kotonoha database; left unchanged")
 
     async def _migrate(self, conn: aiosqlite.Connection) -> None:
-        await conn.execute("BEGIN IMMEDIATE")
+        await self._begin(conn)
         try:
             await conn.execute(
                 "CREATE TABLE IF NOT EXISTS schema_migrations ("

@@ -82,26 +82,23 @@ def check_openable(path: Path) -> bool:
         raise ForeignDatabaseError(
             f"{path} is {what}; point DATABASE_PATH / --database at a .db file"
         )
-    if st.st_size == 0:
-        return True
     try:
         with path.open("rb") as f:
             head = f.read(len(SQLITE_MAGIC))
     except OSError as exc:
-        raise DatabaseUnavailableError(f"cannot read {path}: {exc.strerror}") from None
+        # /proc/self/mem and friends: "regular", 0 bytes long, and unreadable.
+        raise ForeignDatabaseError(
+            f"{path} cannot be read as a file ({exc.strerror}); point DATABASE_PATH /"
+            " --database at a .db file"
+        ) from None
+    if st.st_size == 0 and not head:
+        return True
     if head != SQLITE_MAGIC:
         raise ForeignDatabaseError(
             f"{path} is not a SQLite database (it does not start with the SQLite header);"
             " it was left unchanged — check the path"
         )
-    try:
-        conn = sqlite3.connect(path.resolve().as_uri() + "?mode=ro", uri=True)
-        try:
-            kind = classify(conn)
-        finally:
-            conn.close()
-    except sqlite3.Error as exc:
-        raise translate(path, "inspecting", exc) from None
+    kind = _classify_file(path)
     if kind == "legacy":
         raise LegacyDatabaseError(
             f"{path} is a database of the legacy kotonoha bot; convert it in place (after a"
@@ -113,6 +110,22 @@ def check_openable(path: Path) -> bool:
             " kotonoha schema); it was left unchanged — choose a new file for kotonoha"
         )
     return True
+
+
+def _classify_file(path: Path) -> str:
+    """Classify read-only; if even that fails (no room for a -shm), read the main file
+    alone, and let the real open report the disk's state."""
+    uri = path.resolve().as_uri()
+    for query in ("?mode=ro", "?mode=ro&immutable=1"):
+        try:
+            conn = sqlite3.connect(uri + query, uri=True)
+            try:
+                return classify(conn)
+            finally:
+                conn.close()
+        except sqlite3.Error as exc:
+            error = exc
+    raise translate(path, "reading the schema", error) from None
 
 
 def create_private(path: Path) -> None:
@@ -148,10 +161,11 @@ def _os_error(path: Path, what: str, exc: OSError) -> DatabaseError:
 
 
 def _free_bytes(path: Path) -> int | None:
+    """Bytes free on the filesystem of ``path``; None when unknown or not a disk (/proc)."""
     for candidate in (path, path.parent):
         with contextlib.suppress(OSError):
             st = os.statvfs(candidate)
-            return st.f_bavail * st.f_frsize
+            return st.f_bavail * st.f_frsize if st.f_blocks else None
     return None
 
 
@@ -171,10 +185,11 @@ def translate(path: Path, what: str, exc: sqlite3.Error) -> DatabaseError:
     code = getattr(exc, "sqlite_errorcode", None)
     primary = code & 0xFF if isinstance(code, int) else None
     text = str(exc)
-    if primary == _FULL or (primary == _IOERR and (_free_bytes(path) or 0) < FULL_MARGIN):
+    free = _free_bytes(path)
+    if primary == _FULL or (primary == _IOERR and free is not None and free < FULL_MARGIN):
         return DiskFullError(
-            f"{what}: the disk holding {path} is full; the change was undone and the file is"
-            " intact — free space and retry"
+            f"{what}: the disk holding {path} is full; this step's changes were rolled back"
+            " and the file is intact — free space and retry"
         )
     if primary in (_READONLY, _PERM) or (primary in (_IOERR, _CANTOPEN) and not _writable(path)):
         return ReadOnlyDatabaseError(

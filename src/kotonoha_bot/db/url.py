@@ -32,7 +32,7 @@ __all__ = ["DatabaseURL", "InvalidDatabaseURLError", "mask_url", "password_candi
 SCHEMES = {"sqlite": "sqlite", "postgresql": "postgresql", "postgres": "postgresql"}
 _FORMS = (
     "use sqlite:///relative.db, sqlite:////absolute/path.db or"
-    " postgresql://user:password@host:5432/database"
+    " postgresql://user@host:5432/database (a password goes after the user and a colon)"
 )
 
 

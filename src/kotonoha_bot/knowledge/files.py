@@ -244,7 +244,12 @@ def detect_encoding(path: Path) -> Decoding:
                 raise UnreadableFileError(
                     f"it starts with a {encoding} byte-order mark but is not {encoding}"
                 )
-            return Decoding(encoding)
+            note = (
+                ""
+                if encoding == "utf-8-sig"
+                else f"decoded as {encoding.upper()} (byte-order mark)"
+            )
+            return Decoding(encoding, note=note)
     if b"\x1b$" in head and all(b < 0x80 for b in head) and _decodes(path, "iso2022_jp"):
         return Decoding("iso2022_jp", note="decoded as ISO-2022-JP")
     if b"\x00" in head:
