@@ -55,6 +55,10 @@ def _fake_pg_dump(good: Path, bad: Path) -> None:
     bad.write_bytes(b"PGDMP" + b"\x00" * 200)  # the magic, then nothing readable
 
 
+def safety_copies(where: Path) -> list[Path]:
+    return list(where.glob("backups/*-prerestore-*"))
+
+
 BAD_BACKUPS = {
     "truncated": _truncated,
     "bit-flipped": _bit_flipped,
@@ -82,7 +86,7 @@ async def test_a_bad_backup_never_costs_a_row(
         await restore_backup(bad, settings, database_url, wipe_first=True)
     assert "\n" not in str(info.value)
     assert await snapshot(database_url, settings) == before
-    assert not list(tmp_path.glob("backups/*-prerestore-*"))  # refused before the safety copy
+    assert not safety_copies(tmp_path)  # refused before the safety copy was even needed
 
 
 async def test_wipe_keeps_a_safety_copy_that_restores_in_one_command(

@@ -118,8 +118,8 @@ async def chat(
                         # so and keep reading, so the lines after it are not dropped.
                         err_console.print(
                             f"[bold red]error:[/] {escape(redact(f'{type(exc).__name__}: {exc}'))}"
-                            " — this message was not answered; send it again when the"
-                            " database is back",
+                            " — this message was not answered; it is kept and stored"
+                            " with your next one, once the database is back",
                             soft_wrap=True,
                         )
                     else:

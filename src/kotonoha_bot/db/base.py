@@ -426,9 +426,13 @@ def check_ids(where: str, *ids: int | None) -> None:
     """
     for value in ids:
         if value is not None and (
-            isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**63
+            isinstance(value, bool | np.bool_)
+            or not isinstance(value, int | np.integer)
+            or not 0 <= int(value) < 2**63
         ):
-            raise InvalidInputError(f"{where}: Discord id {value!r} is not a 64-bit integer")
+            raise InvalidInputError(
+                f"{where}: id {value!r} is not a 64-bit integer from 0 to 2^63-1"
+            )
 
 
 def check_metadata(metadata: Mapping[str, Any], where: str) -> None:

@@ -1173,7 +1173,7 @@ class PostgreSQLDatabase(AsyncLifecycle):
         return await self._run("claiming chunks awaiting embeddings", body, write=True)
 
     async def set_chunk_embeddings(self, items: Sequence[tuple[int, Vector]]) -> int:
-        check_ids("set_chunk_embeddings", *(int(i) for i, _ in items))
+        check_ids("set_chunk_embeddings", *(i for i, _ in items))
 
         async def body(conn: Conn) -> int:
             config = await self._read_config(conn)
@@ -1453,7 +1453,7 @@ class PostgreSQLDatabase(AsyncLifecycle):
         return await self._run("listing chunks to re-embed", body)
 
     async def store_reembed(self, items: Sequence[tuple[int, Vector]]) -> int:
-        check_ids("store_reembed", *(int(i) for i, _ in items))
+        check_ids("store_reembed", *(i for i, _ in items))
 
         async def body(conn: Conn) -> int:
             target = await self._reembed_target(conn)

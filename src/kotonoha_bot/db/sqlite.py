@@ -1009,7 +1009,7 @@ class SQLiteDatabase(AsyncLifecycle):
         )
 
     async def set_chunk_embeddings(self, items: Sequence[tuple[int, Vector]]) -> int:
-        check_ids("set_chunk_embeddings", *(int(i) for i, _ in items))
+        check_ids("set_chunk_embeddings", *(i for i, _ in items))
         async with self._write("storing embeddings") as conn:
             config = await self._read_config(conn)
             if config is None and items:
@@ -1241,7 +1241,7 @@ class SQLiteDatabase(AsyncLifecycle):
         )
 
     async def store_reembed(self, items: Sequence[tuple[int, Vector]]) -> int:
-        check_ids("store_reembed", *(int(i) for i, _ in items))
+        check_ids("store_reembed", *(i for i, _ in items))
         async with self._write("storing re-embedded vectors") as conn:
             target = await self._reembed_target(conn)
             if target is None:

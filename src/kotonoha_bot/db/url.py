@@ -44,7 +44,7 @@ def _fail(text: str, problem: str) -> InvalidDatabaseURLError:
     return InvalidDatabaseURLError(f"invalid database URL {mask_url(text)!r}: {problem}")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class DatabaseURL:
     """A parsed database URL. ``str()`` and ``repr()`` never show the password."""
 
@@ -177,6 +177,9 @@ class DatabaseURL:
 
     def __str__(self) -> str:
         return self.display()
+
+    def __repr__(self) -> str:
+        return f"DatabaseURL({self.display()!r})"
 
     @property
     def identity(self) -> str:

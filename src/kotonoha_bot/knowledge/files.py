@@ -17,10 +17,11 @@ with one file never stops the others):
   3. UTF-16 without a mark when NUL bytes sit on one parity only (ASCII-heavy text);
   4. any other NUL byte: a binary file, refused;
   5. strict UTF-8 (ASCII included);
-  6. strict CP932 (Shift_JIS with Windows' extensions) and strict EUC-JP; when both
+  6. UTF-8 with a handful of broken bytes (under 1% of the non-ASCII bytes): decoded
+     with U+FFFD and reported as invalid UTF-8 (UTF-8 Japanese often also "decodes"
+     as CP932, so this comes first);
+  7. strict CP932 (Shift_JIS with Windows' extensions) and strict EUC-JP; when both
      decode, the one with more kana and kanji and fewer half-width katakana wins;
-  7. UTF-8 with a handful of broken bytes (under 1% of the non-ASCII bytes): decoded
-     with U+FFFD and reported as invalid UTF-8;
   8. otherwise charset-normalizer's best guess (e.g. CP1252, GB18030, Big5), if it has one;
   9. nothing fits: refused as an unknown encoding.
   Decoded text with more than 1% control characters is refused as binary.
@@ -104,6 +105,17 @@ def display_name(path: Path | str) -> str:
     return raw.decode("utf-8", "backslashreplace")
 
 
+def display_path(path: Path) -> str:
+    """How a file is named in reports and as a source: relative to the working directory
+    when inside it, else absolute; always valid text (:func:`display_name`)."""
+    resolved = Path(os.path.abspath(path))
+    try:
+        name = resolved.relative_to(Path.cwd().resolve()).as_posix()
+    except ValueError:
+        name = resolved.as_posix()
+    return display_name(name)
+
+
 def _inside(target: Path, root: Path) -> bool:
     try:
         target.relative_to(root)
@@ -121,11 +133,11 @@ def discover(paths: Iterable[Path]) -> Discovery:
         elif path.is_file():
             found.files.append(path)
         elif path.is_symlink():
-            found.skipped.append((display_name(path), "a symlink to nothing (broken link)"))
+            found.skipped.append((display_path(path), "a symlink to nothing (broken link)"))
         elif path.exists():
-            found.skipped.append((display_name(path), "not a regular file"))
+            found.skipped.append((display_path(path), "not a regular file"))
         else:
-            found.skipped.append((display_name(path), "no such file or directory"))
+            found.skipped.append((display_path(path), "no such file or directory"))
     return found
 
 
@@ -133,7 +145,7 @@ def _walk(root: Path, found: Discovery) -> None:
     real_root = root.resolve()
 
     def onerror(exc: OSError) -> None:
-        where = display_name(exc.filename) if exc.filename else display_name(root)
+        where = display_path(Path(exc.filename)) if exc.filename else display_path(root)
         found.skipped.append((where, f"cannot read the folder: {exc.strerror}"))
 
     for dirpath, dirnames, filenames in os.walk(root, onerror=onerror, followlinks=False):
@@ -144,7 +156,7 @@ def _walk(root: Path, found: Discovery) -> None:
                 dirnames.remove(name)
             elif sub.is_symlink():
                 dirnames.remove(name)
-                found.skipped.append((display_name(sub), "a symlinked folder (not followed)"))
+                found.skipped.append((display_path(sub), "a symlinked folder (not followed)"))
         dirnames.sort()
         for name in sorted(filenames):
             if name.startswith("."):
@@ -152,7 +164,7 @@ def _walk(root: Path, found: Discovery) -> None:
             p = here / name
             if p.suffix.lower() not in TEXT_SUFFIXES:
                 found.skipped.append(
-                    (display_name(p), f"not a text or Markdown file ({p.suffix or 'no suffix'})")
+                    (display_path(p), f"not a text or Markdown file ({p.suffix or 'no suffix'})")
                 )
                 continue
             if p.is_symlink():
@@ -160,18 +172,18 @@ def _walk(root: Path, found: Discovery) -> None:
                 if not _inside(target, real_root):
                     found.skipped.append(
                         (
-                            display_name(p),
-                            f"a symlink to {display_name(target)}, outside {display_name(root)}",
+                            display_path(p),
+                            f"a symlink to {display_path(target)}, outside {display_path(root)}",
                         )
                     )
                     continue
                 if not target.is_file():
                     found.skipped.append(
-                        (display_name(p), "a symlink to something that is not a file")
+                        (display_path(p), "a symlink to something that is not a file")
                     )
                     continue
             elif not p.is_file():
-                found.skipped.append((display_name(p), "not a regular file"))
+                found.skipped.append((display_path(p), "not a regular file"))
                 continue
             found.files.append(p)
 
@@ -266,6 +278,9 @@ def detect_encoding(path: Path) -> Decoding:
         raise UnreadableFileError("a binary file (it contains NUL bytes)")
     if _decodes(path, "utf-8"):
         return Decoding("utf-8")
+    # Before the legacy encodings: UTF-8 text often also "decodes" as CP932 mojibake.
+    if _broken_utf8_share(path) < MAX_BROKEN_UTF8_SHARE:
+        return Decoding("utf-8", "replace", note="invalid UTF-8 bytes replaced with U+FFFD")
     candidates = [e for e in ("cp932", "euc_jp") if _decodes(path, e)]
     if len(candidates) == 2:
         text = head.decode("cp932", "ignore"), head.decode("euc_jp", "ignore")
@@ -274,8 +289,6 @@ def detect_encoding(path: Path) -> Decoding:
     if candidates:
         name = {"cp932": "Shift_JIS (CP932)", "euc_jp": "EUC-JP"}[candidates[0]]
         return Decoding(candidates[0], note=f"decoded as {name}")
-    if _broken_utf8_share(path) < MAX_BROKEN_UTF8_SHARE:
-        return Decoding("utf-8", "replace", note="invalid UTF-8 bytes replaced with U+FFFD")
     from charset_normalizer import from_bytes
 
     best = from_bytes(head).best()
@@ -303,6 +316,7 @@ class TextStream:
     path: Path
     decoding: Decoding
     nul_replaced: int = 0
+    segment_chars: int = SEGMENT_CHARS
 
     def segments(self) -> Generator[Segment, None, None]:
         """Normalised segments; the same file always gives the same segments."""
@@ -350,9 +364,9 @@ class TextStream:
             probe = unicodedata.normalize("NFKC", line)
             if fence is None:
                 level_title = heading_of(probe)
-                cut = size >= SEGMENT_CHARS and (
+                cut = size >= self.segment_chars and (
                     (level_title is not None and level_title[0] == 1)
-                    or (size >= 2 * SEGMENT_CHARS and not probe.strip())
+                    or (size >= 2 * self.segment_chars and not probe.strip())
                 )
                 if cut and buf:
                     yield "\n".join(buf), start_heading
@@ -381,6 +395,6 @@ def _refuse_control(text: str) -> None:
         )
 
 
-def open_text(path: Path) -> TextStream:
+def open_text(path: Path, *, segment_chars: int = SEGMENT_CHARS) -> TextStream:
     """Detect the encoding of ``path``; the stream's segments decode it lazily."""
-    return TextStream(path, detect_encoding(path))
+    return TextStream(path, detect_encoding(path), segment_chars=segment_chars)

@@ -36,10 +36,11 @@ from kotonoha_bot.knowledge.chunking import (
 )
 from kotonoha_bot.knowledge.embeddings.base import EmbeddingProvider, embedding_config
 from kotonoha_bot.knowledge.files import (
+    SEGMENT_CHARS,
     TEXT_SUFFIXES,
     Segment,
     discover,
-    display_name,
+    display_path,
     open_text,
 )
 from kotonoha_bot.models import KnowledgeChunk, KnowledgeSource, Vector
@@ -92,12 +93,7 @@ def find_files(paths: Iterable[Path]) -> list[Path]:
 
 def source_uri(path: Path) -> str:
     """A stable name for a file, always valid text (relative to the working directory if inside)."""
-    resolved = Path(os.path.abspath(path))
-    try:
-        name = resolved.relative_to(Path.cwd().resolve()).as_posix()
-    except ValueError:
-        name = resolved.as_posix()
-    return display_name(name)
+    return display_path(path)
 
 
 def _title(text: str, path: Path) -> str:
@@ -193,6 +189,7 @@ async def ingest_paths(
     overlap_chars: int = 100,
     batch_size: int = 64,
     on_file: Callable[[Path], None] | None = None,
+    segment_chars: int = SEGMENT_CHARS,
 ) -> IngestReport:
     """Ingest files and folders; one bad file is reported and the rest go on."""
     check_ids("ingest", guild_id, channel_id)
@@ -217,6 +214,7 @@ async def ingest_paths(
                 overlap_chars=overlap_chars,
                 batch_size=batch_size,
                 report=report,
+                segment_chars=segment_chars,
             )
         except (OSError, InvalidInputError, UnicodeError) as exc:
             if isinstance(exc, OSError) and exc.strerror:
@@ -244,8 +242,9 @@ async def _ingest_file(
     overlap_chars: int,
     batch_size: int,
     report: IngestReport,
+    segment_chars: int,
 ) -> str:
-    stream = open_text(path)
+    stream = open_text(path, segment_chars=segment_chars)
     if stream.decoding.note:
         report.notes.append((uri, stream.decoding.note))
     if stream.decoding.errors != "strict":
@@ -284,6 +283,7 @@ async def _ingest_file(
         overlap_chars=overlap_chars,
         batch_size=batch_size,
         report=report,
+        segment_chars=segment_chars,
     )
 
 
@@ -301,14 +301,15 @@ async def _ingest_large(
     overlap_chars: int,
     batch_size: int,
     report: IngestReport,
+    segment_chars: int,
 ) -> str:
     """A file of several segments, written one segment at a time (bounded memory)."""
-    digest = open_text(path).digest()
+    digest = open_text(path, segment_chars=segment_chars).digest()
     existing = await db.find_source(guild_id, uri)
     if existing is not None and existing.content_hash == digest and existing.status == "ready":
         report.unchanged.append(uri)
         return "unchanged"
-    stream = open_text(path)
+    stream = open_text(path, segment_chars=segment_chars)
     # No hash until the last segment is stored: an interrupted run is redone next time.
     source = KnowledgeSource(
         guild_id=guild_id,
