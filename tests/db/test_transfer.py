@@ -828,7 +828,7 @@ async def test_disk_full_then_rerun_resumes(
     src = await new_database_url("sqlite")
     await big_source(src, settings)
     target = f"sqlite:///{disk / 'kotonoha.db'}"
-    with pytest.raises(MigrationError, match="DiskFullError: .* is full") as info:
+    with pytest.raises(MigrationError, match=r"DiskFullError: .* is full") as info:
         await migrate(src, target, settings=settings)
     assert "rerun the same command to resume" in str(info.value)
     assert await migration_marker(target, settings) is not None
