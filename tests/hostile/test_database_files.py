@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from kotonoha_bot.config import Settings
-from kotonoha_bot.db import open_database
+from kotonoha_bot.db import DatabaseURL, open_database
 from kotonoha_bot.db.transfer import migrate
 from kotonoha_bot.errors import (
     DatabaseLockedError,
@@ -28,7 +28,7 @@ from kotonoha_bot.errors import (
     MigrationError,
 )
 from kotonoha_bot.models import EmbeddingConfig, KnowledgeChunk, KnowledgeSource
-from tests.db.test_transfer import fill
+from tests.db.test_transfer import fill, snapshot
 from tests.hostile.cases import CASES, Case, digest, foreign_sqlite, legacy_sqlite
 from tests.hostile.runner import check_case
 
@@ -172,3 +172,34 @@ async def test_a_full_disk_is_reported_as_full_and_keeps_committed_rows(
         assert (await db.stats()).sessions == before
         assert await db.find_source(1, "big") is None
     await asyncio.sleep(0)
+
+
+async def test_a_read_only_postgres_is_reported_as_read_only(
+    new_database_url: Any, settings: Settings
+) -> None:
+    import asyncpg
+
+    from kotonoha_bot.errors import ReadOnlyDatabaseError
+
+    url = await new_database_url("postgres")
+    await fill(url, settings, sessions=1, sources=1)
+    before = await snapshot(url, settings)
+    name = DatabaseURL.parse(url).database
+
+    async def read_only(on: bool) -> None:
+        conn = await asyncpg.connect(url)
+        try:
+            value = "on" if on else "off"
+            await conn.execute("SET default_transaction_read_only = off")
+            await conn.execute(
+                f'ALTER DATABASE "{name}" SET default_transaction_read_only = {value}'
+            )
+        finally:
+            await conn.close()
+
+    await read_only(True)
+    with pytest.raises(ReadOnlyDatabaseError, match="only accepts reads"):
+        async with open_database(url, settings=settings):
+            pass
+    await read_only(False)
+    assert await snapshot(url, settings) == before

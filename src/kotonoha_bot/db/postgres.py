@@ -69,11 +69,13 @@ from kotonoha_bot.db.url import DatabaseURL
 from kotonoha_bot.errors import (
     DatabaseError,
     DatabaseUnavailableError,
+    DiskFullError,
     InvalidInputError,
     InvalidTextError,
     KotonohaError,
     NotFoundError,
     PoolTimeoutError,
+    ReadOnlyDatabaseError,
     SchemaError,
     SessionConflictError,
     UnsupportedDimensionError,
@@ -366,6 +368,16 @@ class PostgreSQLDatabase(AsyncLifecycle):
         ):
             return DatabaseUnavailableError(
                 f"{what}: cannot reach PostgreSQL at {where or self.location}: {detail}"
+            )
+        if isinstance(exc, pgerr.DiskFullError):
+            return DiskFullError(
+                f"{what}: the PostgreSQL server's disk is full; the transaction was rolled back"
+                f" — free space on the server and retry ({detail})"
+            )
+        if isinstance(exc, pgerr.ReadOnlySQLTransactionError):
+            return ReadOnlyDatabaseError(
+                f"{what}: {where or self.location} only accepts reads (a replica or a"
+                f" read-only server); nothing was changed ({detail})"
             )
         if isinstance(exc, pgerr.QueryCanceledError):
             return DatabaseError(f"{what}: the server cancelled the statement ({detail})")
