@@ -15,6 +15,10 @@ class ConfigError(KotonohaError):
     """A setting is missing or invalid."""
 
 
+class InvalidDatabaseURLError(ConfigError):
+    """A database URL could not be parsed; the message quotes it with the password masked."""
+
+
 class DatabaseError(KotonohaError):
     """The database failed to do what was asked; the transaction was rolled back."""
 

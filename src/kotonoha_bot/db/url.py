@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import parse_qsl, quote, unquote, urlencode
 
-from kotonoha_bot.errors import ConfigError
+from kotonoha_bot.errors import InvalidDatabaseURLError
 from kotonoha_bot.redact import QUERY_SECRET_KEYS, mask_url, password_candidates
 from kotonoha_bot.redact import SCHEME_RE as _SCHEME_RE
 
@@ -34,10 +34,6 @@ _FORMS = (
     "use sqlite:///relative.db, sqlite:////absolute/path.db or"
     " postgresql://user@host:5432/database (a password goes after the user and a colon)"
 )
-
-
-class InvalidDatabaseURLError(ConfigError):
-    """A database URL could not be parsed; the message quotes it with the password masked."""
 
 
 def _fail(text: str, problem: str) -> InvalidDatabaseURLError:
