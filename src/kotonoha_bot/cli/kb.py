@@ -49,9 +49,11 @@ def _progress() -> Progress:
 
 
 @asynccontextmanager
-async def _open(settings: Settings, database: str | None):  # type: ignore[no-untyped-def]
+async def _open(settings: Settings, database: str | None, *, target: bool = False):  # type: ignore[no-untyped-def]
+    """The database and its embedder: the recorded model, or (``target``) the configured one."""
     async with open_database(database_url(settings, database), settings=settings) as db:
-        embedder = create_embedding_provider(settings)
+        recorded = None if target else await db.get_embedding_config()
+        embedder = create_embedding_provider(settings, recorded=recorded)
         try:
             yield db, embedder
         finally:
@@ -242,7 +244,7 @@ async def reembed_cmd(
     Example: EMBEDDING_PROVIDER=openai kotonoha kb reembed --yes
     """
     settings = get_settings()
-    async with _open(settings, database) as (db, embedder):
+    async with _open(settings, database, target=True) as (db, embedder):
         current = await db.get_embedding_config()
         target = f"{embedder.model} ({embedder.dimension} dims)"
         if current is not None and (current.model, current.dimension) == (

@@ -140,7 +140,7 @@ async def search_knowledge(
             warnings.append("no embedding provider: vector search skipped")
         else:
             try:
-                qvec = (await embedder.embed([text]))[0]
+                qvec = (await embedder.embed_queries([text]))[0]
             except EmbeddingError as exc:
                 if mode == "vector":
                     raise

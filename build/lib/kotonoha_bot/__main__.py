@@ -1,0 +1,3 @@
+from kotonoha_bot.cli import main
+
+main()

@@ -1,0 +1,500 @@
+"""Backups of either backend, with rotation, and restores that verify what they restored.
+
+- SQLite: SQLite's online backup API (consistent while the bot writes, WAL included),
+  then ``PRAGMA integrity_check`` on the copy.
+- PostgreSQL with a compatible ``pg_dump`` on PATH (its major version >= the server's):
+  ``pg_dump -Fc`` from a snapshot exported by our own REPEATABLE READ transaction, and a
+  manifest (rows and checksum per table, :func:`~kotonoha_bot.db.transfer.table_checksums`)
+  read from that same snapshot, so a restore can be verified row for row.
+- PostgreSQL otherwise: a logical export — the database migrated into a timestamped
+  SQLite file by :func:`~kotonoha_bot.db.transfer.migrate` and verified against it.
+
+Backups are named ``<label>-YYYYmmdd-HHMMSS-ffffff.(db|dump)`` (label: the SQLite file's
+stem or the PostgreSQL database's name); rotation keeps the newest ``BACKUP_KEEP`` of
+one label and never touches another file. Files are created readable by their owner
+only: they hold a community's conversations.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
+from urllib.parse import unquote, urlsplit, urlunsplit
+
+from kotonoha_bot.db import open_database, parse_database_url, sqlite_path_from_url
+from kotonoha_bot.db.transfer import (
+    MigrationReport,
+    TransferProgress,
+    display_url,
+    migrate,
+    table_checksums,
+    table_counts,
+    timestamped,
+    wipe,
+)
+from kotonoha_bot.errors import ConfigError, CorruptDatabaseError, MigrationError
+from kotonoha_bot.redact import redact
+
+if TYPE_CHECKING:
+    from kotonoha_bot.config import Settings
+    from kotonoha_bot.db.postgres import PostgreSQLDatabase
+
+SQLITE_MAGIC = b"SQLite format 3\x00"
+PGDUMP_MAGIC = b"PGDMP"
+MANIFEST_SUFFIX = ".manifest.json"
+_STAMP = r"\d{8}-\d{6}-\d{6}"
+_VERSION_RE = re.compile(r"\b(\d+)(?:\.\d+)?")
+
+
+@dataclass
+class BackupResult:
+    """What ``backup_database`` wrote."""
+
+    path: Path
+    method: str  # sqlite-online-backup | pg_dump | logical-export
+    size_bytes: int
+    seconds: float
+    manifest: Path | None = None
+    rotated: list[Path] = field(default_factory=list)
+    rows: int = 0
+    note: str = ""
+
+
+@dataclass
+class RestoreResult:
+    """What ``restore_backup`` did."""
+
+    path: Path
+    target: str
+    method: str  # migrate | pg_restore
+    verified: str
+    seconds: float
+    wiped: bool
+    report: MigrationReport | None = None
+
+
+def _label(url: str) -> str:
+    if parse_database_url(url) == "sqlite":
+        name = sqlite_path_from_url(url).stem
+    else:
+        name = urlsplit(url).path.lstrip("/") or "postgres"
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", name) or "kotonoha"
+
+
+def _private(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        path.chmod(0o600)
+
+
+def _make_dir(directory: Path) -> None:
+    if not directory.exists():
+        directory.mkdir(parents=True, mode=0o700)
+
+
+def rotate(directory: Path, label: str, keep: int) -> list[Path]:
+    """Delete all but the newest ``keep`` backups named ``label-<stamp>.(db|dump)``."""
+    pattern = re.compile(rf"^{re.escape(label)}-{_STAMP}\.(db|dump)$")
+    if not directory.is_dir():
+        return []
+    ours = sorted((p for p in directory.iterdir() if pattern.match(p.name)), reverse=True)
+    removed = []
+    for old in ours[keep:]:
+        old.unlink(missing_ok=True)
+        Path(str(old) + MANIFEST_SUFFIX).unlink(missing_ok=True)
+        removed.append(old)
+    return removed
+
+
+def _destination(
+    settings: Settings, url: str, output: Path | None, suffix: str
+) -> tuple[Path, Path | None]:
+    """The file to write and the directory to rotate (None: an explicit file name)."""
+    if output is not None and not (output.is_dir() or str(output).endswith(os.sep)):
+        return output.resolve(), None
+    directory = (output if output is not None else settings.backup_dir).resolve()
+    return timestamped(directory, _label(url), suffix), directory
+
+
+# --- PostgreSQL tools ----------------------------------------------------------------
+
+
+def _tool_major(tool: str) -> int | None:
+    import subprocess
+
+    try:
+        out = subprocess.run(
+            [tool, "--version"], capture_output=True, text=True, timeout=30, check=True
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    match = _VERSION_RE.search(out.split(")")[-1] if ")" in out else out)
+    return int(match.group(1)) if match else None
+
+
+def find_pg_tool(name: str, server_major: int) -> str | None:
+    """``name`` (pg_dump, pg_restore) from PATH when its major version >= the server's."""
+    tool = shutil.which(name)
+    if tool is None:
+        return None
+    major = _tool_major(tool)
+    return tool if major is not None and major >= server_major else None
+
+
+def _libpq(url: str) -> tuple[str, dict[str, str]]:
+    """A libpq URI without the password, and the environment that carries it."""
+    parts = urlsplit(url)
+    env = dict(os.environ)
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, _, hostinfo = netloc.rpartition("@")
+        user, _, password = userinfo.partition(":")
+        if password:
+            env["PGPASSWORD"] = unquote(password)
+        netloc = f"{user}@{hostinfo}"
+    uri = urlunsplit(("postgresql", netloc, parts.path, parts.query, ""))
+    return uri, env
+
+
+async def _run_tool(args: list[str], env: dict[str, str], what: str) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        *args,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+        env=env,
+    )
+    _, err = await proc.communicate()
+    if proc.returncode != 0:
+        tail = " ".join(err.decode("utf-8", "replace").strip().splitlines()[-3:])
+        raise MigrationError(f"{what} failed (exit {proc.returncode}): {redact(tail)}")
+
+
+def _small(settings: Settings) -> Settings:
+    return settings.model_copy(
+        update={"database_pool_min_size": 1, "database_pool_max_size": 2, "database_read_url": None}
+    )
+
+
+async def _server_major(url: str, settings: Settings) -> int:
+    from kotonoha_bot.db.postgres_rows import inspect_database
+
+    db = cast("PostgreSQLDatabase", open_database(url, settings=_small(settings)))
+    info = await inspect_database(db)
+    if not info.has_schema:
+        raise MigrationError(f"{db.location} holds no kotonoha database")
+    return info.server_version_num // 10000
+
+
+# --- backup ----------------------------------------------------------------------------
+
+
+async def backup_database(
+    settings: Settings,
+    db_url: str | None = None,
+    *,
+    output: Path | None = None,
+    progress: TransferProgress | None = None,
+) -> BackupResult:
+    """Back up the database at ``db_url`` (default: the configured one), then rotate."""
+    url = db_url or settings.database_location()
+    started = time.perf_counter()
+    if parse_database_url(url) == "sqlite":
+        result = await _backup_sqlite(settings, url, output)
+    else:
+        major = await _server_major(url, settings)
+        pg_dump = await asyncio.to_thread(find_pg_tool, "pg_dump", major)
+        if pg_dump is not None:
+            result = await _backup_pg_dump(settings, url, output, pg_dump)
+        else:
+            result = await _backup_logical(settings, url, output, progress)
+            result.note = (
+                f"no pg_dump of major version >= {major} on PATH: wrote a verified logical"
+                " export (a SQLite file) instead"
+            )
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+async def run_backup(settings: Settings, db_url: str | None = None) -> Path:
+    """Back up and rotate (the bot calls this every BACKUP_INTERVAL_HOURS); the new file."""
+    return (await backup_database(settings, db_url)).path
+
+
+async def _backup_sqlite(settings: Settings, url: str, output: Path | None) -> BackupResult:
+    from kotonoha_bot.db.sqlite_rows import integrity_check, online_backup
+
+    source = sqlite_path_from_url(url)
+    if not source.is_file():
+        raise MigrationError(f"{source} does not exist")
+    dest, rotate_dir = _destination(settings, url, output, ".db")
+    _make_dir(dest.parent)
+    await asyncio.to_thread(online_backup, source, dest)
+    _private(dest)
+    try:
+        await asyncio.to_thread(integrity_check, dest)
+    except CorruptDatabaseError as exc:
+        dest.unlink(missing_ok=True)
+        raise MigrationError(f"the backup failed its check and was deleted: {exc}") from None
+    rotated = rotate(rotate_dir, _label(url), settings.backup_keep) if rotate_dir else []
+    return BackupResult(dest, "sqlite-online-backup", dest.stat().st_size, 0.0, rotated=rotated)
+
+
+async def _backup_pg_dump(
+    settings: Settings, url: str, output: Path | None, pg_dump: str
+) -> BackupResult:
+    from kotonoha_bot.db.postgres_rows import PostgresRows
+
+    dest, rotate_dir = _destination(settings, url, output, ".dump")
+    _make_dir(dest.parent)
+    partial = dest.with_name(dest.name + ".partial")
+    uri, env = _libpq(url)
+    async with open_database(url, settings=_small(settings)) as opened:
+        store = PostgresRows(cast("PostgreSQLDatabase", opened), snapshot=True)
+        await store.open()
+        try:
+            snapshot = await store.export_snapshot()
+            # pg_dump reads exactly the rows our open transaction sees.
+            dump = asyncio.create_task(
+                _run_tool(
+                    [
+                        pg_dump,
+                        "--format=custom",
+                        "--no-password",
+                        f"--snapshot={snapshot}",
+                        f"--file={partial}",
+                        f"--dbname={uri}",
+                    ],
+                    env,
+                    "pg_dump",
+                )
+            )
+            try:
+                manifest = await table_checksums(store)
+            finally:
+                await dump
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
+        finally:
+            await store.close()
+    _private(partial)
+    manifest_path = Path(str(dest) + MANIFEST_SUFFIX)
+    text = json.dumps({"source": display_url(url), "tables": manifest}, indent=2)
+    await asyncio.to_thread(manifest_path.write_text, text, encoding="utf-8")
+    _private(manifest_path)
+    partial.replace(dest)
+    rotated = rotate(rotate_dir, _label(url), settings.backup_keep) if rotate_dir else []
+    rows = sum(int(t["rows"]) for t in manifest.values())
+    return BackupResult(
+        dest,
+        "pg_dump",
+        dest.stat().st_size,
+        0.0,
+        manifest=manifest_path,
+        rotated=rotated,
+        rows=rows,
+    )
+
+
+async def _backup_logical(
+    settings: Settings, url: str, output: Path | None, progress: TransferProgress | None
+) -> BackupResult:
+    from kotonoha_bot.db.sqlite_rows import finalize_file
+
+    dest, rotate_dir = _destination(settings, url, output, ".db")
+    _make_dir(dest.parent)
+    partial = dest.with_name(dest.name + ".partial")
+    quarantine = dest.with_name(dest.name + ".quarantine.jsonl")
+    for leftover in (partial, Path(f"{partial}-wal"), Path(f"{partial}-shm")):
+        leftover.unlink(missing_ok=True)
+    try:
+        report = await migrate(
+            url,
+            f"sqlite:///{partial}",
+            settings=settings,
+            backup_source=False,
+            quarantine_path=quarantine,
+            progress=progress,
+        )
+        await asyncio.to_thread(finalize_file, partial)
+    except BaseException:
+        for leftover in (partial, Path(f"{partial}-wal"), Path(f"{partial}-shm")):
+            leftover.unlink(missing_ok=True)
+        raise
+    _private(partial)
+    partial.replace(dest)
+    rotated = rotate(rotate_dir, _label(url), settings.backup_keep) if rotate_dir else []
+    rows = sum(t.moved for t in report.tables.values())
+    if report.quarantined:
+        raise MigrationError(
+            f"backup {dest} is incomplete: {report.quarantined} rows could not be exported"
+            f" (see {quarantine})"
+        )
+    return BackupResult(
+        dest, "logical-export", dest.stat().st_size, 0.0, rotated=rotated, rows=rows
+    )
+
+
+# --- restore ---------------------------------------------------------------------------
+
+
+def backup_kind(path: Path) -> str:
+    """``sqlite`` or ``pg_dump``, from the file's first bytes."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(len(SQLITE_MAGIC))
+    except OSError as exc:
+        raise MigrationError(f"cannot read {path}: {exc.strerror}") from None
+    if head.startswith(SQLITE_MAGIC):
+        return "sqlite"
+    if head.startswith(PGDUMP_MAGIC):
+        return "pg_dump"
+    raise MigrationError(f"{path} is neither a SQLite file nor a pg_dump custom-format archive")
+
+
+async def target_is_empty(url: str, settings: Settings) -> bool:
+    """No rows at all (kotonoha_meta included): nothing a restore could overwrite."""
+    counts = await table_counts(url, settings)
+    return not any(counts.values())
+
+
+async def restore_backup(
+    path: Path,
+    settings: Settings,
+    db_url: str | None = None,
+    *,
+    wipe_first: bool = False,
+    progress: TransferProgress | None = None,
+) -> RestoreResult:
+    """Restore ``path`` into an empty database (``wipe_first`` empties it), then verify."""
+    url = db_url or settings.database_location()
+    started = time.perf_counter()
+    kind = backup_kind(path)
+    if kind == "pg_dump" and parse_database_url(url) == "sqlite":
+        raise ConfigError(
+            "a pg_dump archive restores into PostgreSQL only; restore it there, then"
+            " `kotonoha db migrate` to SQLite"
+        )
+    empty = await target_is_empty(url, settings)
+    if not empty and not wipe_first:
+        raise MigrationError(
+            f"{display_url(url)} is not empty; restore into an empty database, or add --wipe"
+            " to delete its rows first"
+        )
+    wiped = False
+    if kind == "sqlite":
+        if not empty:
+            await wipe(url, settings)
+            wiped = True
+        quarantine = timestamped(settings.backup_dir, "kotonoha-quarantine", ".jsonl")
+        report = await migrate(
+            f"sqlite:///{path}",
+            url,
+            settings=settings,
+            backup_source=False,
+            quarantine_path=quarantine,
+            progress=progress,
+        )
+        if report.quarantined:
+            raise MigrationError(
+                f"restored, but {report.quarantined} rows of the backup could not be stored"
+                f" (see {report.quarantine_path})"
+            )
+        rows = sum(t.matching for t in report.verify.tables.values()) if report.verify else 0
+        return RestoreResult(
+            path,
+            display_url(url),
+            "migrate",
+            f"{rows} rows identical to the backup",
+            time.perf_counter() - started,
+            wiped,
+            report,
+        )
+    return await _restore_pg_dump(path, url, settings, started, not empty)
+
+
+async def _restore_pg_dump(
+    path: Path, url: str, settings: Settings, started: float, wiped: bool
+) -> RestoreResult:
+    from kotonoha_bot.db.postgres_rows import PostgresRows, inspect_database
+
+    db = cast("PostgreSQLDatabase", open_database(url, settings=_small(settings)))
+    major = (await inspect_database(db)).server_version_num // 10000
+    pg_restore = await asyncio.to_thread(find_pg_tool, "pg_restore", major)
+    if pg_restore is None:
+        raise MigrationError(
+            f"restoring a pg_dump archive needs pg_restore of major version >= {major} on PATH"
+        )
+    uri, env = _libpq(url)
+    # --clean --if-exists replaces the (empty or wiped) kotonoha schema; one transaction,
+    # so a failure leaves the database as it was.
+    await _run_tool(
+        [
+            pg_restore,
+            "--clean",
+            "--if-exists",
+            "--no-owner",
+            "--no-privileges",
+            "--exit-on-error",
+            "--single-transaction",
+            "--no-password",
+            f"--dbname={uri}",
+            str(path),
+        ],
+        env,
+        "pg_restore",
+    )
+    manifest_path = Path(str(path) + MANIFEST_SUFFIX)
+    async with open_database(url, settings=_small(settings)) as opened:
+        store = PostgresRows(cast("PostgreSQLDatabase", opened), snapshot=True)
+        await store.open()
+        try:
+            restored = await table_checksums(store)
+            problems = {k: n for k, n in (await store.integrity()).items() if n}
+        finally:
+            await store.close()
+    if problems:
+        raise MigrationError(f"the restored database is inconsistent: {problems}")
+    manifest_text = await asyncio.to_thread(_read_optional, manifest_path)
+    if manifest_text is None:
+        verified = "no manifest beside the dump: row checksums not compared; references checked"
+    else:
+        expected = json.loads(manifest_text)["tables"]
+        differ = [t for t in expected if expected[t] != restored.get(t)]
+        if differ:
+            raise MigrationError(
+                f"the restored database differs from the backup's manifest in {', '.join(differ)}"
+            )
+        rows = sum(int(t["rows"]) for t in restored.values())
+        verified = f"{rows} rows: counts and checksums equal the backup's manifest"
+    return RestoreResult(
+        path, display_url(url), "pg_restore", verified, time.perf_counter() - started, wiped
+    )
+
+
+def _read_optional(path: Path) -> str | None:
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+
+
+def describe(result: BackupResult) -> dict[str, Any]:
+    """A JSON-ready description of a backup."""
+    return {
+        "path": str(result.path),
+        "method": result.method,
+        "size_bytes": result.size_bytes,
+        "seconds": round(result.seconds, 3),
+        "manifest": str(result.manifest) if result.manifest else None,
+        "rotated": [str(p) for p in result.rotated],
+        "rows": result.rows,
+        "note": result.note,
+    }

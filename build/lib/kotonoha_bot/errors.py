@@ -1,0 +1,79 @@
+"""Typed errors. Every failure the library reports is a ``KotonohaError``.
+
+Drivers' own exceptions (sqlite3, asyncpg, openai, anthropic) are translated into
+these at the edge where they occur, with messages that never contain secrets.
+"""
+
+from __future__ import annotations
+
+
+class KotonohaError(Exception):
+    """Base class of every error kotonoha-bot raises on purpose."""
+
+
+class ConfigError(KotonohaError):
+    """A setting is missing or invalid."""
+
+
+class DatabaseError(KotonohaError):
+    """The database failed to do what was asked; the transaction was rolled back."""
+
+
+class DatabaseUnavailableError(DatabaseError):
+    """The database cannot be reached (connection refused, server down, file unreadable)."""
+
+
+class PoolTimeoutError(DatabaseUnavailableError):
+    """No pooled connection became free within the acquire timeout."""
+
+
+class SchemaError(DatabaseError):
+    """The database schema is newer than this code or otherwise unusable."""
+
+
+class CorruptDatabaseError(DatabaseError):
+    """The database file failed an integrity check."""
+
+
+class SessionConflictError(DatabaseError):
+    """A session was saved from a stale version; reload it and apply the change again."""
+
+
+class NotFoundError(DatabaseError):
+    """The requested row does not exist."""
+
+
+class InvalidInputError(KotonohaError):
+    """Input was rejected before anything was written."""
+
+
+class DimensionMismatchError(InvalidInputError):
+    """A vector's dimension differs from the one the database was built with."""
+
+
+class EmbeddingModelMismatchError(InvalidInputError):
+    """The configured embedding model differs from the one the database was built with."""
+
+
+class InvalidVectorError(InvalidInputError):
+    """A vector holds NaN/Inf, is all zeros, or is not one-dimensional."""
+
+
+class InvalidTextError(InvalidInputError):
+    """Text holds a NUL character (U+0000) or is otherwise unstorable."""
+
+
+class UnsupportedDimensionError(InvalidInputError):
+    """The backend cannot index vectors of this dimension."""
+
+
+class EmbeddingError(KotonohaError):
+    """The embedding provider failed (after its retries)."""
+
+
+class LLMError(KotonohaError):
+    """The chat model failed (after its retries)."""
+
+
+class MigrationError(KotonohaError):
+    """Moving data between databases failed; the message says what state the target is in."""

@@ -1,0 +1,189 @@
+"""Rows the storage contract reads and writes.
+
+Datetimes are always timezone-aware UTC. Discord ids are Python ints (snowflakes
+up to 2**63-1). Vectors are 1-d ``numpy.float32`` arrays.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+
+Vector = npt.NDArray[np.float32]
+Role = Literal["user", "assistant", "system"]
+SessionType = Literal["mention", "thread", "eavesdrop", "dm"]
+SessionStatus = Literal["active", "archived", "closed"]
+SourceType = Literal["document", "conversation"]
+SourceStatus = Literal["pending", "ready", "failed"]
+
+ROLES: tuple[str, ...] = ("user", "assistant", "system")
+SESSION_TYPES: tuple[str, ...] = ("mention", "thread", "eavesdrop", "dm")
+SESSION_STATUSES: tuple[str, ...] = ("active", "archived", "closed")
+SOURCE_TYPES: tuple[str, ...] = ("document", "conversation")
+SOURCE_STATUSES: tuple[str, ...] = ("pending", "ready", "failed")
+
+
+def utcnow() -> datetime:
+    """The current time, timezone-aware UTC, truncated to microseconds (both backends keep µs)."""
+    return datetime.now(UTC)
+
+
+def as_utc(value: datetime) -> datetime:
+    """Return ``value`` in UTC; naive datetimes are rejected (ambiguous)."""
+    if value.tzinfo is None:
+        raise ValueError("naive datetime: timezone-aware UTC required")
+    return value.astimezone(UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One turn of a conversation."""
+
+    role: Role
+    content: str
+    timestamp: datetime = field(default_factory=utcnow)
+    author_id: int | None = None
+    author_name: str | None = None
+    discord_message_id: int | None = None
+
+
+@dataclass(slots=True)
+class ChatSession:
+    """A persistent conversation. ``messages`` is append-only for ``save_session``.
+
+    ``version`` is the stored version this object is based on (0 = never saved);
+    ``save_session`` bumps it on success. ``last_archived_message_index`` is the index
+    of the last message already turned into knowledge, -1 when none.
+    """
+
+    session_key: str
+    session_type: SessionType
+    messages: list[Message] = field(default_factory=list)
+    status: SessionStatus = "active"
+    guild_id: int | None = None
+    channel_id: int | None = None
+    thread_id: int | None = None
+    user_id: int | None = None
+    version: int = 0
+    last_archived_message_index: int = -1
+    created_at: datetime = field(default_factory=utcnow)
+    last_active_at: datetime = field(default_factory=utcnow)
+
+    def add_message(self, message: Message) -> None:
+        """Append a turn and touch ``last_active_at``."""
+        self.messages.append(message)
+        self.last_active_at = max(self.last_active_at, message.timestamp)
+
+
+@dataclass(frozen=True, slots=True)
+class SessionInfo:
+    """A session's header without its messages (for listings)."""
+
+    session_key: str
+    session_type: SessionType
+    status: SessionStatus
+    guild_id: int | None
+    channel_id: int | None
+    thread_id: int | None
+    user_id: int | None
+    version: int
+    message_count: int
+    last_archived_message_index: int
+    created_at: datetime
+    last_active_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class KnowledgeSource:
+    """A document or archived conversation the knowledge base was built from.
+
+    ``uri`` identifies it within its guild (a file path, ``session:{key}``...);
+    saving a source with an existing (guild_id, uri) replaces the old one.
+    """
+
+    guild_id: int
+    uri: str
+    title: str
+    source_type: SourceType = "document"
+    channel_id: int | None = None
+    content_hash: str = ""
+    status: SourceStatus = "pending"
+    metadata: dict[str, Any] = field(default_factory=dict)
+    session_key: str | None = None
+    source_id: int | None = None
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class KnowledgeChunk:
+    """A piece of a source, with its embedding once computed (``None`` = pending).
+
+    ``chunk_key`` is stable for the same content in the same place, so adding the
+    same chunk twice is a no-op. ``guild_id``/``channel_id`` default to the source's.
+    """
+
+    chunk_key: str
+    content: str
+    chunk_index: int = 0
+    embedding: Vector | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    guild_id: int | None = None
+    channel_id: int | None = None
+    chunk_id: int | None = None
+    source_id: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PendingChunk:
+    """A chunk that still needs an embedding (for the embed-pending and re-embed jobs)."""
+
+    chunk_id: int
+    source_id: int
+    content: str
+
+
+@dataclass(frozen=True, slots=True)
+class SearchHit:
+    """One search result. ``similarity`` is cosine (1 = identical) for vector hits."""
+
+    chunk_id: int
+    source_id: int
+    content: str
+    score: float
+    guild_id: int
+    channel_id: int | None
+    metadata: dict[str, Any]
+    chunk_index: int = 0
+    similarity: float | None = None
+    source_title: str = ""
+    source_uri: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class EmbeddingConfig:
+    """The embedding model and dimension a database was built with."""
+
+    model: str
+    dimension: int
+
+
+@dataclass(frozen=True, slots=True)
+class DatabaseStats:
+    """What ``db status`` shows. ``details`` holds backend-specific facts."""
+
+    backend: str
+    location: str
+    schema_version: int
+    sessions: int
+    messages: int
+    sources: int
+    chunks: int
+    pending_chunks: int
+    embedding: EmbeddingConfig | None
+    size_bytes: int
+    details: dict[str, Any] = field(default_factory=dict)

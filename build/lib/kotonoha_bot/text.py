@@ -1,0 +1,158 @@
+"""Text rules shared by every layer: normalisation, the NUL rule, keyword tokens.
+
+This module sits below ``db/`` and ``knowledge/`` so that both backends and the
+knowledge layer apply exactly the same rules (the invariant in DESIGN.md).
+
+**The NUL rule.** U+0000 can never be stored (PostgreSQL rejects it in ``text``;
+SQLite would silently truncate it in some tools). The storage contract rejects
+text containing it with :class:`InvalidTextError`. Code that brings text in from
+outside (files, Discord, legacy databases) calls :func:`replace_nul`, which turns
+every U+0000 into U+FFFD (the replacement character) and reports how many it
+replaced, so nothing is dropped silently.
+
+**Keyword tokens.** PostgreSQL has no Japanese parser and SQLite's FTS5 trigram
+tokenizer cannot match two-character words, so both backends index the output of
+:func:`keyword_tokens`: text is NFKC-normalised and lower-cased, then split into
+runs of one script. Latin letters and digits give whole words; Han, Hiragana and
+Katakana runs give character bigrams (東京都 -> 東京 京都), and each Han character
+is also indexed alone so a one-character query (猫) still matches. Queries use the
+same function (see :func:`query_tokens`).
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+
+from kotonoha_bot.errors import InvalidTextError
+
+NUL = "\x00"
+REPLACEMENT = "\ufffd"
+
+_WS_RE = re.compile(r"[ \t\f\v\u3000]+")
+_NL_RE = re.compile(r"\n{3,}")
+
+
+def normalize_text(text: str) -> str:
+    """NFKC, unified newlines, runs of spaces collapsed, at most one blank line."""
+    text = unicodedata.normalize("NFKC", text.replace("\r\n", "\n").replace("\r", "\n"))
+    lines = [_WS_RE.sub(" ", line).strip() for line in text.split("\n")]
+    return _NL_RE.sub("\n\n", "\n".join(lines)).strip()
+
+
+def replace_nul(text: str) -> tuple[str, int]:
+    """Apply the NUL rule at an input edge: U+0000 -> U+FFFD, with the count replaced."""
+    count = text.count(NUL)
+    if count:
+        text = text.replace(NUL, REPLACEMENT)
+    return text, count
+
+
+def check_text(value: str, where: str) -> str:
+    """Reject text the storage contract cannot store (the NUL rule); return it unchanged."""
+    if not isinstance(value, str):
+        raise InvalidTextError(f"{where}: expected text, got {type(value).__name__}")
+    if NUL in value:
+        raise InvalidTextError(
+            f"{where}: text contains a NUL character (U+0000) at offset {value.index(NUL)};"
+            " replace it (kotonoha_bot.text.replace_nul) before storing"
+        )
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidTextError(
+            f"{where}: text is not valid Unicode (lone surrogate at offset {exc.start})"
+        ) from None
+    return value
+
+
+_LATIN = "latin"
+_HAN = "han"
+_HIRA = "hira"
+_KATA = "kata"
+
+
+def _script(ch: str) -> str | None:
+    code = ord(ch)
+    if ch.isascii():
+        return _LATIN if ch.isalnum() else None
+    if 0x3040 <= code <= 0x309F:
+        return _HIRA
+    if 0x30A0 <= code <= 0x30FF or 0x31F0 <= code <= 0x31FF:
+        return _KATA
+    if (
+        0x4E00 <= code <= 0x9FFF
+        or 0x3400 <= code <= 0x4DBF
+        or 0xF900 <= code <= 0xFAFF
+        or 0x20000 <= code <= 0x2FA1F
+        or ch in "々〆"
+    ):
+        return _HAN
+    if ch.isalnum():
+        # Other alphabets (accented Latin, Cyrillic, Hangul...) behave like words.
+        return _LATIN
+    return None
+
+
+def _runs(text: str) -> list[tuple[str, str]]:
+    runs: list[tuple[str, str]] = []
+    current: list[str] = []
+    current_script: str | None = None
+    for ch in text:
+        script = _script(ch)
+        if script != current_script:
+            if current and current_script is not None:
+                runs.append((current_script, "".join(current)))
+            current = []
+            current_script = script
+        if script is not None:
+            current.append(ch)
+    if current and current_script is not None:
+        runs.append((current_script, "".join(current)))
+    return runs
+
+
+def _bigrams(run: str) -> list[str]:
+    if len(run) == 1:
+        return [run]
+    return [run[i : i + 2] for i in range(len(run) - 1)]
+
+
+def keyword_tokens(text: str) -> list[str]:
+    """Tokens to index for ``text`` (order kept, duplicates kept for term frequency)."""
+    tokens: list[str] = []
+    for script, run in _runs(unicodedata.normalize("NFKC", text).lower()):
+        if script == _LATIN:
+            tokens.append(run)
+            continue
+        tokens.extend(_bigrams(run))
+        if script == _HAN and len(run) > 1:
+            tokens.extend(run)
+    return tokens
+
+
+def query_tokens(text: str) -> list[str]:
+    """Distinct tokens of a query, in order: the same rule as indexing, without unigrams."""
+    seen: dict[str, None] = {}
+    for script, run in _runs(unicodedata.normalize("NFKC", text).lower()):
+        if script == _LATIN:
+            seen.setdefault(run, None)
+        else:
+            for tok in _bigrams(run):
+                seen.setdefault(tok, None)
+    return list(seen)
+
+
+def keyword_document(text: str) -> str:
+    """The space-separated token string both backends store in their full-text index."""
+    return " ".join(keyword_tokens(text))
+
+
+def human_size(n: int) -> str:
+    """Bytes as people read them: ``512 B``, ``1.5 KiB``, ``781.0 MiB``."""
+    size = float(n)
+    for unit in ("B", "KiB", "MiB"):
+        if size < 1024:
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} GiB"
