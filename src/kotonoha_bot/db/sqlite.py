@@ -12,8 +12,10 @@ transaction commits and reloaded when another process changed the file
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import sqlite3
+from collections import Counter
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
@@ -61,7 +63,7 @@ from kotonoha_bot.models import (
     Vector,
     utcnow,
 )
-from kotonoha_bot.text import check_text, keyword_document, query_tokens
+from kotonoha_bot.text import bm25_score, check_text, keyword_document, keyword_plan, query_terms
 
 if TYPE_CHECKING:
     from kotonoha_bot.config import Settings
@@ -1059,31 +1061,53 @@ class SQLiteDatabase(AsyncLifecycle):
         check_top_k(top_k)
         check_text(query, "keyword query")
         wanted = check_filters(filters)
-        tokens = query_tokens(query)
-        if not tokens:
+        terms = query_terms(query)
+        if not terms:
             return []
-        match = " OR ".join('"' + t.replace('"', '""') + '"' for t in tokens)
-        sql = (
-            "SELECT c.id, -bm25(knowledge_chunks_fts) AS score FROM knowledge_chunks_fts"
-            " JOIN knowledge_chunks c ON c.id = knowledge_chunks_fts.rowid"
-            " WHERE knowledge_chunks_fts MATCH ? AND c.guild_id = ?"
-        )
-        params: list[Any] = [match, guild_id]
-        if channel_id is not None:
-            sql += " AND c.channel_id = ?"
-            params.append(channel_id)
+        scope = " AND c.guild_id = ?" + (" AND c.channel_id = ?" if channel_id is not None else "")
+        params: list[Any] = [guild_id] + ([channel_id] if channel_id is not None else [])
         if wanted:
             clause, fparams = _filter_sql(wanted, "c.metadata")
-            sql += f" AND {clause}"
+            scope += f" AND {clause}"
             params += fparams
-        sql += " ORDER BY bm25(knowledge_chunks_fts), c.id LIMIT ?"
-        params.append(top_k)
+        matching = (
+            "SELECT c.id, c.search_text FROM knowledge_chunks_fts"
+            " JOIN knowledge_chunks c ON c.id = knowledge_chunks_fts.rowid"
+            " WHERE knowledge_chunks_fts MATCH ?" + scope
+        )
         async with self._read("keyword search") as conn:
-            rows = await (await conn.execute(sql, params)).fetchall()
-            # bm25 is negative-better; FTS5 gives tiny magnitudes on tiny corpora, so clamp
-            # to a positive score while keeping the order.
-            ranked = [(int(r[0]), max(float(r[1]), 1e-9)) for r in rows]
-            return await self._hits(conn, ranked, similarity=False)
+            # The scope's statistics (the same numbers PostgreSQL computes): its chunk
+            # count and each term's document frequency, then the shared plan and score.
+            count_sql = "SELECT count(*) FROM knowledge_chunks c WHERE 1 = 1" + scope
+            row = await (await conn.execute(count_sql, params)).fetchone()
+            n_docs = int(row[0]) if row else 0
+            df: dict[str, int] = {}
+            for term in terms:
+                cursor = await conn.execute(
+                    f"SELECT count(*) FROM ({matching})", [_fts_phrase(term), *params]
+                )
+                row = await cursor.fetchone()
+                df[term] = int(row[0]) if row else 0
+            plan = keyword_plan(terms, df, n_docs)
+            if plan is None:
+                return []
+            match = " OR ".join(_fts_phrase(t) for t in plan.terms)
+            rows = await (await conn.execute(matching, [match, *params])).fetchall()
+            docs = [(int(r[0]), r[1].split(" ")) for r in rows]
+            avg_len = sum(max(len(toks), 1) for _, toks in docs) / max(len(docs), 1)
+            scored = []
+            for cid, toks in docs:
+                counts = Counter(toks)
+                score, coverage = bm25_score(plan, counts, len(toks), avg_len)
+                if score > 0:
+                    scored.append((cid, score, coverage))
+            scored.sort(key=lambda x: (-x[1], x[0]))
+            scored = scored[:top_k]
+            hits = await self._hits(
+                conn, [(cid, score) for cid, score, _ in scored], similarity=False
+            )
+            cover = {cid: cov for cid, _, cov in scored}
+            return [dataclasses.replace(h, coverage=cover[h.chunk_id]) for h in hits]
 
     async def _hits(
         self, conn: aiosqlite.Connection, ranked: list[tuple[int, float]], *, similarity: bool
@@ -1358,6 +1382,11 @@ class SQLiteDatabase(AsyncLifecycle):
             size_bytes=size,
             details=details,
         )
+
+
+def _fts_phrase(token: str) -> str:
+    """One keyword token as an FTS5 phrase (quotes doubled), so no token is an operator."""
+    return '"' + token.replace('"', '""') + '"'
 
 
 def _split_sql(script: str) -> list[str]:
