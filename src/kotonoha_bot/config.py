@@ -103,11 +103,23 @@ class Settings(BaseSettings):
     chunk_max_chars: int = Field(800, ge=50, description="Maximum characters per chunk.")
     chunk_overlap_chars: int = Field(100, ge=0, description="Characters shared by neighbours.")
     search_top_k: int = Field(5, ge=1, le=100, description="Knowledge hits given to the LLM.")
-    rrf_k: int = Field(20, ge=1, description="Reciprocal rank fusion constant k.")
-    hybrid_vector_weight: float = Field(1.0, ge=0, description="RRF weight of vector hits.")
-    hybrid_keyword_weight: float = Field(1.0, ge=0, description="RRF weight of keyword hits.")
+    hybrid_vector_share: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="Weight of vector scores in hybrid search (0..1); empty = measured per model.",
+    )
     search_min_similarity: float | None = Field(
-        None, ge=-1, le=1, description="Drop vector hits below this cosine similarity."
+        None,
+        ge=-1,
+        le=1,
+        description="Relevance floor: cosine similarity a hit needs; empty = measured per model.",
+    )
+    search_min_coverage: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="Relevance floor: share of query terms matched that also vouches for a hit.",
     )
     archive_idle_minutes: float = Field(
         60.0, gt=0, description="Sessions idle this long are archived into knowledge."

@@ -37,7 +37,7 @@ from kotonoha_bot.errors import EmbeddingModelMismatchError, KotonohaError, LLME
 from kotonoha_bot.knowledge.archive import ArchiveReport, archive_idle_sessions, archive_session
 from kotonoha_bot.knowledge.embeddings.base import EmbeddingProvider, embedding_config
 from kotonoha_bot.knowledge.ingest import embed_pending
-from kotonoha_bot.knowledge.search import RankedHit, search_knowledge
+from kotonoha_bot.knowledge.search import RankedHit, search_knowledge, search_tuning
 from kotonoha_bot.llm.base import ChatTurn, LLMProvider
 from kotonoha_bot.models import Message, utcnow
 from kotonoha_bot.text import replace_nul
@@ -211,10 +211,7 @@ class ChatService:
             channel_id=channel_id,
             mode="hybrid",
             top_k=top_k,
-            rrf_k=s.rrf_k,
-            vector_weight=s.hybrid_vector_weight,
-            keyword_weight=s.hybrid_keyword_weight,
-            min_similarity=s.search_min_similarity,
+            **search_tuning(s),
         )
         return list(result.hits)
 

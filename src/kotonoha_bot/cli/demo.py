@@ -14,7 +14,7 @@ import typer
 from kotonoha_bot.cli.common import err_console, fail, get_settings, out_console, run_async
 from kotonoha_bot.cli.kb import _open, _print_hits, _progress
 from kotonoha_bot.knowledge.ingest import find_files, ingest_paths
-from kotonoha_bot.knowledge.search import search_knowledge
+from kotonoha_bot.knowledge.search import search_knowledge, search_tuning
 
 DEMO_GUILD = 1
 
@@ -73,9 +73,7 @@ async def demo(
                 guild_id=DEMO_GUILD,
                 mode="hybrid",
                 top_k=top_k,
-                rrf_k=settings.rrf_k,
-                vector_weight=settings.hybrid_vector_weight,
-                keyword_weight=settings.hybrid_keyword_weight,
+                **search_tuning(settings),
             )
             _print_hits(result, question)
     out_console.print(

@@ -27,7 +27,12 @@ from kotonoha_bot.db.base import DatabaseProtocol
 from kotonoha_bot.knowledge.archive import archive_idle_sessions
 from kotonoha_bot.knowledge.embeddings import EmbeddingProvider, create_embedding_provider
 from kotonoha_bot.knowledge.ingest import embed_pending, find_files, ingest_paths, reembed
-from kotonoha_bot.knowledge.search import SEARCH_MODES, SearchResult, search_knowledge
+from kotonoha_bot.knowledge.search import (
+    SEARCH_MODES,
+    SearchResult,
+    search_knowledge,
+    search_tuning,
+)
 
 app = typer.Typer(help="Build and search the knowledge base.", no_args_is_help=True)
 
@@ -172,10 +177,7 @@ async def search(
             channel_id=channel,
             mode=mode,
             top_k=top_k,
-            rrf_k=settings.rrf_k,
-            vector_weight=settings.hybrid_vector_weight,
-            keyword_weight=settings.hybrid_keyword_weight,
-            min_similarity=settings.search_min_similarity,
+            **search_tuning(settings),
         )
     for warning in result.warnings:
         err_console.print(f"[yellow]warning:[/] {warning}")

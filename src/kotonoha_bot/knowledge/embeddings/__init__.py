@@ -55,7 +55,7 @@ __all__ = [
 log = logging.getLogger("kotonoha_bot.knowledge")
 
 HASHING_MODEL = "hashing-ngram-v1"
-E5_MODEL = "multilingual-e5-small-q4"
+E5_MODEL = "multilingual-e5-small-q4-lc"
 REEMBED_HINT = "run `kotonoha kb reembed` to move this database to it"
 
 
