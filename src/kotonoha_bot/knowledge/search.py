@@ -18,10 +18,11 @@ a common word does not. ``a``, ``b``, ``p`` and ``depth`` form a
 :class:`FusionProfile`, measured per embedder on the dev half of the labelled set
 (``python -m benchmarks.bench_retrieval``); unknown semantic models get the e5 one.
 
-**Relevance floor.** A hybrid hit is kept only when one half vouches for it: its
-cosine similarity reaches the profile's ``min_similarity`` or its keyword coverage
-reaches ``min_coverage``. When nothing does, the result is empty and the bot sends
-no reference at all. ``SEARCH_MIN_SIMILARITY`` / ``SEARCH_MIN_COVERAGE`` override it.
+**Relevance floor.** A hybrid query is answered only when one half vouches for it:
+its best cosine similarity reaches the profile's ``min_similarity`` or its best
+keyword coverage reaches ``min_coverage`` (:func:`nothing_relevant`). Otherwise the
+result is empty and the bot sends no reference at all, rather than the least-bad
+chunks. ``SEARCH_MIN_SIMILARITY`` / ``SEARCH_MIN_COVERAGE`` override the profile.
 """
 
 from __future__ import annotations
@@ -173,13 +174,25 @@ def fuse(
     ]
 
 
-def relevant(hit: SearchHit, min_similarity: float | None, min_coverage: float | None) -> bool:
-    """The relevance floor: does either half vouch for this hit?"""
-    if min_similarity is None and min_coverage is None:
-        return True
-    if min_similarity is not None and (hit.similarity or -1.0) >= min_similarity:
-        return True
-    return min_coverage is not None and (hit.coverage or 0.0) >= min_coverage
+def nothing_relevant(
+    vector_hits: list[SearchHit], keyword_hits: list[SearchHit], profile: FusionProfile
+) -> bool:
+    """The relevance floor: True when neither half vouches for any hit of the query.
+
+    A query is answered when its best vector hit reaches ``min_similarity`` or its best
+    keyword hit reaches ``min_coverage``; a side without a floor (None) always vouches
+    when it found anything. Without a vector list (no embedder, service down) only the
+    keyword side decides.
+    """
+    if profile.min_similarity is None and vector_hits:
+        return False
+    if profile.min_coverage is None and keyword_hits:
+        return False
+    best_sim = max((h.similarity or -1.0 for h in vector_hits), default=-1.0)
+    best_cov = max((h.coverage or 0.0 for h in keyword_hits), default=0.0)
+    if profile.min_similarity is not None and best_sim >= profile.min_similarity:
+        return False
+    return not (profile.min_coverage is not None and best_cov >= profile.min_coverage)
 
 
 async def search_knowledge(
@@ -252,8 +265,6 @@ async def search_knowledge(
         ]
     else:
         hits = fuse(vector_hits, keyword_hits, profile, top_k=top_k)
-        if floor:
-            # Without a vector list (no embedder, service down) only coverage can vouch.
-            sim_floor = profile.min_similarity if vector_hits else None
-            hits = [h for h in hits if relevant(h.hit, sim_floor, profile.min_coverage)]
+        if floor and nothing_relevant(vector_hits, keyword_hits, profile):
+            hits = []
     return SearchResult(hits=hits, mode=mode, warnings=warnings)
