@@ -20,7 +20,7 @@ from kotonoha_bot.knowledge.archive import archive_idle_sessions, windows
 from kotonoha_bot.knowledge.embeddings.hashing import HashingEmbeddingProvider
 from kotonoha_bot.knowledge.embeddings.openai_api import OpenAIEmbeddingProvider
 from kotonoha_bot.knowledge.ingest import embed_pending, ingest_paths, reembed
-from kotonoha_bot.knowledge.search import reciprocal_rank_fusion, search_knowledge
+from kotonoha_bot.knowledge.search import FusionProfile, fuse, nothing_relevant, search_knowledge
 from kotonoha_bot.models import ChatSession, Message, SearchHit
 from tests.fakes.api_server import FakeAPIServer, Reply, fake_api_fixture
 
@@ -243,33 +243,43 @@ async def test_concurrent_archivers_add_nothing_twice(db: DatabaseProtocol) -> N
     assert (await db.stats()).chunks == 3 * per_session
 
 
-def test_rrf_rewards_agreement_and_keeps_single_mode_hits() -> None:
-    def hit(i: int) -> SearchHit:
-        return SearchHit(
-            chunk_id=i,
-            source_id=1,
-            content=str(i),
-            score=1.0,
-            guild_id=1,
-            channel_id=None,
-            metadata={},
-        )
+def _hit(i: int, *, similarity: float | None = None, coverage: float | None = None) -> SearchHit:
+    return SearchHit(
+        chunk_id=i,
+        source_id=i,
+        content=str(i),
+        score=similarity if similarity is not None else 1.0,
+        guild_id=1,
+        channel_id=None,
+        metadata={},
+        similarity=similarity,
+        coverage=coverage,
+    )
 
-    fused = reciprocal_rank_fusion(
-        [hit(1), hit(2), hit(3)],
-        [hit(3), hit(4)],
-        k=60,
-        vector_weight=1,
-        keyword_weight=1,
-        top_k=10,
-    )
-    assert fused[0].hit.chunk_id == 3  # found by both
-    assert {r.hit.chunk_id for r in fused} == {1, 2, 3, 4}
+
+def test_fusion_lets_a_full_keyword_match_beat_the_vector_top_hit() -> None:
+    profile = FusionProfile(0.3, 4.0, 1.0, 10, None, None)
+    vector = [_hit(1, similarity=0.9), _hit(2, similarity=0.8), _hit(3, similarity=0.5)]
+    full = [_hit(3, coverage=1.0), _hit(4, coverage=0.3)]
+    fused = fuse(vector, full, profile, top_k=10)
+    assert fused[0].hit.chunk_id == 3  # holds every informative term of the query
     assert fused[0].vector_rank == 3 and fused[0].keyword_rank == 1
-    only_kw = reciprocal_rank_fusion(
-        [hit(1)], [hit(2)], k=60, vector_weight=0.0, keyword_weight=1.0, top_k=1
-    )
-    assert only_kw[0].hit.chunk_id == 2
+    assert {r.hit.chunk_id for r in fused} == {1, 2, 3, 4}
+    # A keyword hit that shares only a small part of the query does not outvote the
+    # vector list's best hit (the failure of rank fusion this replaces).
+    partial = [_hit(3, coverage=0.4), _hit(4, coverage=0.3)]
+    assert fuse(vector, partial, profile, top_k=10)[0].hit.chunk_id == 1
+
+
+def test_relevance_floor_needs_one_side_to_vouch() -> None:
+    profile = FusionProfile(0.3, 4.0, 1.0, 10, 0.5, 1.0)
+    weak = [_hit(1, similarity=0.4)]
+    assert nothing_relevant(weak, [_hit(2, coverage=0.6)], profile)
+    assert not nothing_relevant([_hit(1, similarity=0.55)], [], profile)
+    assert not nothing_relevant(weak, [_hit(2, coverage=1.0)], profile)
+    assert nothing_relevant([], [], profile)
+    no_floor = FusionProfile(0.3, 4.0, 1.0, 10, None, None)
+    assert not nothing_relevant(weak, [], no_floor)
 
 
 async def test_archiving_after_forget_keeps_new_messages(db: DatabaseProtocol) -> None:
