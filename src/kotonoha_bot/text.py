@@ -24,7 +24,8 @@ dropped before searching, and so is any term found in more than
 :data:`MAX_TERM_SHARE` of the searched chunks (an IDF floor: "how", "game" or the
 bigram "ます" match half a community's notes and would otherwise pull in rows that
 share nothing but grammar). :func:`keyword_plan` makes that decision from the
-scope's document frequencies, and :func:`bm25_score` scores a chunk — BM25 for the
+scope's document frequencies (query terms found nowhere still count against
+coverage), and :func:`bm25_score` scores a chunk — BM25 for the
 order, and the *coverage* (IDF-weighted share of the informative query terms the
 chunk contains, 0..1) for fusion and the relevance floor. Both backends compute
 the frequencies over the same scope and call these functions (SQLite in Python,
@@ -302,15 +303,21 @@ def query_terms(text: str) -> list[str]:
 
 @dataclass(frozen=True, slots=True)
 class KeywordPlan:
-    """The informative terms of a query and their IDF weights, for one search scope."""
+    """The informative terms of a query and their IDF weights, for one search scope.
+
+    ``missing_weight`` is the weight of query terms no chunk in the scope contains:
+    nothing can match them, but they still count against coverage (a question about
+    "refund policy" is not answered by a chunk that only shares "T-shirt").
+    """
 
     terms: tuple[str, ...]
     weights: tuple[float, ...]
+    missing_weight: float = 0.0
 
     @property
     def total_weight(self) -> float:
-        """Sum of the weights: a chunk holding every term has coverage 1."""
-        return sum(self.weights)
+        """Sum of every weight: a chunk holding every query term has coverage 1."""
+        return sum(self.weights) + self.missing_weight
 
 
 def bm25_idf(df: int, n_docs: int) -> float:
@@ -319,12 +326,18 @@ def bm25_idf(df: int, n_docs: int) -> float:
 
 
 def keyword_plan(terms: Sequence[str], df: Mapping[str, int], n_docs: int) -> KeywordPlan | None:
-    """Keep the terms that carry information in this scope; None when none does."""
-    limit = max(MAX_TERM_SHARE * n_docs, MIN_KEPT_DF)
-    kept = [t for t in terms if 0 < df.get(t, 0) <= limit]
-    if not kept:
+    """Keep the terms that carry information in this scope; None when nothing matches.
+
+    When every term that occurs is too common, the rarest one is kept (the query has
+    nothing better, and a one-word search should still find its rows).
+    """
+    present = [t for t in terms if df.get(t, 0) > 0]
+    if not present:
         return None
-    return KeywordPlan(tuple(kept), tuple(bm25_idf(df[t], n_docs) for t in kept))
+    limit = max(MAX_TERM_SHARE * n_docs, MIN_KEPT_DF)
+    kept = [t for t in present if df[t] <= limit] or [min(present, key=lambda t: df[t])]
+    missing = sum(bm25_idf(0, n_docs) for t in terms if df.get(t, 0) == 0)
+    return KeywordPlan(tuple(kept), tuple(bm25_idf(df[t], n_docs) for t in kept), missing)
 
 
 def bm25_score(
