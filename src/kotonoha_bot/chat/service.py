@@ -3,7 +3,8 @@
 ``respond``: open the session -> store the user's message -> retrieve knowledge
 (this channel first, then the rest of the same guild; nothing in a DM) -> build the
 prompt (system prompt, history within ``HISTORY_TOKEN_BUDGET``, references as
-quoted data) -> ask the LLM -> store the reply -> return it. The reply is stored
+quoted data) -> ask the LLM -> store the reply -> archive the turns that no longer
+fit the history (so they stay findable) -> return it. The reply is stored
 before the caller shows it (see :mod:`kotonoha_bot.chat.sessions`).
 
 An ``LLMError`` becomes ``LLM_ERROR_MESSAGE`` for the user and one warning in the
@@ -34,7 +35,12 @@ from kotonoha_bot.chat.sessions import SessionManager
 from kotonoha_bot.config import Settings
 from kotonoha_bot.db.base import DatabaseProtocol, ForgetResult
 from kotonoha_bot.errors import EmbeddingModelMismatchError, KotonohaError, LLMError
-from kotonoha_bot.knowledge.archive import ArchiveReport, archive_idle_sessions, archive_session
+from kotonoha_bot.knowledge.archive import (
+    ArchiveReport,
+    archive_idle_sessions,
+    archive_left_history,
+    archive_session,
+)
 from kotonoha_bot.knowledge.embeddings.base import EmbeddingProvider, embedding_config
 from kotonoha_bot.knowledge.ingest import embed_pending
 from kotonoha_bot.knowledge.search import RankedHit, search_knowledge, search_tuning
@@ -150,7 +156,26 @@ class ChatService:
                 )
                 return ChatReply(self.settings.llm_error_message, False, conv.session_key, hits)
             await handle.append(Message(role="assistant", content=text, timestamp=self._clock()))
+            archived_upto = handle.session.last_archived_message_index
+        if conv.guild_id is not None and oldest - 1 > archived_upto:
+            await self._archive_left_history(conv.session_key, oldest - 1)
         return ChatReply(text, True, conv.session_key, hits)
+
+    async def _archive_left_history(self, session_key: str, upto: int) -> None:
+        """Make the turns that left the history window searchable now (not after idling)."""
+        try:
+            added = await archive_left_history(
+                self.db,
+                self.embedder,
+                session_key,
+                upto=upto,
+                window=self.settings.archive_window_messages,
+                overlap=self.settings.archive_window_overlap,
+            )
+            if added:  # the stored session moved on (its archive mark): reload next turn
+                self.sessions.invalidate(session_key=session_key)
+        except KotonohaError as exc:
+            log.warning("archiving the older turns of %s failed: %s", session_key, exc)
 
     def _message(self, incoming: Incoming) -> Message:
         # The NUL rule at the input edge: U+0000 cannot be stored, U+FFFD keeps its place.
