@@ -16,7 +16,8 @@ import pytest
 
 from kotonoha_bot.db.base import DatabaseProtocol
 from kotonoha_bot.errors import EmbeddingModelMismatchError
-from kotonoha_bot.knowledge.archive import archive_idle_sessions, windows
+from kotonoha_bot.knowledge.archive import archive_idle_sessions, archive_left_history, windows
+from kotonoha_bot.knowledge.embeddings.base import embedding_config
 from kotonoha_bot.knowledge.embeddings.hashing import HashingEmbeddingProvider
 from kotonoha_bot.knowledge.embeddings.openai_api import OpenAIEmbeddingProvider
 from kotonoha_bot.knowledge.ingest import embed_pending, ingest_paths, reembed
@@ -183,6 +184,38 @@ def _session(key: str, guild: int | None, channel: int, n: int, start: datetime)
             s.add_message(Message("assistant", f"答え{i} です", ts))
     s.last_active_at = start + timedelta(seconds=n)
     return s
+
+
+async def test_turns_leaving_the_history_are_archived_once_then_idle_archiving_continues(
+    db: DatabaseProtocol,
+) -> None:
+    emb = HashingEmbeddingProvider(dimension=128)
+    await db.set_embedding_config(embedding_config(emb))
+    old = datetime.now(UTC) - timedelta(hours=3)
+    await db.save_session(_session("mention:live", 5, 50, 10, old))
+    # Messages 0-5 left the history window of the live session: searchable at once.
+    assert await archive_left_history(db, emb, "mention:live", upto=5, window=4, overlap=1) > 0
+    stored = await db.load_session("mention:live")
+    assert stored is not None and stored.last_archived_message_index == 5
+    found = await search_knowledge(db, emb, "質問4", guild_id=5, mode="keyword", top_k=5)
+    assert any("質問4" in h.hit.content for h in found.hits)
+    assert not any("質問6" in h.hit.content for h in found.hits)  # still in the history
+    again = await archive_left_history(db, emb, "mention:live", upto=5, window=4, overlap=1)
+    assert again == 0
+    # Later the session idles: the idle pass continues after message 5, nothing twice.
+    await archive_idle_sessions(db, emb, idle_minutes=60, window=4, overlap=1)
+    (source,) = await db.list_sources(guild_id=5)
+    spans = sorted(
+        (c.metadata["first_index"], c.metadata["last_index"])
+        for c in await db.list_chunks(source.source_id)
+    )
+    covered = [i for a, b in spans for i in range(a, b + 1)]
+    assert set(covered) == set(range(10))
+    assert len({a for a, _ in spans}) == len(spans)
+    # Each message is in at most two windows (a window and its neighbour's overlap).
+    assert max(covered.count(i) for i in range(10)) <= 2
+    stored = await db.load_session("mention:live")
+    assert stored is not None and stored.last_archived_message_index == 9
 
 
 async def test_archiving_is_idempotent_scoped_and_incremental(db: DatabaseProtocol) -> None:
