@@ -53,6 +53,14 @@ MODES = ("vector", "keyword", "hybrid")
 CLASSES = ("keyword", "paraphrase", "crosslingual", "conversation")
 
 
+def git_commit() -> str:
+    """The commit measured (short hash)."""
+    out = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+    )
+    return out.stdout.strip() or "unknown"
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -150,9 +158,7 @@ async def main(args: argparse.Namespace) -> None:
     queries = load_queries(QUERIES, split)
     tmp = Path(tempfile.mkdtemp(prefix="kotonoha-retrieval-"))
     settings = Settings(_env_file=None)  # type: ignore[call-arg]
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
-    ).stdout.strip()
+    commit = git_commit()
     print(
         f"commit {commit}; {len(queries)} queries ({args.split} split) over"
         f" {CORPUS.relative_to(ROOT)} + {CONVERSATIONS.relative_to(ROOT)}; SQLite\n"

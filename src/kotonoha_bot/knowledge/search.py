@@ -65,16 +65,18 @@ class FusionProfile:
     """Relevance floor on keyword coverage (None = no floor on this side)."""
 
 
-#: Measured on the dev half of examples/queries.json (docs/KNOWLEDGE.md). The
-#: similarity floors sit at the 5th percentile of the answerable queries' best
-#: similarity, so about 95 % of answerable queries keep their references.
+#: Tuned on the dev half of examples/queries.json by ``python -m benchmarks.tune_fusion``
+#: (docs/KNOWLEDGE.md has the held-out results). Floors: the (similarity, coverage)
+#: pair that turns away the most no-answer queries while answerable ones keep at
+#: least 95 % of their recall.
 FUSION_PROFILES: dict[str, FusionProfile] = {
-    "hashing-ngram-v1": FusionProfile(0.1, 1.0, 0.8, 10, 0.16, 1.0),
-    "multilingual-e5-small-q4-lc": FusionProfile(0.2, 4.0, 1.0, 10, 0.30, 1.0),
-    "multilingual-e5-small-q4": FusionProfile(0.3, 4.0, 1.0, 10, 0.81, 1.0),
+    "hashing-ngram-v1": FusionProfile(0.1, 1.0, 0.8, 10, 0.10, 0.6),
+    "multilingual-e5-small-q4-lc": FusionProfile(0.2, 4.0, 1.0, 10, 0.311, 0.6),
+    "multilingual-e5-small-q4": FusionProfile(0.1, 6.0, 1.0, 10, 0.815, 0.6),
 }
-#: Semantic models not measured here (OpenAI, other servers): the e5 weights, no floor.
-DEFAULT_PROFILE = FusionProfile(0.3, 4.0, 1.0, 10, None, None)
+#: Semantic models not measured here (OpenAI, other servers): e5's weights, no floor
+#: (similarity scales differ too much between models to guess one).
+DEFAULT_PROFILE = FusionProfile(0.2, 4.0, 1.0, 10, None, None)
 
 
 def search_tuning(settings: Settings) -> dict[str, Any]:
