@@ -134,7 +134,10 @@ async def main() -> None:
     grid = [
         FusionProfile(a, p, b, d, None, None)
         for a, p, b, d in itertools.product(
-            (0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5), (1.0, 2.0, 3.0, 4.0, 6.0), (0.5, 0.8, 0.9, 0.95, 1.0), (5, 10, 20)
+            (0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5),
+            (1.0, 2.0, 3.0, 4.0, 6.0),
+            (0.5, 0.8, 0.9, 0.95, 1.0),
+            (5, 10, 20),
         )
     ]
     with contextlib.ExitStack() as stack:
