@@ -132,12 +132,13 @@ async def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="kotonoha-tune-"))
     settings = Settings(_env_file=None)  # type: ignore[call-arg]
     grid = [
-        FusionProfile(a, p, b, d, None, None)
-        for a, p, b, d in itertools.product(
-            (0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5),
-            (1.0, 2.0, 3.0, 4.0, 6.0),
-            (0.5, 0.8, 0.9, 0.95, 1.0),
-            (5, 10, 20),
+        FusionProfile(a, p, b, d, None, None, g)
+        for a, p, b, d, g in itertools.product(
+            (0.1, 0.2, 0.3, 0.4, 0.5),
+            (1.0, 2.0, 4.0, 6.0),
+            (0.8, 0.9, 1.0),
+            (10, 20),
+            (0.0, 0.5, 0.7, 0.9, 1.0),
         )
     ]
     with contextlib.ExitStack() as stack:

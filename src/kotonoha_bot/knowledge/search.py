@@ -7,14 +7,15 @@ it looks at *how sure* each half is instead of ranks alone (rank fusion let a
 keyword list of chunks sharing only "how"/"to"/"the" outvote the right vector hit):
 
 ``score = a * (sim - sim_low) / (sim_top - sim_low)``
-``        + (1 - a) * (b * coverage**p + (1 - b) * bm25 / bm25_top)``
+``        + (1 - a) * t * (b * coverage**p + (1 - b) * bm25 / bm25_top)``
 
 over the first ``depth`` hits of each list: the vector side normalised between its
 best and its ``depth``-th similarity, the keyword side by *coverage*, the
 IDF-weighted share of the query's informative terms a chunk holds
 (:func:`kotonoha_bot.text.keyword_plan`). ``coverage**p`` with a large ``p`` means a
 chunk that holds every rare term of the query ("LT-1042") wins, and one that shares
-a common word does not. ``a``, ``b``, ``p`` and ``depth`` form a
+a common word does not; ``t`` fades the whole keyword side when even its best hit
+holds little of the query (a question asked in the other language). ``a``, ``b``, ``p`` and ``depth`` form a
 :class:`FusionProfile`, measured per embedder on the dev half of the labelled set
 (``python -m benchmarks.bench_retrieval``); unknown semantic models get the e5 one.
 
@@ -63,6 +64,10 @@ class FusionProfile:
     """Relevance floor on cosine similarity (None = no floor on this side)."""
     min_coverage: float | None
     """Relevance floor on keyword coverage (None = no floor on this side)."""
+    coverage_gate: float = 0.0
+    """Keyword side fades when the query's best coverage is below this (0 = never):
+    a keyword list whose best hit holds little of the query (asked in the other
+    language, or in other words) is noise next to the vector list."""
 
 
 #: Tuned on the dev half of examples/queries.json by ``python -m benchmarks.tune_fusion``
@@ -71,12 +76,12 @@ class FusionProfile:
 #: least 95 % of their recall.
 FUSION_PROFILES: dict[str, FusionProfile] = {
     "hashing-ngram-v1": FusionProfile(0.1, 1.0, 0.8, 10, 0.10, 0.6),
-    "multilingual-e5-small-q4-lc": FusionProfile(0.2, 4.0, 1.0, 10, 0.311, 0.6),
+    "multilingual-e5-small-q4-lc": FusionProfile(0.2, 4.0, 0.9, 10, 0.311, 0.6, 1.0),
     "multilingual-e5-small-q4": FusionProfile(0.1, 6.0, 1.0, 10, 0.815, 0.6),
 }
 #: Semantic models not measured here (OpenAI, other servers): e5's weights, no floor
 #: (similarity scales differ too much between models to guess one).
-DEFAULT_PROFILE = FusionProfile(0.2, 4.0, 1.0, 10, None, None)
+DEFAULT_PROFILE = FusionProfile(0.2, 4.0, 0.9, 10, None, None, 1.0)
 
 
 def search_tuning(settings: Settings) -> dict[str, Any]:
@@ -154,14 +159,22 @@ def fuse(
     kw = keyword_hits[: profile.depth]
     if kw:
         best = max(h.score for h in kw) or 1.0
+        best_coverage = max(h.coverage or 0.0 for h in kw)
+        trust = 1.0
+        if profile.coverage_gate > 0 and best_coverage < profile.coverage_gate:
+            trust = (best_coverage / profile.coverage_gate) ** 2
         for rank, hit in enumerate(kw, start=1):
             coverage = hit.coverage if hit.coverage is not None else 0.0
             e = entries.setdefault(hit.chunk_id, {"hit": hit, "score": 0.0})
             if e["hit"].coverage is None:
                 e["hit"] = replace(e["hit"], coverage=hit.coverage)
-            e["score"] += (1.0 - profile.vector_share) * (
-                profile.coverage_share * coverage**profile.coverage_power
-                + (1.0 - profile.coverage_share) * hit.score / best
+            e["score"] += (
+                (1.0 - profile.vector_share)
+                * trust
+                * (
+                    profile.coverage_share * coverage**profile.coverage_power
+                    + (1.0 - profile.coverage_share) * hit.score / best
+                )
             )
             e["keyword_rank"] = rank
     ranked = sorted(entries.values(), key=lambda e: (-e["score"], e["hit"].chunk_id))
