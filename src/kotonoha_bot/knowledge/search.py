@@ -13,11 +13,12 @@ over the first ``depth`` hits of each list: the vector side normalised between i
 best and its ``depth``-th similarity, the keyword side by *coverage*, the
 IDF-weighted share of the query's informative terms a chunk holds
 (:func:`kotonoha_bot.text.keyword_plan`). ``coverage**p`` with a large ``p`` means a
-chunk that holds every rare term of the query ("LT-1042") wins, and one that shares
-a common word does not; ``t`` fades the whole keyword side when even its best hit
-holds little of the query (a question asked in the other language). ``a``, ``b``, ``p`` and ``depth`` form a
-:class:`FusionProfile`, measured per embedder on the dev half of the labelled set
-(``python -m benchmarks.bench_retrieval``); unknown semantic models get the e5 one.
+chunk that holds every rare term of the query ("LT-1042") wins, and one that
+shares a common word does not; ``t`` fades the whole keyword side when even its
+best hit holds little of the query (a question asked in the other language).
+``a``, ``b``, ``p``, ``depth`` and the gate of ``t`` form a :class:`FusionProfile`,
+tuned per embedder on the dev half of the labelled set
+(``python -m benchmarks.tune_fusion``); unknown semantic models get e5's weights.
 
 **Relevance floor.** A hybrid query is answered only when one half vouches for it:
 its best cosine similarity reaches the profile's ``min_similarity`` or its best
