@@ -41,6 +41,7 @@ from kotonoha_bot.knowledge.archive import (
     archive_left_history,
     archive_session,
 )
+from kotonoha_bot.knowledge.embeddings import create_embedding_provider
 from kotonoha_bot.knowledge.embeddings.base import EmbeddingProvider, embedding_config
 from kotonoha_bot.knowledge.ingest import embed_pending
 from kotonoha_bot.knowledge.search import RankedHit, search_knowledge, search_tuning
@@ -106,6 +107,7 @@ class ChatService:
         self.db = db
         self.llm = llm
         self.embedder = embedder
+        self._owns_embedder = False  # True once we replaced the one we were given
         self.settings = settings
         self.sessions = sessions or SessionManager(db, sync_interval=settings.session_sync_interval)
         self.retention = GuildRetention(db, settings.data_retention_days, clock=clock)
@@ -122,6 +124,7 @@ class ChatService:
             raise ValueError("respond needs at least one incoming message")
         messages = [self._message(i) for i in incoming]
         self._unknown.pop(conv.session_key, None)
+        await self.follow_database_model()
         async with self.sessions.open(conv) as handle:
             await handle.append(*messages)
             session = handle.session
@@ -381,8 +384,39 @@ class ChatService:
 
     # --- background work ------------------------------------------------------------
 
+    async def follow_database_model(self) -> None:
+        """Switch the embedder when the database's model changed under us (``kb reembed``).
+
+        ``kotonoha kb reembed`` switches a database to new vectors while the bot runs;
+        from then on queries must be embedded with the new model. One small read per
+        turn (next to an LLM call) is the price of never searching with the wrong one.
+        """
+        recorded = await self.db.get_embedding_config()
+        current = embedding_config(self.embedder) if self.embedder is not None else None
+        if recorded is None or recorded == current:
+            return
+        try:
+            new = create_embedding_provider(self.settings, recorded=recorded)
+        except KotonohaError as exc:
+            log.error("the database now uses %s but it cannot be loaded: %s", recorded.model, exc)
+            return
+        if embedding_config(new) != recorded:
+            await new.aclose()
+            return
+        log.warning(
+            "the database now uses %s (%d dims), switched by `kotonoha kb reembed`;"
+            " embedding queries with it from now on",
+            recorded.model,
+            recorded.dimension,
+        )
+        old, self.embedder = self.embedder, new
+        if old is not None and self._owns_embedder:
+            await old.aclose()
+        self._owns_embedder = True
+
     async def archive_idle(self) -> ArchiveReport:
         """Archive sessions idle longer than ``ARCHIVE_IDLE_MINUTES`` into knowledge."""
+        await self.follow_database_model()
         cutoff = self._clock() - timedelta(minutes=self.settings.archive_idle_minutes)
         # Idle sessions leave the cache first, so the archiver's save is not a conflict.
         self.sessions.evict_idle(cutoff)
@@ -397,6 +431,7 @@ class ChatService:
 
     async def embed_pending(self) -> int:
         """Embed chunks stored without vectors (after an embedding-service outage)."""
+        await self.follow_database_model()
         if self.embedder is None:
             return 0
         return await embed_pending(
@@ -424,6 +459,8 @@ class ChatService:
     async def close(self) -> None:
         """Store everything not stored yet (batch mode); call at shutdown."""
         await self.sessions.close()
+        if self._owns_embedder and self.embedder is not None:
+            await self.embedder.aclose()
 
 
 async def checked_embedder(
