@@ -141,6 +141,36 @@ async def test_openai_compatible_server_without_key(
     assert fake_api.last("embeddings").json["model"] == "nomic-embed-text"
 
 
+async def test_openai_tells_queries_from_passages_when_configured(
+    fake_api: FakeAPIServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    plain = create_embedding_provider(openai_settings(monkeypatch, fake_api))
+    try:
+        await plain.embed_queries(["a question"])
+    finally:
+        await plain.aclose()
+    body = fake_api.last("embeddings").json
+    assert body["input"] == ["a question"] and "input_type" not in body  # OpenAI's own API
+    e5 = create_embedding_provider(
+        openai_settings(
+            monkeypatch,
+            fake_api,
+            embedding_query_prefix="query: ",
+            embedding_passage_prefix="passage: ",
+            embedding_input_type=True,
+        )
+    )
+    try:
+        await e5.embed_queries(["a question"])
+        asked = fake_api.last("embeddings").json
+        await e5.embed(["a stored text"])
+        stored = fake_api.last("embeddings").json
+    finally:
+        await e5.aclose()
+    assert asked["input"] == ["query: a question"] and asked["input_type"] == "query"
+    assert stored["input"] == ["passage: a stored text"] and stored["input_type"] == "passage"
+
+
 async def test_openai_retries_429_then_succeeds(
     fake_api: FakeAPIServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
