@@ -288,6 +288,9 @@ STOP_WORDS = frozenset(
         "yourself",
     ]
 )
+#: At most this many terms of a query are looked up (the last ones: the end of a long
+#: message matters most); each costs one index lookup for its document frequency.
+MAX_QUERY_TERMS = 48
 #: A term in more than this share of the searched chunks is dropped from the query.
 MAX_TERM_SHARE = 1 / 3
 #: ... but a term in at most this many chunks is always kept (tiny knowledge bases).
@@ -297,8 +300,8 @@ BM25_B = 0.75
 
 
 def query_terms(text: str) -> list[str]:
-    """:func:`query_tokens` without stop words: the terms a keyword search looks up."""
-    return [t for t in query_tokens(text) if t not in STOP_WORDS]
+    """:func:`query_tokens` without stop words (the last MAX_QUERY_TERMS): what is looked up."""
+    return [t for t in query_tokens(text) if t not in STOP_WORDS][-MAX_QUERY_TERMS:]
 
 
 @dataclass(frozen=True, slots=True)
@@ -325,16 +328,31 @@ def bm25_idf(df: int, n_docs: int) -> float:
     return math.log(1.0 + (n_docs - df + 0.5) / (df + 0.5))
 
 
+def df_limit(n_docs: int) -> int:
+    """The largest document frequency a kept term may have in a scope of ``n_docs``."""
+    return max(math.floor(MAX_TERM_SHARE * n_docs), MIN_KEPT_DF)
+
+
+def df_cap(n_docs: int) -> int:
+    """Backends count a term's documents only up to this (``df_limit`` + 1).
+
+    Whether a term is kept needs no more; a count that stops there keeps a common
+    term ("lt" in every "LT-1042" chunk) from costing a scan of the whole scope.
+    """
+    return df_limit(n_docs) + 1
+
+
 def keyword_plan(terms: Sequence[str], df: Mapping[str, int], n_docs: int) -> KeywordPlan | None:
     """Keep the terms that carry information in this scope; None when nothing matches.
 
-    When every term that occurs is too common, the rarest one is kept (the query has
-    nothing better, and a one-word search should still find its rows).
+    ``df`` may be capped at :func:`df_cap`. When every term that occurs is too common,
+    the least common one (the first of those tied at the cap) is kept: the query has
+    nothing better, and a one-word search should still find its rows.
     """
     present = [t for t in terms if df.get(t, 0) > 0]
     if not present:
         return None
-    limit = max(MAX_TERM_SHARE * n_docs, MIN_KEPT_DF)
+    limit = df_limit(n_docs)
     kept = [t for t in present if df[t] <= limit] or [min(present, key=lambda t: df[t])]
     missing = sum(bm25_idf(0, n_docs) for t in terms if df.get(t, 0) == 0)
     return KeywordPlan(tuple(kept), tuple(bm25_idf(df[t], n_docs) for t in kept), missing)

@@ -95,6 +95,7 @@ from kotonoha_bot.text import (
     BM25_B,
     BM25_K1,
     check_text,
+    df_cap,
     human_size,
     keyword_document,
     keyword_plan,
@@ -1365,12 +1366,18 @@ class PostgreSQLDatabase(AsyncLifecycle):
         n = len(params)
         # The scope's statistics (the same numbers SQLite computes): its chunk count and
         # each term's document frequency (GIN index), then the shared plan in Python.
-        stats_sql = (
-            f"SELECT (SELECT count(*) FROM knowledge_chunks c WHERE {scope}) AS n,"
-            " ARRAY(SELECT (SELECT count(*) FROM knowledge_chunks c"
-            f"   WHERE {scope} AND kotonoha_tsvector(c.search_text) @@ q.lex::tsquery)"
-            f"  FROM unnest(${n + 1}::text[]) WITH ORDINALITY AS q(lex, i) ORDER BY q.i) AS df"
+        # One count per term, each with its own tsquery parameter and stopping at the
+        # shared cap (text.df_cap). Each must be a GIN index scan: left to itself the
+        # planner seq-scans for a common term, computing every row's tsvector (0.4 s
+        # per term at 20k chunks), hence enable_seqscan off for these statements.
+        count_sql = f"SELECT count(*) FROM knowledge_chunks c WHERE {scope}"
+        counts = ", ".join(
+            f"(SELECT count(*) FROM (SELECT 1 FROM knowledge_chunks c WHERE {scope}"
+            f" AND kotonoha_tsvector(c.search_text) @@ ${n + 2 + i}::tsquery"
+            f" LIMIT ${n + 1}) AS m)"
+            for i in range(len(terms))
         )
+        stats_sql = f"SELECT ARRAY[{counts}]::bigint[] AS df"
         # BM25 with the plan's IDF weights (k1, b from kotonoha_bot.text), and coverage:
         # the weighted share of the plan's terms a chunk holds.
         score_sql = (
@@ -1398,26 +1405,29 @@ class PostgreSQLDatabase(AsyncLifecycle):
 
         async def body(conn: Conn) -> list[Any]:
             lexemes = [_tsquery_lexeme(t) for t in terms]
-            stats = await conn.fetchrow(stats_sql, *params, lexemes)
-            df = dict(zip(terms, (int(x) for x in stats["df"]), strict=True))
-            plan = keyword_plan(terms, df, int(stats["n"]))
-            if plan is None:
-                return []
-            tsquery = " | ".join(_tsquery_lexeme(t) for t in plan.terms)
-            return list(
-                await conn.fetch(
-                    score_sql,
-                    *params,
-                    tsquery,
-                    list(plan.terms),
-                    list(plan.weights),
-                    BM25_K1 + 1.0,
-                    BM25_K1,
-                    BM25_B,
-                    plan.total_weight,
-                    top_k,
+            async with conn.transaction(readonly=True):
+                await conn.execute("SET LOCAL enable_seqscan = off")
+                n_docs = int(await conn.fetchval(count_sql, *params))
+                stats = await conn.fetchrow(stats_sql, *params, df_cap(n_docs), *lexemes)
+                df = dict(zip(terms, (int(x) for x in stats["df"]), strict=True))
+                plan = keyword_plan(terms, df, n_docs)
+                if plan is None:
+                    return []
+                tsquery = " | ".join(_tsquery_lexeme(t) for t in plan.terms)
+                return list(
+                    await conn.fetch(
+                        score_sql,
+                        *params,
+                        tsquery,
+                        list(plan.terms),
+                        list(plan.weights),
+                        BM25_K1 + 1.0,
+                        BM25_K1,
+                        BM25_B,
+                        plan.total_weight,
+                        top_k,
+                    )
                 )
-            )
 
         rows = await self._run("keyword search", body, read_replica=True)
         return [

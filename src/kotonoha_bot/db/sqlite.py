@@ -66,6 +66,7 @@ from kotonoha_bot.text import (
     KeywordPlan,
     bm25_score,
     check_text,
+    df_cap,
     keyword_document,
     keyword_plan,
     query_terms,
@@ -1092,7 +1093,8 @@ class SQLiteDatabase(AsyncLifecycle):
             df: dict[str, int] = {}
             for term in terms:
                 cursor = await conn.execute(
-                    f"SELECT count(*) FROM ({matching})", [_fts_phrase(term), *params]
+                    f"SELECT count(*) FROM ({matching} LIMIT ?)",
+                    [_fts_phrase(term), *params, df_cap(n_docs)],
                 )
                 row = await cursor.fetchone()
                 df[term] = int(row[0]) if row else 0
