@@ -1,3 +1,0 @@
-from kotonoha_bot.cli import main
-
-main()
