@@ -120,8 +120,19 @@ def japanese_share(text: str) -> float:
 
 def load_centering() -> dict[str, np.ndarray]:
     """The shipped language means: ``passage_ja``, ``passage_en``, ``query_ja``, ``query_en``."""
-    with np.load(CENTERING) as data:
-        return {k: np.asarray(data[k], dtype=np.float64) for k in data.files}
+    try:
+        with np.load(CENTERING) as data:
+            means = {k: np.asarray(data[k], dtype=np.float64) for k in data.files}
+    except (OSError, ValueError) as exc:
+        raise ConfigError(
+            f"the e5 provider's language means ({CENTERING}) cannot be read ({exc});"
+            " reinstall kotonoha-bot"
+        ) from None
+    if set(means) != {"passage_ja", "passage_en", "query_ja", "query_en"} or any(
+        v.shape != (DIMENSION,) for v in means.values()
+    ):
+        raise ConfigError(f"the e5 provider's language means ({CENTERING}) are malformed")
+    return means
 
 
 def compute_centering(engine: Any) -> dict[str, np.ndarray]:
