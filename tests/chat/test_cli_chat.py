@@ -124,6 +124,40 @@ async def test_chat_answers_piped_stdin_and_remembers_across_runs(
     assert API_KEY not in err.decode()
 
 
+async def test_a_long_chat_recalls_its_first_turns_through_retrieval(
+    fake_api: FakeAPIServer, tmp_path: Path
+) -> None:
+    """More turns than HISTORY_TOKEN_BUDGET holds: the first ones come back as knowledge."""
+    env = chat_env(fake_api, tmp_path / "chat.db")
+    del env["EMBEDDING_PROVIDER"]  # the default: e5 offline when installed, else hashing
+    env["HISTORY_TOKEN_BUDGET"] = "100"
+    filler = [
+        "今日は駅前の本屋で新しい料理の本を買いました",
+        "週末は雨の予報なので家でパズルをするつもりです",
+        "最近はギターの練習を毎晩三十分ずつしています",
+        "昨日の夕飯はカレーで、少し辛すぎました",
+        "来月は友だちと山登りに行く計画を立てています",
+        "職場の近くに新しいパン屋ができて毎朝寄っています",
+        "冬のコートを買い替えようか迷っています",
+        "図書館で借りた推理小説がとても面白かったです",
+    ]
+    lines = ["うちの猫の名前はミルクで、白くてよく寝ます", *filler, "うちの猫の名前、覚えてる？"]
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "kotonoha_bot", "chat", *ARGS,
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE, env=env, cwd=tmp_path,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(
+        proc.communicate(("\n".join(lines) + "\n").encode()), READ_TIMEOUT * 4
+    )
+    assert proc.returncode == 0, err.decode()
+    assert out.decode().startswith("echo: うちの猫の名前はミルク")
+    turns = sent_turns(fake_api.last("messages").json)
+    history, asked = turns[:-1], turns[-1][1]
+    assert not any("ミルク" in text for _role, text in history)  # out of the window ...
+    assert "<reference" in asked and "ミルク" in asked  # ... but found as memory
+
+
 async def test_chat_reports_missing_llm_settings(fake_api: FakeAPIServer, tmp_path: Path) -> None:
     env = chat_env(fake_api, tmp_path / "chat.db")
     del env["ANTHROPIC_API_KEY"]

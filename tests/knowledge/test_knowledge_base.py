@@ -16,11 +16,12 @@ import pytest
 
 from kotonoha_bot.db.base import DatabaseProtocol
 from kotonoha_bot.errors import EmbeddingModelMismatchError
-from kotonoha_bot.knowledge.archive import archive_idle_sessions, windows
+from kotonoha_bot.knowledge.archive import archive_idle_sessions, archive_left_history, windows
+from kotonoha_bot.knowledge.embeddings.base import embedding_config
 from kotonoha_bot.knowledge.embeddings.hashing import HashingEmbeddingProvider
 from kotonoha_bot.knowledge.embeddings.openai_api import OpenAIEmbeddingProvider
 from kotonoha_bot.knowledge.ingest import embed_pending, ingest_paths, reembed
-from kotonoha_bot.knowledge.search import reciprocal_rank_fusion, search_knowledge
+from kotonoha_bot.knowledge.search import FusionProfile, fuse, nothing_relevant, search_knowledge
 from kotonoha_bot.models import ChatSession, Message, SearchHit
 from tests.fakes.api_server import FakeAPIServer, Reply, fake_api_fixture
 
@@ -185,6 +186,38 @@ def _session(key: str, guild: int | None, channel: int, n: int, start: datetime)
     return s
 
 
+async def test_turns_leaving_the_history_are_archived_once_then_idle_archiving_continues(
+    db: DatabaseProtocol,
+) -> None:
+    emb = HashingEmbeddingProvider(dimension=128)
+    await db.set_embedding_config(embedding_config(emb))
+    old = datetime.now(UTC) - timedelta(hours=3)
+    await db.save_session(_session("mention:live", 5, 50, 10, old))
+    # Messages 0-5 left the history window of the live session: searchable at once.
+    assert await archive_left_history(db, emb, "mention:live", upto=5, window=4, overlap=1) > 0
+    stored = await db.load_session("mention:live")
+    assert stored is not None and stored.last_archived_message_index == 5
+    found = await search_knowledge(db, emb, "質問4", guild_id=5, mode="keyword", top_k=5)
+    assert any("質問4" in h.hit.content for h in found.hits)
+    assert not any("質問6" in h.hit.content for h in found.hits)  # still in the history
+    again = await archive_left_history(db, emb, "mention:live", upto=5, window=4, overlap=1)
+    assert again == 0
+    # Later the session idles: the idle pass continues after message 5, nothing twice.
+    await archive_idle_sessions(db, emb, idle_minutes=60, window=4, overlap=1)
+    (source,) = await db.list_sources(guild_id=5)
+    spans = sorted(
+        (c.metadata["first_index"], c.metadata["last_index"])
+        for c in await db.list_chunks(source.source_id)
+    )
+    covered = [i for a, b in spans for i in range(a, b + 1)]
+    assert set(covered) == set(range(10))
+    assert len({a for a, _ in spans}) == len(spans)
+    # Each message is in at most two windows (a window and its neighbour's overlap).
+    assert max(covered.count(i) for i in range(10)) <= 2
+    stored = await db.load_session("mention:live")
+    assert stored is not None and stored.last_archived_message_index == 9
+
+
 async def test_archiving_is_idempotent_scoped_and_incremental(db: DatabaseProtocol) -> None:
     emb = HashingEmbeddingProvider(dimension=128)
     old = datetime.now(UTC) - timedelta(hours=5)
@@ -243,33 +276,43 @@ async def test_concurrent_archivers_add_nothing_twice(db: DatabaseProtocol) -> N
     assert (await db.stats()).chunks == 3 * per_session
 
 
-def test_rrf_rewards_agreement_and_keeps_single_mode_hits() -> None:
-    def hit(i: int) -> SearchHit:
-        return SearchHit(
-            chunk_id=i,
-            source_id=1,
-            content=str(i),
-            score=1.0,
-            guild_id=1,
-            channel_id=None,
-            metadata={},
-        )
+def _hit(i: int, *, similarity: float | None = None, coverage: float | None = None) -> SearchHit:
+    return SearchHit(
+        chunk_id=i,
+        source_id=i,
+        content=str(i),
+        score=similarity if similarity is not None else 1.0,
+        guild_id=1,
+        channel_id=None,
+        metadata={},
+        similarity=similarity,
+        coverage=coverage,
+    )
 
-    fused = reciprocal_rank_fusion(
-        [hit(1), hit(2), hit(3)],
-        [hit(3), hit(4)],
-        k=60,
-        vector_weight=1,
-        keyword_weight=1,
-        top_k=10,
-    )
-    assert fused[0].hit.chunk_id == 3  # found by both
-    assert {r.hit.chunk_id for r in fused} == {1, 2, 3, 4}
+
+def test_fusion_lets_a_full_keyword_match_beat_the_vector_top_hit() -> None:
+    profile = FusionProfile(0.3, 4.0, 1.0, 10, None, None)
+    vector = [_hit(1, similarity=0.9), _hit(2, similarity=0.8), _hit(3, similarity=0.5)]
+    full = [_hit(3, coverage=1.0), _hit(4, coverage=0.3)]
+    fused = fuse(vector, full, profile, top_k=10)
+    assert fused[0].hit.chunk_id == 3  # holds every informative term of the query
     assert fused[0].vector_rank == 3 and fused[0].keyword_rank == 1
-    only_kw = reciprocal_rank_fusion(
-        [hit(1)], [hit(2)], k=60, vector_weight=0.0, keyword_weight=1.0, top_k=1
-    )
-    assert only_kw[0].hit.chunk_id == 2
+    assert {r.hit.chunk_id for r in fused} == {1, 2, 3, 4}
+    # A keyword hit that shares only a small part of the query does not outvote the
+    # vector list's best hit (the failure of rank fusion this replaces).
+    partial = [_hit(3, coverage=0.4), _hit(4, coverage=0.3)]
+    assert fuse(vector, partial, profile, top_k=10)[0].hit.chunk_id == 1
+
+
+def test_relevance_floor_needs_one_side_to_vouch() -> None:
+    profile = FusionProfile(0.3, 4.0, 1.0, 10, 0.5, 1.0)
+    weak = [_hit(1, similarity=0.4)]
+    assert nothing_relevant(weak, [_hit(2, coverage=0.6)], profile)
+    assert not nothing_relevant([_hit(1, similarity=0.55)], [], profile)
+    assert not nothing_relevant(weak, [_hit(2, coverage=1.0)], profile)
+    assert nothing_relevant([], [], profile)
+    no_floor = FusionProfile(0.3, 4.0, 1.0, 10, None, None)
+    assert not nothing_relevant(weak, [], no_floor)
 
 
 async def test_archiving_after_forget_keeps_new_messages(db: DatabaseProtocol) -> None:

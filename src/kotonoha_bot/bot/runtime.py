@@ -24,7 +24,7 @@ from kotonoha_bot.db import open_database
 from kotonoha_bot.db.transfer import migration_marker
 from kotonoha_bot.errors import ConfigError, KotonohaError
 from kotonoha_bot.health import health_server_from_settings
-from kotonoha_bot.knowledge.embeddings import create_embedding_provider
+from kotonoha_bot.knowledge.embeddings import open_embedder
 from kotonoha_bot.llm import create_llm_provider, missing_llm_settings
 
 log = logging.getLogger("kotonoha_bot.bot")
@@ -58,7 +58,7 @@ async def serve(settings: Settings, *, connect: Connect = _discord_start) -> Non
             " same migrate command to finish it (or `--restart`), then start the bot"
         )
     async with open_database(settings) as db:
-        embedder = create_embedding_provider(settings)
+        embedder = await open_embedder(db, settings)
         try:
             llm = create_llm_provider(settings)
         except BaseException:

@@ -3,7 +3,8 @@
 ``respond``: open the session -> store the user's message -> retrieve knowledge
 (this channel first, then the rest of the same guild; nothing in a DM) -> build the
 prompt (system prompt, history within ``HISTORY_TOKEN_BUDGET``, references as
-quoted data) -> ask the LLM -> store the reply -> return it. The reply is stored
+quoted data) -> ask the LLM -> store the reply -> archive the turns that no longer
+fit the history (so they stay findable) -> return it. The reply is stored
 before the caller shows it (see :mod:`kotonoha_bot.chat.sessions`).
 
 An ``LLMError`` becomes ``LLM_ERROR_MESSAGE`` for the user and one warning in the
@@ -34,10 +35,16 @@ from kotonoha_bot.chat.sessions import SessionManager
 from kotonoha_bot.config import Settings
 from kotonoha_bot.db.base import DatabaseProtocol, ForgetResult
 from kotonoha_bot.errors import EmbeddingModelMismatchError, KotonohaError, LLMError
-from kotonoha_bot.knowledge.archive import ArchiveReport, archive_idle_sessions, archive_session
+from kotonoha_bot.knowledge.archive import (
+    ArchiveReport,
+    archive_idle_sessions,
+    archive_left_history,
+    archive_session,
+)
+from kotonoha_bot.knowledge.embeddings import create_embedding_provider
 from kotonoha_bot.knowledge.embeddings.base import EmbeddingProvider, embedding_config
 from kotonoha_bot.knowledge.ingest import embed_pending
-from kotonoha_bot.knowledge.search import RankedHit, search_knowledge
+from kotonoha_bot.knowledge.search import RankedHit, search_knowledge, search_tuning
 from kotonoha_bot.llm.base import ChatTurn, LLMProvider
 from kotonoha_bot.models import Message, utcnow
 from kotonoha_bot.text import replace_nul
@@ -100,6 +107,7 @@ class ChatService:
         self.db = db
         self.llm = llm
         self.embedder = embedder
+        self._owns_embedder = False  # True once we replaced the one we were given
         self.settings = settings
         self.sessions = sessions or SessionManager(db, sync_interval=settings.session_sync_interval)
         self.retention = GuildRetention(db, settings.data_retention_days, clock=clock)
@@ -118,6 +126,8 @@ class ChatService:
         self._unknown.pop(conv.session_key, None)
         async with self.sessions.open(conv) as handle:
             await handle.append(*messages)
+            # After the append: if the database is down the message is kept in memory first.
+            await self.follow_database_model()
             session = handle.session
             query = "\n".join(m.content for m in messages)[-MAX_QUERY_CHARS:]
             oldest = select_history(
@@ -150,7 +160,26 @@ class ChatService:
                 )
                 return ChatReply(self.settings.llm_error_message, False, conv.session_key, hits)
             await handle.append(Message(role="assistant", content=text, timestamp=self._clock()))
+            archived_upto = handle.session.last_archived_message_index
+        if conv.guild_id is not None and oldest - 1 > archived_upto:
+            await self._archive_left_history(conv.session_key, oldest - 1)
         return ChatReply(text, True, conv.session_key, hits)
+
+    async def _archive_left_history(self, session_key: str, upto: int) -> None:
+        """Make the turns that left the history window searchable now (not after idling)."""
+        try:
+            added = await archive_left_history(
+                self.db,
+                self.embedder,
+                session_key,
+                upto=upto,
+                window=self.settings.archive_window_messages,
+                overlap=self.settings.archive_window_overlap,
+            )
+            if added:  # the stored session moved on (its archive mark): reload next turn
+                self.sessions.invalidate(session_key=session_key)
+        except KotonohaError as exc:
+            log.warning("archiving the older turns of %s failed: %s", session_key, exc)
 
     def _message(self, incoming: Incoming) -> Message:
         # The NUL rule at the input edge: U+0000 cannot be stored, U+FFFD keeps its place.
@@ -211,10 +240,7 @@ class ChatService:
             channel_id=channel_id,
             mode="hybrid",
             top_k=top_k,
-            rrf_k=s.rrf_k,
-            vector_weight=s.hybrid_vector_weight,
-            keyword_weight=s.hybrid_keyword_weight,
-            min_similarity=s.search_min_similarity,
+            **search_tuning(s),
         )
         return list(result.hits)
 
@@ -359,8 +385,39 @@ class ChatService:
 
     # --- background work ------------------------------------------------------------
 
+    async def follow_database_model(self) -> None:
+        """Switch the embedder when the database's model changed under us (``kb reembed``).
+
+        ``kotonoha kb reembed`` switches a database to new vectors while the bot runs;
+        from then on queries must be embedded with the new model. One small read per
+        turn (next to an LLM call) is the price of never searching with the wrong one.
+        """
+        recorded = await self.db.get_embedding_config()
+        current = embedding_config(self.embedder) if self.embedder is not None else None
+        if recorded is None or recorded == current:
+            return
+        try:
+            new = create_embedding_provider(self.settings, recorded=recorded)
+        except KotonohaError as exc:
+            log.error("the database now uses %s but it cannot be loaded: %s", recorded.model, exc)
+            return
+        if embedding_config(new) != recorded:
+            await new.aclose()
+            return
+        log.warning(
+            "the database now uses %s (%d dims), switched by `kotonoha kb reembed`;"
+            " embedding queries with it from now on",
+            recorded.model,
+            recorded.dimension,
+        )
+        old, self.embedder = self.embedder, new
+        if old is not None and self._owns_embedder:
+            await old.aclose()
+        self._owns_embedder = True
+
     async def archive_idle(self) -> ArchiveReport:
         """Archive sessions idle longer than ``ARCHIVE_IDLE_MINUTES`` into knowledge."""
+        await self.follow_database_model()
         cutoff = self._clock() - timedelta(minutes=self.settings.archive_idle_minutes)
         # Idle sessions leave the cache first, so the archiver's save is not a conflict.
         self.sessions.evict_idle(cutoff)
@@ -375,6 +432,7 @@ class ChatService:
 
     async def embed_pending(self) -> int:
         """Embed chunks stored without vectors (after an embedding-service outage)."""
+        await self.follow_database_model()
         if self.embedder is None:
             return 0
         return await embed_pending(
@@ -402,6 +460,8 @@ class ChatService:
     async def close(self) -> None:
         """Store everything not stored yet (batch mode); call at shutdown."""
         await self.sessions.close()
+        if self._owns_embedder and self.embedder is not None:
+            await self.embedder.aclose()
 
 
 async def checked_embedder(

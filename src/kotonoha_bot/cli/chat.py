@@ -67,7 +67,7 @@ async def chat(
     from kotonoha_bot.chat import ChatService, Conversation, Incoming
     from kotonoha_bot.chat.service import checked_embedder
     from kotonoha_bot.db import open_database
-    from kotonoha_bot.knowledge.embeddings import create_embedding_provider
+    from kotonoha_bot.knowledge.embeddings import open_embedder
     from kotonoha_bot.llm import create_llm_provider, missing_llm_settings
     from kotonoha_bot.logging_setup import setup_logging
 
@@ -83,7 +83,7 @@ async def chat(
     conv = Conversation.dm(channel, user) if dm else Conversation.mention(guild, channel, user)
     interactive = sys.stdin.isatty()
     async with open_database(database_url(settings, database), settings=settings) as db:
-        embedder = create_embedding_provider(settings)
+        embedder = await open_embedder(db, settings)
         llm = create_llm_provider(settings)
         service = ChatService(db, llm, await checked_embedder(db, embedder), settings)
         try:

@@ -28,7 +28,12 @@ from kotonoha_bot.db.base import DatabaseProtocol
 from kotonoha_bot.knowledge.archive import archive_idle_sessions
 from kotonoha_bot.knowledge.embeddings import EmbeddingProvider, create_embedding_provider
 from kotonoha_bot.knowledge.ingest import embed_pending, find_files, ingest_paths, reembed
-from kotonoha_bot.knowledge.search import SEARCH_MODES, SearchResult, search_knowledge
+from kotonoha_bot.knowledge.search import (
+    SEARCH_MODES,
+    SearchResult,
+    search_knowledge,
+    search_tuning,
+)
 
 app = typer.Typer(help="Build and search the knowledge base.", no_args_is_help=True)
 
@@ -50,9 +55,11 @@ def _progress() -> Progress:
 
 
 @asynccontextmanager
-async def _open(settings: Settings, database: str | None):  # type: ignore[no-untyped-def]
+async def _open(settings: Settings, database: str | None, *, target: bool = False):  # type: ignore[no-untyped-def]
+    """The database and its embedder: the recorded model, or (``target``) the configured one."""
     async with open_database(database_url(settings, database), settings=settings) as db:
-        embedder = create_embedding_provider(settings)
+        recorded = None if target else await db.get_embedding_config()
+        embedder = create_embedding_provider(settings, recorded=recorded)
         try:
             yield db, embedder
         finally:
@@ -178,10 +185,7 @@ async def search(
             channel_id=channel,
             mode=mode,
             top_k=top_k,
-            rrf_k=settings.rrf_k,
-            vector_weight=settings.hybrid_vector_weight,
-            keyword_weight=settings.hybrid_keyword_weight,
-            min_similarity=settings.search_min_similarity,
+            **search_tuning(settings),
         )
     for warning in result.warnings:
         err_console.print(f"[yellow]warning:[/] {warning}")
@@ -250,7 +254,7 @@ async def reembed_cmd(
     Example: EMBEDDING_PROVIDER=openai kotonoha kb reembed --yes
     """
     settings = get_settings()
-    async with _open(settings, database) as (db, embedder):
+    async with _open(settings, database, target=True) as (db, embedder):
         current = await db.get_embedding_config()
         target = f"{embedder.model} ({embedder.dimension} dims)"
         if current is not None and (current.model, current.dimension) == (

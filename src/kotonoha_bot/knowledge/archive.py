@@ -6,6 +6,11 @@ messages, neighbours sharing ``overlap``), stored as chunks of the source
 ``session:{key}`` in the session's guild and channel. Chunk keys name the message
 range, so archiving twice adds nothing. Sessions without a guild (DMs) are never
 archived: a DM must not become knowledge another member could retrieve.
+
+A live session is archived too, as soon as messages leave the history window the
+model sees (:func:`archive_left_history`, ``upto`` = the last message no longer
+sent): the same windows, the same keys, the same ``last_archived_message_index``,
+so the idle pass later continues after them and writes nothing twice.
 """
 
 from __future__ import annotations
@@ -105,12 +110,16 @@ async def archive_session(
     overlap: int = 2,
     summarizer: Summarizer | None = None,
     batch_size: int = 64,
+    upto: int | None = None,
 ) -> int:
-    """Archive one session's not-yet-archived messages; returns chunks added."""
+    """Archive one session's not-yet-archived messages (up to index ``upto``); chunks added."""
     if session.guild_id is None:
         return 0
+    end = len(session.messages) if upto is None else min(upto + 1, len(session.messages))
     first_new = session.last_archived_message_index + 1
-    spans = windows(session.messages, first_new, size=window, overlap=min(overlap, window - 1))
+    spans = windows(
+        session.messages[:end], first_new, size=window, overlap=min(overlap, window - 1)
+    )
     if not spans:
         return 0
     key = session.session_key
@@ -144,7 +153,7 @@ async def archive_session(
             )
         )
     if summarizer is not None:
-        new_messages = session.messages[first_new:]
+        new_messages = session.messages[first_new:end]
         try:
             summary = normalize_text(await summarizer(new_messages))
         except Exception as exc:  # a summary is optional; the plain windows stand alone
@@ -159,7 +168,7 @@ async def archive_session(
                     vec = None
             rows.append(
                 KnowledgeChunk(
-                    chunk_key=f"{key}:summary:{first_new}-{len(session.messages) - 1}",
+                    chunk_key=f"{key}:summary:{first_new}-{end - 1}",
                     content=summary,
                     chunk_index=first_new,
                     embedding=vec,
@@ -167,7 +176,7 @@ async def archive_session(
                         "kind": "summary",
                         "session_key": key,
                         "first_index": first_new,
-                        "last_index": len(session.messages) - 1,
+                        "last_index": end - 1,
                         "author_ids": sorted(
                             {m.author_id for m in new_messages if m.author_id is not None}
                         ),
@@ -189,7 +198,7 @@ async def archive_session(
     added = await db.add_chunks(source.source_id, rows)
     # Record progress; a concurrent writer (the bot appending a turn) wins and we retry
     # on a fresh copy — the chunks above are idempotent, so a retry adds nothing.
-    last = len(session.messages) - 1
+    last = end - 1
     for _ in range(5):
         session.last_archived_message_index = max(session.last_archived_message_index, last)
         try:
@@ -201,6 +210,34 @@ async def archive_session(
                 break
             session = fresh
     return added
+
+
+async def archive_left_history(
+    db: DatabaseProtocol,
+    embedder: EmbeddingProvider | None,
+    session_key: str,
+    *,
+    upto: int,
+    window: int = 8,
+    overlap: int = 2,
+) -> int:
+    """Archive a live session's messages up to ``upto`` (they left the history window).
+
+    Takes the session's archiving lease like the idle pass, so two processes never
+    archive one session at once; returns chunks added (0 when busy or nothing new).
+    """
+    lease = f"archive:{session_key}"
+    if not await db.acquire_lease(lease, WORKER_ID, ARCHIVE_LEASE_SECONDS):
+        return 0
+    try:
+        session = await db.load_session(session_key)
+        if session is None or upto <= session.last_archived_message_index:
+            return 0
+        return await archive_session(
+            db, embedder, session, window=window, overlap=overlap, upto=upto
+        )
+    finally:
+        await db.release_lease(lease, WORKER_ID)
 
 
 async def archive_idle_sessions(

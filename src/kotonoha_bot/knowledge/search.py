@@ -1,17 +1,38 @@
-"""Hybrid search: reciprocal rank fusion of vector and keyword results.
+"""Hybrid search: score fusion of vector and keyword results, and a relevance floor.
 
-Vector search finds paraphrases; keyword search (character bigrams for Japanese,
-words for English) finds short Japanese words, names and codes an embedding blurs.
-RRF combines ranks, not scores, so the two scales never need calibrating:
-``score = w_vec / (k + rank_vec) + w_kw / (k + rank_kw)``.
+Vector search finds paraphrases and other languages; keyword search (character
+bigrams for Japanese, words for English) finds codes, names and rare words an
+embedding blurs. Fusion must never make the answer worse than the better half, so
+it looks at *how sure* each half is instead of ranks alone (rank fusion let a
+keyword list of chunks sharing only "how"/"to"/"the" outvote the right vector hit):
+
+``score = a * (sim - sim_low) / (sim_top - sim_low)``
+``        + (1 - a) * t * (b * coverage**p + (1 - b) * bm25 / bm25_top)``
+
+over the first ``depth`` hits of each list: the vector side normalised between its
+best and its ``depth``-th similarity, the keyword side by *coverage*, the
+IDF-weighted share of the query's informative terms a chunk holds
+(:func:`kotonoha_bot.text.keyword_plan`). ``coverage**p`` with a large ``p`` means a
+chunk that holds every rare term of the query ("LT-1042") wins, and one that
+shares a common word does not; ``t`` fades the whole keyword side when even its
+best hit holds little of the query (a question asked in the other language).
+``a``, ``b``, ``p``, ``depth`` and the gate of ``t`` form a :class:`FusionProfile`,
+tuned per embedder on the dev half of the labelled set
+(``python -m benchmarks.tune_fusion``); unknown semantic models get e5's weights.
+
+**Relevance floor.** A hybrid query is answered only when one half vouches for it:
+its best cosine similarity reaches the profile's ``min_similarity`` or its best
+keyword coverage reaches ``min_coverage`` (:func:`nothing_relevant`). Otherwise the
+result is empty and the bot sends no reference at all, rather than the least-bad
+chunks. ``SEARCH_MIN_SIMILARITY`` / ``SEARCH_MIN_COVERAGE`` override the profile.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, Literal
 
 from kotonoha_bot.db.base import DatabaseProtocol
 from kotonoha_bot.errors import EmbeddingError
@@ -19,12 +40,63 @@ from kotonoha_bot.knowledge.chunking import normalize_for_query
 from kotonoha_bot.knowledge.embeddings.base import EmbeddingProvider
 from kotonoha_bot.models import SearchHit
 
+if TYPE_CHECKING:
+    from kotonoha_bot.config import Settings
+
 log = logging.getLogger("kotonoha_bot.knowledge")
 
 SearchMode = Literal["hybrid", "vector", "keyword"]
 SEARCH_MODES: tuple[str, ...] = ("hybrid", "vector", "keyword")
-#: Weight of a source-level vote relative to the chunk's own rank.
-SOURCE_VOTE = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class FusionProfile:
+    """How hybrid search weighs and floors the two halves for one embedder."""
+
+    vector_share: float
+    """``a``: weight of the vector side (0..1)."""
+    coverage_power: float
+    """``p``: how strongly a full keyword match beats a partial one."""
+    coverage_share: float
+    """``b``: coverage vs BM25 within the keyword side."""
+    depth: int
+    """Hits of each list that take part."""
+    min_similarity: float | None
+    """Relevance floor on cosine similarity (None = no floor on this side)."""
+    min_coverage: float | None
+    """Relevance floor on keyword coverage (None = no floor on this side)."""
+    coverage_gate: float = 0.0
+    """Keyword side fades when the query's best coverage is below this (0 = never):
+    a keyword list whose best hit holds little of the query (asked in the other
+    language, or in other words) is noise next to the vector list."""
+
+
+#: Tuned on the dev half of examples/queries.json by ``python -m benchmarks.tune_fusion``
+#: (docs/KNOWLEDGE.md has the held-out results). Floors: the (similarity, coverage)
+#: pair that turns away the most no-answer queries while answerable ones keep at
+#: least 95 % of their recall.
+FUSION_PROFILES: dict[str, FusionProfile] = {
+    "hashing-ngram-v1": FusionProfile(0.1, 1.0, 0.8, 10, 0.10, 0.6),
+    "multilingual-e5-small-q4-lc": FusionProfile(0.2, 4.0, 0.9, 10, 0.311, 0.6, 1.0),
+    "multilingual-e5-small-q4": FusionProfile(0.1, 6.0, 1.0, 10, 0.815, 0.6),
+}
+#: Semantic models not measured here (OpenAI, other servers): e5's weights, no floor
+#: (similarity scales differ too much between models to guess one).
+DEFAULT_PROFILE = FusionProfile(0.2, 4.0, 0.9, 10, None, None, 1.0)
+
+
+def search_tuning(settings: Settings) -> dict[str, Any]:
+    """The search overrides the settings hold (empty ones keep the measured profile)."""
+    return {
+        "vector_share": settings.hybrid_vector_share,
+        "min_similarity": settings.search_min_similarity,
+        "min_coverage": settings.search_min_coverage,
+    }
+
+
+def fusion_profile(model: str | None) -> FusionProfile:
+    """The measured profile of ``model``, or the default for unmeasured models."""
+    return FUSION_PROFILES.get(model or "", DEFAULT_PROFILE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +120,7 @@ class RankedHit:
             "chunk_index": h.chunk_index,
             "location": h.metadata.get("heading", ""),
             "similarity": None if h.similarity is None else round(h.similarity, 6),
+            "coverage": None if h.coverage is None else round(h.coverage, 6),
             "vector_rank": self.vector_rank,
             "keyword_rank": self.keyword_rank,
             "guild_id": h.guild_id,
@@ -66,39 +139,46 @@ class SearchResult:
     warnings: list[str] = field(default_factory=list)
 
 
-def reciprocal_rank_fusion(
+def fuse(
     vector_hits: list[SearchHit],
     keyword_hits: list[SearchHit],
+    profile: FusionProfile,
     *,
-    k: int,
-    vector_weight: float,
-    keyword_weight: float,
     top_k: int,
 ) -> list[RankedHit]:
-    """Fuse two ranked lists; ties broken by chunk id for a stable order."""
-    modes = (
-        (vector_weight, vector_hits, "vector_rank"),
-        (keyword_weight, keyword_hits, "keyword_rank"),
-    )
-    fused: dict[int, dict[str, Any]] = {}
-    for weight, hits, key in modes:
-        for rank, hit in enumerate(hits, start=1):
-            entry = fused.setdefault(hit.chunk_id, {"hit": hit, "score": 0.0})
-            entry["score"] += weight / (k + rank)
-            entry[key] = rank
-            if key == "vector_rank":
-                entry["hit"] = hit  # keep the vector hit: it carries the similarity
-    # Each chunk also earns each mode's rank of its *source*: when the two modes pick
-    # different passages of one document, the document still gets both votes.
-    for weight, hits, _key in modes:
-        source_rank: dict[int, int] = {}
-        for hit in hits:
-            source_rank.setdefault(hit.source_id, len(source_rank) + 1)
-        for entry in fused.values():
-            src = source_rank.get(entry["hit"].source_id)
-            if src is not None:
-                entry["score"] += SOURCE_VOTE * weight / (k + src)
-    ranked = sorted(fused.values(), key=lambda e: (-e["score"], e["hit"].chunk_id))
+    """Score fusion of the two lists (see the module docstring); ties by chunk id."""
+    entries: dict[int, dict[str, Any]] = {}
+    vec = vector_hits[: profile.depth]
+    if vec:
+        sims = [h.similarity if h.similarity is not None else h.score for h in vec]
+        top, low = sims[0], sims[-1]
+        span = max(top - low, 1e-9)
+        for rank, (hit, sim) in enumerate(zip(vec, sims, strict=True), start=1):
+            e = entries.setdefault(hit.chunk_id, {"hit": hit, "score": 0.0})
+            e["score"] += profile.vector_share * ((sim - low) / span if len(vec) > 1 else 1.0)
+            e["vector_rank"] = rank
+    kw = keyword_hits[: profile.depth]
+    if kw:
+        best = max(h.score for h in kw) or 1.0
+        best_coverage = max(h.coverage or 0.0 for h in kw)
+        trust = 1.0
+        if profile.coverage_gate > 0 and best_coverage < profile.coverage_gate:
+            trust = (best_coverage / profile.coverage_gate) ** 2
+        for rank, hit in enumerate(kw, start=1):
+            coverage = hit.coverage if hit.coverage is not None else 0.0
+            e = entries.setdefault(hit.chunk_id, {"hit": hit, "score": 0.0})
+            if e["hit"].coverage is None:
+                e["hit"] = replace(e["hit"], coverage=hit.coverage)
+            e["score"] += (
+                (1.0 - profile.vector_share)
+                * trust
+                * (
+                    profile.coverage_share * coverage**profile.coverage_power
+                    + (1.0 - profile.coverage_share) * hit.score / best
+                )
+            )
+            e["keyword_rank"] = rank
+    ranked = sorted(entries.values(), key=lambda e: (-e["score"], e["hit"].chunk_id))
     return [
         RankedHit(
             hit=e["hit"],
@@ -108,6 +188,27 @@ def reciprocal_rank_fusion(
         )
         for e in ranked[:top_k]
     ]
+
+
+def nothing_relevant(
+    vector_hits: list[SearchHit], keyword_hits: list[SearchHit], profile: FusionProfile
+) -> bool:
+    """The relevance floor: True when neither half vouches for any hit of the query.
+
+    A query is answered when its best vector hit reaches ``min_similarity`` or its best
+    keyword hit reaches ``min_coverage``; a side without a floor (None) always vouches
+    when it found anything. Without a vector list (no embedder, service down) only the
+    keyword side decides.
+    """
+    if profile.min_similarity is None and vector_hits:
+        return False
+    if profile.min_coverage is None and keyword_hits:
+        return False
+    best_sim = max((h.similarity or -1.0 for h in vector_hits), default=-1.0)
+    best_cov = max((h.coverage or 0.0 for h in keyword_hits), default=0.0)
+    if profile.min_similarity is not None and best_sim >= profile.min_similarity:
+        return False
+    return not (profile.min_coverage is not None and best_cov >= profile.min_coverage)
 
 
 async def search_knowledge(
@@ -120,19 +221,28 @@ async def search_knowledge(
     mode: str = "hybrid",
     top_k: int = 5,
     filters: Mapping[str, Any] | None = None,
-    rrf_k: int = 20,
-    vector_weight: float = 1.0,
-    keyword_weight: float = 1.0,
+    vector_share: float | None = None,
     min_similarity: float | None = None,
+    min_coverage: float | None = None,
+    floor: bool = True,
 ) -> SearchResult:
-    """Search one guild's knowledge (optionally one channel) in the given mode."""
+    """Search one guild's knowledge (optionally one channel) in the given mode.
+
+    ``vector_share``, ``min_similarity`` and ``min_coverage`` override the embedder's
+    :class:`FusionProfile`; ``floor=False`` turns the relevance floor off (benchmarks).
+    """
     if mode not in SEARCH_MODES:
         raise ValueError(f"unknown search mode {mode!r}; use one of {', '.join(SEARCH_MODES)}")
     text = normalize_for_query(query)
     warnings: list[str] = []
-    # Fusion looks deeper than top_k so a chunk ranked 12th by one mode and 2nd by
-    # the other still competes.
-    depth = top_k if mode != "hybrid" else max(top_k * 4, 20)
+    profile = fusion_profile(embedder.model if embedder is not None else None)
+    if vector_share is not None:
+        profile = replace(profile, vector_share=vector_share)
+    if min_similarity is not None:
+        profile = replace(profile, min_similarity=min_similarity)
+    if min_coverage is not None:
+        profile = replace(profile, min_coverage=min_coverage)
+    depth = top_k if mode != "hybrid" else max(top_k, profile.depth)
     vector_hits: list[SearchHit] = []
     keyword_hits: list[SearchHit] = []
     if mode in ("hybrid", "vector") and text:
@@ -140,7 +250,7 @@ async def search_knowledge(
             warnings.append("no embedding provider: vector search skipped")
         else:
             try:
-                qvec = (await embedder.embed([text]))[0]
+                qvec = (await embedder.embed_queries([text]))[0]
             except EmbeddingError as exc:
                 if mode == "vector":
                     raise
@@ -153,7 +263,7 @@ async def search_knowledge(
                     channel_id=channel_id,
                     top_k=depth,
                     filters=filters,
-                    min_similarity=min_similarity,
+                    min_similarity=min_similarity if mode == "vector" else None,
                 )
     if mode in ("hybrid", "keyword") and text:
         keyword_hits = await db.keyword_search(
@@ -170,12 +280,7 @@ async def search_knowledge(
             for i, h in enumerate(keyword_hits[:top_k], 1)
         ]
     else:
-        hits = reciprocal_rank_fusion(
-            vector_hits,
-            keyword_hits,
-            k=rrf_k,
-            vector_weight=vector_weight,
-            keyword_weight=keyword_weight,
-            top_k=top_k,
-        )
+        hits = fuse(vector_hits, keyword_hits, profile, top_k=top_k)
+        if floor and nothing_relevant(vector_hits, keyword_hits, profile):
+            hits = []
     return SearchResult(hits=hits, mode=mode, warnings=warnings)

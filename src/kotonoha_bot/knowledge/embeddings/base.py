@@ -20,14 +20,18 @@ class EmbeddingProvider(Protocol):
     """Turns texts into unit-length float32 vectors of a fixed dimension."""
 
     name: str
-    """Provider kind: ``openai``, ``local`` or ``hashing``."""
+    """Provider kind: ``openai``, ``e5``, ``local`` or ``hashing``."""
     model: str
     """The model name recorded in the database (vectors of two models never mix)."""
     dimension: int
     """Length of every vector this provider returns."""
 
     async def embed(self, texts: Sequence[str]) -> Vectors:
-        """One L2-normalised row per text, in order; shape (len(texts), dimension)."""
+        """Stored texts (passages): one L2-normalised row per text, shape (len(texts), dim)."""
+        ...
+
+    async def embed_queries(self, texts: Sequence[str]) -> Vectors:
+        """Search queries; the same as :meth:`embed` unless the model is asymmetric (e5)."""
         ...
 
     async def aclose(self) -> None:

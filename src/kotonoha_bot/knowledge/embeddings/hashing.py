@@ -133,5 +133,9 @@ class HashingEmbeddingProvider:
             return await asyncio.to_thread(self.embed_sync, texts)
         return self.embed_sync(texts)
 
+    async def embed_queries(self, texts: Sequence[str]) -> Vectors:
+        """Queries are embedded like stored texts (the features are symmetric)."""
+        return await self.embed(texts)
+
     async def aclose(self) -> None:
         """Nothing to release."""

@@ -133,6 +133,10 @@ class LocalEmbeddingProvider:
         except (RuntimeError, ValueError) as exc:  # torch / tokenizer failures
             raise EmbeddingError(f"embedding model {self.model!r} failed: {exc}") from None
 
+    async def embed_queries(self, texts: Sequence[str]) -> Vectors:
+        """Queries are encoded like stored texts (sentence-transformers models are symmetric)."""
+        return await self.embed(texts)
+
     async def aclose(self) -> None:
         """Drop the model (its memory is freed with the last reference)."""
         self._closed = True

