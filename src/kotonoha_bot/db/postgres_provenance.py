@@ -237,19 +237,23 @@ class PostgresProvenance:
             if row is None or row["content"] == content:
                 return _Removal()
             key = row["session_key"]
-            await conn.execute("SELECT 1 FROM sessions WHERE session_key = $1 FOR UPDATE", key)
             await conn.execute("UPDATE messages SET content = $1 WHERE id = $2", content, row["id"])
-            chunks = await self._chunks_of(conn, [int(row["id"])], ())
-            survivors = await self._survivors(conn, chunks, ())
-            removed = await conn.fetch(
-                "DELETE FROM knowledge_chunks WHERE id = ANY($1::bigint[]) RETURNING source_id",
-                chunks,
+            # The bot's reply answered the old words (and may repeat them): it goes. The
+            # edited message stays and is archived again with its new text.
+            replies = [
+                int(r["id"])
+                for r in await conn.fetch(
+                    "SELECT r.id FROM messages r JOIN messages u ON u.session_key = r.session_key"
+                    " AND u.turn_id = r.turn_id WHERE u.id = $1 AND r.role = 'assistant'",
+                    row["id"],
+                )
+            ]
+            own = await self._chunks_of(conn, [int(row["id"])], ())
+            removal = await self._remove(
+                conn, replies, replies=False, extra_chunks=own, touch=[key]
             )
-            await self._drop_emptied(conn, {int(r["source_id"]) for r in removed})
-            await conn.execute(
-                "UPDATE sessions SET version = version + 1 WHERE session_key = $1", key
-            )
-            return _Removal(messages=1, chunks=chunks, touched=(key,), rearchive=survivors)
+            removal.messages += 1
+            return removal
 
         removal = await self._run(f"editing message {discord_message_id}", body, write=True)
         if removal.chunks:
@@ -441,16 +445,24 @@ class PostgresProvenance:
         replies: bool,
         extra_chunks: Iterable[int] = (),
         whole: Sequence[str] = (),
+        touch: Sequence[str] = (),
     ) -> _Removal:
-        """Delete messages ``gone`` (and the replies of their turns) and their chunks."""
+        """Delete messages ``gone`` (and the replies of their turns) and their chunks.
+
+        ``touch`` names sessions changed otherwise (an edit) that need a new version.
+        """
         ids = set(gone)
-        keys = {
-            r["session_key"]
-            for r in await conn.fetch(
-                "SELECT DISTINCT session_key FROM messages WHERE id = ANY($1::bigint[])",
-                sorted(ids),
-            )
-        } | set(whole)
+        keys = (
+            {
+                r["session_key"]
+                for r in await conn.fetch(
+                    "SELECT DISTINCT session_key FROM messages WHERE id = ANY($1::bigint[])",
+                    sorted(ids),
+                )
+            }
+            | set(whole)
+            | set(touch)
+        )
         # Lock first, in a fixed order: concurrent removals never deadlock.
         await conn.execute(
             "SELECT 1 FROM (SELECT session_key FROM sessions WHERE session_key = ANY($1::text[])"

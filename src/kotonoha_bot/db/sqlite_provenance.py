@@ -218,17 +218,26 @@ class SQLiteProvenance:
             await conn.execute(
                 "UPDATE messages SET content = ? WHERE id = ?", (content, message_id)
             )
-            await self._fill_gone(conn, "SELECT ?", [message_id], replies=False)
-            chunks = await self._chunks_of_gone(conn)
-            # The edited message itself is re-archived with its new text.
-            survivors = await self._survivors(conn, chunks, keep_gone=True)
-            await self._delete_chunks(conn, chunks)
-            await self._delete_emptied_sources(conn, await self._sources_of(conn, chunks))
-            await conn.execute(
-                "UPDATE sessions SET version = version + 1 WHERE session_key = ?", (key,)
-            )
-        self._cache_remove(chunks)
-        return MessageChange(messages=1, chunks=len(chunks), sessions=(key,), rearchive=survivors)
+            # The bot's reply answered the old words (and may repeat them): it goes. The
+            # edited message stays and is archived again with its new text.
+            await self._fill_gone(conn, "SELECT ?", [message_id], replies=True)
+            own = [
+                int(r[0])
+                for r in await (
+                    await conn.execute(
+                        "SELECT chunk_id FROM chunk_messages WHERE message_id = ?", (message_id,)
+                    )
+                ).fetchall()
+            ]
+            await conn.execute(f"DELETE FROM {_GONE} WHERE id = ?", (message_id,))
+            removal = await self._remove_gone(conn, extra_chunks=own, touch=[key])
+        self._cache_remove(removal.chunks or [])
+        return MessageChange(
+            messages=removal.messages + 1,
+            chunks=len(removal.chunks or []),
+            sessions=removal.touched,
+            rearchive=removal.rearchive or {},
+        )
 
     async def delete_messages(
         self, *, guild_id: int | None, discord_message_ids: Sequence[int]
@@ -446,8 +455,12 @@ class SQLiteProvenance:
         *,
         extra_chunks: Sequence[int] = (),
         delete_sessions: Sequence[str] = (),
+        touch: Sequence[str] = (),
     ) -> _Removal:
-        """Delete the messages in the temporary table and every chunk built from them."""
+        """Delete the messages in the temporary table and every chunk built from them.
+
+        ``touch`` names sessions changed otherwise (an edit) that need a new version.
+        """
         if extra_chunks:
             await conn.executemany(
                 f"INSERT OR IGNORE INTO {_GONE_CHUNKS} (id) VALUES (?)",
@@ -467,7 +480,7 @@ class SQLiteProvenance:
                 )
             ).fetchall()
         ]
-        touched = sorted(set(touched) | set(delete_sessions))
+        touched = sorted(set(touched) | set(delete_sessions) | set(touch))
         kept = [k for k in touched if k not in set(delete_sessions)]
         # The archived boundary of each kept session, by seq (see the module doc).
         boundaries: dict[str, int | None] = {}
