@@ -24,6 +24,7 @@ from kotonoha_bot.models import (
     MessageLink,
     UsageRecord,
 )
+from tests.db.old_schema import OLD_SCHEMA_WRITERS
 
 GUILD = 7_000_000_000_000_000_001
 OTHER_GUILD = 7_000_000_000_000_000_002
@@ -431,80 +432,13 @@ async def test_vector_search_still_finds_chunks_with_provenance(db: DatabaseProt
 
 # --- upgrading a database written before provenance ----------------------------------
 
-_OLD_ROWS = [
-    "INSERT INTO sessions (session_key, session_type, status, guild_id, channel_id, thread_id,"
-    " user_id, version, message_count, last_archived_message_index, created_at,"
-    " last_active_at) VALUES ('thread:9', 'thread', 'active', {g}, {c}, 9, NULL, 1, 4, 3,"
-    " '2026-01-01T00:00:00+00:00', '2026-01-01T00:00:00+00:00')",
-    *(
-        "INSERT INTO messages (session_key, seq, role, content, author_id, author_name,"
-        f" discord_message_id, created_at) VALUES ('thread:9', {i}, '{role}', '{text}',"
-        f" {author}, NULL, {mid}, '2026-01-01T00:00:0{i}+00:00')"
-        for i, role, text, author, mid in [
-            (0, "user", "古い秘密", MINA, 11),
-            (1, "assistant", "echo: 古い秘密", "NULL", "NULL"),
-            (2, "user", "古いふつう", YUU, 12),
-            (3, "assistant", "echo: 古いふつう", "NULL", "NULL"),
-        ]
-    ),
-    "INSERT INTO knowledge_sources (guild_id, channel_id, source_type, uri, title,"
-    " content_hash, status, metadata, session_key, created_at, updated_at) VALUES"
-    " ({g}, {c}, 'conversation', 'session:thread:9', 'c', '', 'ready', '{{}}', 'thread:9',"
-    " '2026-01-01T00:00:00+00:00', '2026-01-01T00:00:00+00:00')",
-    "INSERT INTO knowledge_chunks (source_id, guild_id, channel_id, chunk_index, chunk_key,"
-    " content, search_text, metadata, created_at) VALUES (1, {g}, {c}, 0, 'w0',"
-    ' \'古い秘密 古いふつう\', \'古い\', \'{{"kind": "conversation", "session_key":'
-    ' "thread:9", "first_index": 0, "last_index": 3}}\', \'2026-01-01T00:00:00+00:00\')',
-]
-
-
-async def _old_sqlite(url: str) -> None:
-    import sqlite3
-
-    from kotonoha_bot.db import sqlite_path_from_url
-    from kotonoha_bot.db.sqlite import MIGRATIONS, _split_sql
-
-    conn = sqlite3.connect(sqlite_path_from_url(url), isolation_level=None)
-    conn.execute(
-        "CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, name TEXT NOT NULL,"
-        " applied_at TEXT NOT NULL)"
-    )
-    for version, name, sql in MIGRATIONS[:2]:
-        for statement in _split_sql(sql):
-            conn.execute(statement)
-        conn.execute("INSERT INTO schema_migrations VALUES (?, ?, '2026')", (version, name))
-    for statement in _OLD_ROWS:
-        conn.execute(statement.format(g=GUILD, c=CHANNEL))
-    conn.close()
-
-
-async def _old_postgres(url: str) -> None:
-    import asyncpg
-
-    from kotonoha_bot.db.pg_schema import CREATE_MIGRATIONS_TABLE, MIGRATIONS
-
-    conn = await asyncpg.connect(url)
-    try:
-        await conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
-        await conn.execute(CREATE_MIGRATIONS_TABLE)
-        for version, name, sql in MIGRATIONS[:2]:
-            await conn.execute(sql)
-            await conn.execute(
-                "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)", version, name
-            )
-        for statement in _OLD_ROWS:
-            await conn.execute(statement.format(g=GUILD, c=CHANNEL))
-    finally:
-        await conn.close()
-
 
 async def test_an_older_database_upgrades_with_provenance_filled_in(
     backend: str, database_url: str, settings: object
 ) -> None:
     from kotonoha_bot.db import open_database
 
-    writers = {"sqlite": _old_sqlite, "postgres": _old_postgres}
-    await writers[backend](database_url)
+    await OLD_SCHEMA_WRITERS[backend](database_url, GUILD, CHANNEL)
     async with open_database(database_url, settings=settings) as db:  # type: ignore[arg-type]
         assert await db.schema_version() >= 3
         s = await db.load_session("thread:9")

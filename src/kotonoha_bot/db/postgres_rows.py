@@ -21,11 +21,25 @@ import numpy as np
 
 from kotonoha_bot.db.pg_schema import ANN_INDEX_NAME
 from kotonoha_bot.db.postgres import PostgreSQLDatabase
-from kotonoha_bot.db.rowconv import REEMBED, TABLES, TRANSIENT_TABLES, Row, TableSpec
+from kotonoha_bot.db.rowconv import (
+    PROVENANCE_CHECKS,
+    REEMBED,
+    TABLES,
+    TRANSIENT_TABLES,
+    Row,
+    TableSpec,
+)
 from kotonoha_bot.errors import DatabaseError, KotonohaError
 
 #: Tables whose ``id`` is an identity column.
-SEQUENCED = ("messages", "knowledge_sources", "knowledge_chunks")
+SEQUENCED = (
+    "messages",
+    "knowledge_sources",
+    "knowledge_chunks",
+    "chunk_messages",
+    "memories",
+    "llm_usage",
+)
 _DATA_ERRORS = (pgerr.DataError, pgerr.IntegrityConstraintViolationError)
 
 
@@ -354,6 +368,7 @@ class PostgresRows:
                 "SELECT count(*) FROM sessions s WHERE s.message_count <>"
                 " (SELECT count(*) FROM messages m WHERE m.session_key = s.session_key)"
             ),
+            **PROVENANCE_CHECKS,
         }
         return {
             name: int(await self._do("checking references", self._c().fetchval(sql)))
