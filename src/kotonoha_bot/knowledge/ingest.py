@@ -1,16 +1,20 @@
-"""Ingest text and Markdown files into one guild's knowledge base.
+"""Ingest text, Markdown and PDF files into one guild's knowledge base.
 
-A file is read, NUL-cleaned (the NUL rule in ``kotonoha_bot.text``), normalised and
-hashed. Unchanged content (same hash, already embedded) is skipped without calling
-the embedder. Changed content replaces the old chunks in one transaction. When the
-embedder fails, the chunks are stored anyway without vectors (the source stays
-``pending``) so no work is lost; :func:`embed_pending` finishes them later.
+:func:`ingest_bytes` is the one entry point for a file's content, whether it comes
+from disk (``kotonoha kb ingest``) or from a Discord attachment (``/kb add``), so both
+follow the same rules. A file is decoded (UTF-8 with a BOM allowed, invalid bytes
+replaced and reported; PDF through :mod:`kotonoha_bot.knowledge.pdf`), NUL-cleaned
+(the NUL rule in ``kotonoha_bot.text``), normalised and hashed. Unchanged content
+(same hash, already embedded) is skipped without calling the embedder. Changed content
+replaces the old chunks in one transaction. When the embedder fails, the chunks are
+stored anyway without vectors (the source stays ``pending``) so no work is lost;
+:func:`embed_pending` finishes them later.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,8 +29,12 @@ from kotonoha_bot.text import replace_nul
 log = logging.getLogger("kotonoha_bot.knowledge")
 
 TEXT_SUFFIXES = frozenset({".txt", ".md", ".markdown", ".text", ".rst"})
+PDF_SUFFIXES = frozenset({".pdf"})
+DOCUMENT_SUFFIXES = TEXT_SUFFIXES | PDF_SUFFIXES
 
 Progress = Callable[[int], None]
+#: Called after each embedded batch with (chunks embedded so far, chunks in total).
+BatchProgress = Callable[[int, int], Awaitable[None]]
 
 
 @dataclass
@@ -59,7 +67,7 @@ class IngestReport:
 
 
 def find_files(paths: Iterable[Path]) -> list[Path]:
-    """Text/Markdown files under ``paths`` (folders recursively, hidden entries skipped)."""
+    """Text/Markdown/PDF files under ``paths`` (folders recursively, hidden entries skipped)."""
     found: list[Path] = []
     for path in paths:
         if path.is_dir():
@@ -67,7 +75,7 @@ def find_files(paths: Iterable[Path]) -> list[Path]:
                 rel = p.relative_to(path)
                 if any(part.startswith(".") for part in rel.parts):
                     continue
-                if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES:
+                if p.is_file() and p.suffix.lower() in DOCUMENT_SUFFIXES:
                     found.append(p)
         elif path.is_file():
             found.append(path)
@@ -96,14 +104,66 @@ def _title(text: str, path: Path) -> str:
 
 
 async def embed_texts(
-    embedder: EmbeddingProvider, texts: Sequence[str], batch_size: int
+    embedder: EmbeddingProvider,
+    texts: Sequence[str],
+    batch_size: int,
+    on_batch: BatchProgress | None = None,
 ) -> list[Vector]:
     """Embed in batches (the provider may batch further)."""
     vectors: list[Vector] = []
     for start in range(0, len(texts), batch_size):
         batch = await embedder.embed(list(texts[start : start + batch_size]))
         vectors.extend(batch[i] for i in range(batch.shape[0]))
+        if on_batch is not None:
+            await on_batch(len(vectors), len(texts))
     return vectors
+
+
+def decode_document(name: str, data: bytes, report: IngestReport) -> str:
+    """A file's text: PDF by its text layer, anything else as UTF-8 (bad bytes replaced)."""
+    if Path(name).suffix.lower() in PDF_SUFFIXES:
+        from kotonoha_bot.knowledge.pdf import pdf_text
+
+        return pdf_text(data, name)
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        report.invalid_utf8_files.append(name)
+        return data.decode("utf-8", errors="replace")
+
+
+async def ingest_bytes(
+    db: DatabaseProtocol,
+    embedder: EmbeddingProvider | None,
+    *,
+    uri: str,
+    data: bytes,
+    guild_id: int,
+    channel_id: int | None = None,
+    metadata: dict[str, Any] | None = None,
+    max_chars: int = 800,
+    overlap_chars: int = 100,
+    batch_size: int = 64,
+    report: IngestReport | None = None,
+    on_batch: BatchProgress | None = None,
+) -> str:
+    """Decode one file's bytes and store it (see :func:`ingest_text` for the outcome)."""
+    report = report if report is not None else IngestReport()
+    text = decode_document(uri, data, report)
+    return await ingest_text(
+        db,
+        embedder,
+        uri=uri,
+        text=text,
+        guild_id=guild_id,
+        channel_id=channel_id,
+        metadata=metadata,
+        max_chars=max_chars,
+        overlap_chars=overlap_chars,
+        batch_size=batch_size,
+        report=report,
+        on_batch=on_batch,
+    )
 
 
 async def ingest_text(
@@ -120,6 +180,7 @@ async def ingest_text(
     overlap_chars: int = 100,
     batch_size: int = 64,
     report: IngestReport | None = None,
+    on_batch: BatchProgress | None = None,
 ) -> str:
     """Store one document; returns 'added', 'updated', 'unchanged' or 'pending'."""
     report = report if report is not None else IngestReport()
@@ -135,7 +196,9 @@ async def ingest_text(
     vectors: list[Vector] | None = None
     if embedder is not None and chunks:
         try:
-            vectors = await embed_texts(embedder, [c.content for c in chunks], batch_size)
+            vectors = await embed_texts(
+                embedder, [c.content for c in chunks], batch_size, on_batch
+            )
         except EmbeddingError as exc:
             log.warning("embedding %s failed, stored as pending: %s", uri, exc)
     rows = [
@@ -186,17 +249,11 @@ async def ingest_paths(
     for path in find_files(paths):
         uri = source_uri(path)
         try:
-            raw = path.read_bytes()
-            try:
-                text = raw.decode("utf-8-sig")
-            except UnicodeDecodeError:
-                text = raw.decode("utf-8", errors="replace")
-                report.invalid_utf8_files.append(uri)
-            await ingest_text(
+            await ingest_bytes(
                 db,
                 embedder,
                 uri=uri,
-                text=text,
+                data=path.read_bytes(),
                 guild_id=guild_id,
                 channel_id=channel_id,
                 metadata={"path": uri, "kind": "document"},
