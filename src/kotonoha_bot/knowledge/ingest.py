@@ -196,9 +196,7 @@ async def ingest_text(
     vectors: list[Vector] | None = None
     if embedder is not None and chunks:
         try:
-            vectors = await embed_texts(
-                embedder, [c.content for c in chunks], batch_size, on_batch
-            )
+            vectors = await embed_texts(embedder, [c.content for c in chunks], batch_size, on_batch)
         except EmbeddingError as exc:
             log.warning("embedding %s failed, stored as pending: %s", uri, exc)
     rows = [
