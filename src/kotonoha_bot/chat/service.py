@@ -42,13 +42,20 @@ from kotonoha_bot.chat.prompt import (
 from kotonoha_bot.chat.retention import GuildRetention
 from kotonoha_bot.chat.sessions import SessionManager
 from kotonoha_bot.chat.usage import UsageMeter
-from kotonoha_bot.chat.why import AnswerTrace, TraceBook, TracedReference, format_citations
+from kotonoha_bot.chat.why import (
+    AnswerTrace,
+    Explanation,
+    TraceBook,
+    TracedReference,
+    explain,
+    format_citations,
+)
 from kotonoha_bot.config import Settings
 from kotonoha_bot.db.base import DatabaseProtocol, ForgetResult
 from kotonoha_bot.errors import EmbeddingModelMismatchError, KotonohaError, LLMError
 from kotonoha_bot.knowledge.archive import ArchiveReport, archive_idle_sessions, archive_session
 from kotonoha_bot.knowledge.embeddings.base import EmbeddingProvider, embedding_config
-from kotonoha_bot.knowledge.ingest import embed_pending
+from kotonoha_bot.knowledge.ingest import BatchProgress, IngestReport, embed_pending, ingest_bytes
 from kotonoha_bot.knowledge.search import RankedHit, search_knowledge
 from kotonoha_bot.llm.base import ChatTurn, LLMProvider
 from kotonoha_bot.models import Message, MessageChange, MessageLink, utcnow
@@ -463,6 +470,42 @@ class ChatService:
                     )
             self.traces.forget(None, user_id)
         return deleted
+
+    # --- explicit memories, "why", documents -------------------------------------------
+
+    async def explain_last_answer(self, guild_id: int | None, user_id: int) -> Explanation | None:
+        """What the last answer to this user here used (None: none since this process started)."""
+        trace = self.traces.last(guild_id, user_id)
+        if trace is None:
+            return None
+        return await explain(self.db, trace, guild_id=guild_id, user_id=user_id)
+
+    async def add_document(
+        self,
+        guild_id: int,
+        uri: str,
+        data: bytes,
+        *,
+        metadata: dict[str, object] | None = None,
+        on_batch: BatchProgress | None = None,
+    ) -> tuple[str, IngestReport]:
+        """Add a file's bytes to a guild's knowledge (the rules of ``kotonoha kb ingest``)."""
+        report = IngestReport()
+        s = self.settings
+        outcome = await ingest_bytes(
+            self.db,
+            self.embedder,
+            uri=uri,
+            data=data,
+            guild_id=guild_id,
+            metadata={"kind": "document", "path": uri, **(metadata or {})},
+            max_chars=s.chunk_max_chars,
+            overlap_chars=s.chunk_overlap_chars,
+            batch_size=s.embedding_batch_size,
+            report=report,
+            on_batch=on_batch,
+        )
+        return outcome, report
 
     # --- following Discord: edits, deletes, the bot's own reply ids --------------------
 

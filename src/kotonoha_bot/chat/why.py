@@ -20,8 +20,9 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from kotonoha_bot.chat.prompt import describe_source
+from kotonoha_bot.db.base import DatabaseProtocol
 from kotonoha_bot.knowledge.search import RankedHit
-from kotonoha_bot.models import MessageLink
+from kotonoha_bot.models import Memory, MessageLink
 
 #: People whose last answer is remembered (least recently answered are dropped first).
 MAX_TRACES = 10_000
@@ -86,3 +87,47 @@ def format_citations(hits: Sequence[RankedHit], links: Mapping[int, MessageLink]
         # <...> keeps Discord from unfurling every link into an embed.
         parts.append(f"[{i}] <{link.url}>" if link else f"[{i}] {describe_source(ranked.hit)}")
     return "\n\n-# 参考: " + " ・ ".join(parts)
+
+
+@dataclass(frozen=True, slots=True)
+class ExplainedReference:
+    """A traced reference as it stands now: its link, or gone when deleted since."""
+
+    label: str
+    score: float
+    link: MessageLink | None
+    gone: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Explanation:
+    """What ``/memory why`` shows: the trace with links and memories looked up now."""
+
+    trace: AnswerTrace
+    references: tuple[ExplainedReference, ...]
+    memories: tuple[Memory, ...]
+    memories_deleted: int
+
+
+async def explain(
+    db: DatabaseProtocol, trace: AnswerTrace, *, guild_id: int | None, user_id: int
+) -> Explanation:
+    """Resolve a trace: links of conversation references, the memories still there."""
+    conv_ids = [r.chunk_id for r in trace.references if r.conversation]
+    origins = await db.chunk_origins(conv_ids) if conv_ids else {}
+    references = tuple(
+        ExplainedReference(
+            label=r.label,
+            score=r.score,
+            link=origins[r.chunk_id].first_link if r.chunk_id in origins else None,
+            # A conversation chunk always has provenance; none means it was deleted.
+            gone=r.conversation and r.chunk_id not in origins,
+        )
+        for r in trace.references
+    )
+    current = {
+        m.memory_id: m
+        for m in await db.list_memories(guild_id=guild_id, user_id=user_id, limit=500)
+    }
+    kept = tuple(current[i] for i in trace.memory_ids if i in current)
+    return Explanation(trace, references, kept, len(trace.memory_ids) - len(kept))

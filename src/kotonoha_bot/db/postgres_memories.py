@@ -12,7 +12,7 @@ from datetime import date
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from kotonoha_bot.db.base import check_memory, check_memory_page, check_usage
-from kotonoha_bot.errors import InvalidInputError
+from kotonoha_bot.errors import MemoryLimitError
 from kotonoha_bot.models import Memory, UsageRecord, utcnow
 
 T = TypeVar("T")
@@ -67,7 +67,7 @@ class PostgresMemories:
                 )
             )
             if count >= max_per_user:
-                raise InvalidInputError(
+                raise MemoryLimitError(
                     f"user {memory.user_id} already has {count} memories here"
                     f" (at most {max_per_user}); delete one first"
                 )

@@ -20,7 +20,7 @@ import aiosqlite
 
 from kotonoha_bot.db.base import check_memory, check_memory_page, check_usage
 from kotonoha_bot.db.sqlite_values import dt, ts
-from kotonoha_bot.errors import InvalidInputError
+from kotonoha_bot.errors import MemoryLimitError
 from kotonoha_bot.models import Memory, UsageRecord, utcnow
 
 
@@ -45,7 +45,7 @@ class SQLiteMemories:
                 )
             ).fetchone()
             if row is not None and int(row[0]) >= max_per_user:
-                raise InvalidInputError(
+                raise MemoryLimitError(
                     f"user {memory.user_id} already has {int(row[0])} memories here"
                     f" (at most {max_per_user}); delete one first"
                 )
