@@ -108,8 +108,9 @@ class Sim:
 
     def bot_messages(self, channel: simcord.ChannelHandle) -> list[str]:
         """What the bot posted in a channel, oldest first."""
+        me = self.bot.user.id if self.bot.user else None
         kinds = (discord.MessageType.default, discord.MessageType.reply)
-        return [m.content for m in channel.history() if m.author.bot and m.type in kinds]
+        return [m.content for m in channel.history() if m.author.id == me and m.type in kinds]
 
     def prompt(self) -> str:
         """Everything the LLM was sent in its last request (system and all messages)."""
@@ -134,11 +135,11 @@ SimFactory = Callable[..., Any]
 def sim_factory(
     db: DatabaseProtocol, api: FakeAPIServer, tmp_path: Path, opened: list[Sim]
 ) -> SimFactory:
-    """``async with make_sim(**settings, handler=...) as sim:`` (see the ``make_sim`` fixture)."""
+    """``async with make_sim(handler_kwargs=..., **settings) as sim:`` (fixture ``make_sim``)."""
 
     @asynccontextmanager
     async def make(
-        handler: Callable[[ChatService], MessageHandler] | None = None, **overrides: Any
+        handler_kwargs: dict[str, Any] | None = None, **overrides: Any
     ) -> AsyncIterator[Sim]:
         # A generous LLM timeout: SimCord's virtual timers fall back to real time, and a
         # first request on a busy host (SDK imports) must not time out for real.
@@ -146,9 +147,20 @@ def sim_factory(
         values.update(overrides)
         settings = chat_settings(tmp_path, **values)
         async with chat_service(db, api, settings) as service:
-            bot = KotonohaBot(
-                service, settings, handler=handler(service) if handler is not None else None
-            )
+            handler = None
+            if handler_kwargs is not None:
+                # The production handler with some parts swapped (a limiter or an
+                # eavesdrop tracker with a test clock).
+                bots: list[KotonohaBot] = []
+                handler = MessageHandler(
+                    service,
+                    settings,
+                    bot_user_id=lambda: bots[0].user.id if bots and bots[0].user else None,
+                    **handler_kwargs,
+                )
+            bot = KotonohaBot(service, settings, handler=handler)
+            if handler is not None:
+                bots.append(bot)
             async with simcord.run(bot) as env:
                 sim = Sim(env, bot, service, api, db)
                 opened.append(sim)

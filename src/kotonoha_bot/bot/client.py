@@ -83,7 +83,7 @@ class KotonohaBot(commands.Bot):
         ]
         if s.session_sync_interval > 0:
             jobs.append(
-                Periodic("save sessions", s.session_sync_interval, self.chat.sessions.flush)
+                Periodic("save sessions", s.session_sync_interval, self.chat.flush)
             )
         if s.backup_interval_hours > 0:
             interval = s.backup_interval_hours * 3600.0

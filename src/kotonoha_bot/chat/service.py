@@ -132,6 +132,8 @@ class ChatService:
         self._last_hits: dict[str, int] = {}
         self._eavesdrop: dict[int, int] = {}  # opted-in channel -> its guild
         self._unknown: dict[str, float] = {}  # session keys known not to exist -> until
+        #: Reply links waiting for their reply to be stored (batch mode).
+        self._pending_links: list[tuple[str, int, int, tuple[int, ...]]] = []
 
     # --- the pipeline ---------------------------------------------------------------
 
@@ -516,20 +518,38 @@ class ChatService:
         moderator deleting them removes it too). Failures are logged, never raised."""
         if reply.turn_id is None or not reply.ok or not discord_message_ids:
             return
+        link = (reply.session_key, reply.turn_id, channel_id, tuple(discord_message_ids))
+        if not self.sessions.durable:
+            # Batch mode: the reply is stored at the next flush; link it then.
+            self._pending_links.append(link)
+            return
+        await self._link(*link)
+
+    async def _link(
+        self, session_key: str, turn_id: int, channel_id: int, ids: Sequence[int]
+    ) -> bool:
         try:
-            if not self.sessions.durable:
-                await self.sessions.flush_key(reply.session_key)
-            await self.db.record_reply_parts(
-                reply.session_key, reply.turn_id, channel_id, discord_message_ids
-            )
+            await self.db.record_reply_parts(session_key, turn_id, channel_id, ids)
         except KotonohaError as exc:
-            log.warning("could not link the reply in %s: %s", reply.session_key, exc)
+            log.warning("could not link the reply in %s: %s", session_key, exc)
+            return False
+        return True
+
+    async def flush(self) -> int:
+        """Store unsaved messages (batch mode), then the reply links waiting for them."""
+        saved = await self.sessions.flush()
+        pending, self._pending_links = self._pending_links, []
+        for link in pending:
+            if not await self._link(*link):
+                self._pending_links.append(link)
+        return saved
 
     async def message_edited(
         self, guild_id: int | None, discord_message_id: int, text: str
     ) -> MessageChange:
         """A message was edited on Discord: the stored text follows (see ``edit_message``)."""
         clean, _ = replace_nul(text)
+        await self._flush_for_change()
         change = await self.db.edit_message(
             guild_id=guild_id, discord_message_id=discord_message_id, content=clean
         )
@@ -541,6 +561,7 @@ class ChatService:
     ) -> MessageChange:
         """Messages were deleted on Discord: they, the bot's replies to them and the
         knowledge built from them go (see ``delete_messages``)."""
+        await self._flush_for_change()
         change = await self.db.delete_messages(
             guild_id=guild_id, discord_message_ids=discord_message_ids
         )
@@ -549,10 +570,16 @@ class ChatService:
 
     async def channel_deleted(self, guild_id: int, channel_id: int) -> MessageChange:
         """A channel or thread was deleted: its conversations and their knowledge go."""
+        await self._flush_for_change()
         change = await self.db.delete_channel_messages(guild_id=guild_id, channel_id=channel_id)
         self._eavesdrop.pop(channel_id, None)
         await self._catch_up(change.sessions, change.rearchive)
         return change
+
+    async def _flush_for_change(self) -> None:
+        """In batch mode, store what a Discord edit/delete may be about before applying it."""
+        if not self.sessions.durable:
+            await self.flush()
 
     async def _catch_up(
         self, touched: Sequence[str], survivors: Mapping[str, Sequence[int]]
@@ -610,7 +637,7 @@ class ChatService:
 
     async def close(self) -> None:
         """Store everything not stored yet (batch mode); call at shutdown."""
-        await self.sessions.close()
+        await self.flush()
 
 
 async def checked_embedder(

@@ -119,14 +119,6 @@ class SessionManager:
                     saved += 1
         return saved
 
-    async def flush_key(self, session_key: str) -> bool:
-        """Save one session now if it has unsaved changes; True when it was saved."""
-        async with self._locked(session_key):
-            if session_key in self._unsaved or session_key in self._status:
-                await self._save(session_key)
-                return True
-        return False
-
     async def close(self) -> None:
         """Flush (the shutdown path of batch mode)."""
         await self.flush()
