@@ -368,3 +368,32 @@ async def test_usage_comes_from_the_openai_compatible_servers_numbers(
         assert [
             (u.guild_id, u.user_id, u.input_tokens, u.output_tokens, u.calls) for u in used
         ] == [(guild.id, mina.id, 77, 5, 1)]
+
+
+async def test_replies_cite_their_sources_only_when_asked(make_sim: SimFactory) -> None:
+    async with make_sim(reply_cite_sources=True) as sim:
+        guild = sim.guild()
+        general = guild.create_text_channel("general")
+        mina, yuu = sim.member(guild, "ミナ"), sim.member(guild, "ユウ")
+        said = await sim.mention(yuu, general, "文化祭は金曜日です")
+        await sim.chat.add_document(
+            guild.id, "faq.md", "# 文化祭\n文化祭の会場は体育館です".encode()
+        )
+        await sim.archive()
+        sim.api.script("messages", [Reply(text="金曜日の体育館です")])
+        await sim.mention(mina, general, "文化祭はいつどこ？")
+        shown = sim.bot_messages(general)[-1]
+        assert shown.startswith("金曜日の体育館です\n\n-# 参考: ")
+        assert f"<https://discord.com/channels/{guild.id}/{general.id}/{said.id}>" in shown
+        assert "文化祭" in shown.split("参考: ")[1]  # the document by its title
+        # What is stored (and sent as history later) is the answer without the footer.
+        session = await sim.db.load_session(f"mention:{general.id}:{mina.id}")
+        assert session is not None and session.messages[-1].content == "金曜日の体育館です"
+    async with make_sim() as sim:  # off by default
+        guild = sim.guild()
+        general = guild.create_text_channel("general")
+        await sim.chat.add_document(
+            guild.id, "faq.md", "# 文化祭\n文化祭の会場は体育館です".encode()
+        )
+        await sim.mention(sim.member(guild, "ミナ"), general, "文化祭はどこ？")
+        assert "参考:" not in sim.bot_messages(general)[-1]

@@ -152,3 +152,41 @@ def test_settings_documented_in_readme_and_env_example() -> None:
         assert f"| `{name}` |" in readme, f"{name} missing from the README settings table"
         assert f"# {name}={default}\n" in example, f"{name} missing from .env.example"
         assert meaning, f"{name} has no description"
+
+
+async def test_usage_reports_today_and_this_month(database_url: str, tmp_path: Path) -> None:
+    from datetime import date
+
+    from kotonoha_bot.config import Settings
+    from kotonoha_bot.db import open_database
+    from kotonoha_bot.models import UsageRecord
+
+    settings = Settings(_env_file=None)  # type: ignore[call-arg]
+    async with open_database(database_url, settings=settings) as db:
+        await db.record_usage(UsageRecord(date(2026, 3, 2), "claude-x", 11, 5, 1, 100, 20))
+        await db.record_usage(UsageRecord(date(2026, 3, 2), "claude-x", 11, 6, 1, 50, 5))
+        await db.record_usage(UsageRecord(date(2026, 3, 1), "gpt-y", 12, 5, 1, 7, 3))
+        await db.record_usage(UsageRecord(date(2026, 2, 28), "claude-x", 11, 5, 1, 999, 999))
+    out = kotonoha(
+        "usage", "--database", database_url, "--day", "2026-03-02", "--json", cwd=tmp_path
+    )
+    assert out.returncode == 0, out.stderr
+    doc = json.loads(out.stdout)
+    assert doc["today"] == "2026-03-02" and doc["month"] == "2026-03"
+    assert doc["day_totals"] == {
+        "calls": 2,
+        "input_tokens": 150,
+        "output_tokens": 25,
+        "total_tokens": 175,
+    }
+    assert doc["month_totals"]["total_tokens"] == 185  # February is not this month
+    assert set(doc["month_by_guild"]) == {"11", "12"}
+    assert doc["month_by_model"]["gpt-y"]["total_tokens"] == 10
+    one = kotonoha(
+        "usage", "-d", database_url, "--day", "2026-03-02", "-g", "12", "--json", cwd=tmp_path
+    )
+    assert json.loads(one.stdout)["month_totals"]["calls"] == 1
+    human = kotonoha("usage", "-d", database_url, "--day", "2026-03-02", cwd=tmp_path)
+    assert human.returncode == 0 and "175" in human.stdout and "claude-x" in human.stdout
+    bad = kotonoha("usage", "-d", database_url, "--day", "yesterday", cwd=tmp_path)
+    assert bad.returncode == 2 and "YYYY-MM-DD" in bad.stderr

@@ -82,9 +82,7 @@ class KotonohaBot(commands.Bot):
             Periodic("retry edits and deletes", RETRY_CHANGES_SECONDS, self.events.retry_failed),
         ]
         if s.session_sync_interval > 0:
-            jobs.append(
-                Periodic("save sessions", s.session_sync_interval, self.chat.flush)
-            )
+            jobs.append(Periodic("save sessions", s.session_sync_interval, self.chat.flush))
         if s.backup_interval_hours > 0:
             interval = s.backup_interval_hours * 3600.0
             # The first backup comes a little after startup, not a full interval later:

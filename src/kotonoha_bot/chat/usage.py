@@ -21,7 +21,7 @@ import logging
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import date, datetime, timedelta
+from datetime import date, datetime
 
 from kotonoha_bot.config import Settings
 from kotonoha_bot.db.base import DatabaseProtocol
@@ -179,10 +179,3 @@ class UsageMeter:
             month_by_user=top,
             month_by_guild=dict(by_guild),
         )
-
-
-def month_days(day: date) -> tuple[date, date]:
-    """The first and last day of ``day``'s month."""
-    first = day.replace(day=1)
-    following = (first + timedelta(days=32)).replace(day=1)
-    return first, following - timedelta(days=1)
