@@ -341,3 +341,26 @@ async def test_a_thread_that_cannot_be_opened_falls_back_to_the_channel(
         await sim.mention(sim.member(guild, "ミナ"), general, "スレッドにして")
         assert general.threads == []
         assert sim.bot_messages(general) == ["echo: スレッドにして"]
+
+
+async def test_deleting_one_message_of_an_eavesdrop_turn_takes_the_interjection(
+    make_sim: SimFactory, db: DatabaseProtocol
+) -> None:
+    clock = Clock()
+    tracker = EavesdropTracker(cooldown=300, judge_interval=30, clock=clock)
+    async with make_sim(handler_kwargs={"eavesdrop": tracker}) as sim:
+        guild = sim.guild()
+        general = guild.create_text_channel("general")
+        mina, yuu = sim.member(guild, "ミナ"), sim.member(guild, "ユウ")
+        await sim.chat.set_eavesdrop(guild.id, general.id, True)
+        sim.api.script("messages", [Reply(text="no")])
+        first = await mina.send(general, "部室の鍵の番号は5555")
+        await yuu.send(general, "鍵どこ？")
+        clock.now += 31
+        sim.api.script("messages", [Reply(text="yes"), Reply(text="番号は5555ですよ")])
+        await mina.send(general, "だれか知ってる？")
+        assert sim.bot_messages(general) == ["番号は5555ですよ"]
+        await mina.delete(first)
+    stored = await db.load_session(f"eavesdrop:{general.id}")
+    assert stored is not None
+    assert [m.content for m in stored.messages] == ["鍵どこ？", "だれか知ってる？"]
