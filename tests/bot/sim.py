@@ -112,6 +112,18 @@ class Sim:
         kinds = (discord.MessageType.default, discord.MessageType.reply)
         return [m.content for m in channel.history() if m.author.id == me and m.type in kinds]
 
+    async def stored_text(self) -> str:
+        """Every stored message and chunk text, to look for what must be gone."""
+        parts = []
+        for info in await self.db.list_sessions():
+            session = await self.db.load_session(info.session_key)
+            assert session is not None
+            parts += [m.content for m in session.messages]
+        for src in await self.db.list_sources():
+            assert src.source_id is not None
+            parts += [c.content for c in await self.db.list_chunks(src.source_id)]
+        return "\n".join(parts)
+
     def prompt(self) -> str:
         """Everything the LLM was sent in its last request (system and all messages)."""
         return json.dumps(self.api.last("messages").json, ensure_ascii=False)

@@ -13,25 +13,11 @@ import discord
 import pytest
 
 from kotonoha_bot.bot import texts
-from kotonoha_bot.db import DatabaseProtocol
 from tests.bot.sim import SimFactory
 from tests.fakes.api_server import Reply
 from tests.fakes.pdf import make_pdf
 
 PHONE = "090-1234-5678"
-
-
-async def stored_text(db: DatabaseProtocol) -> str:
-    """Every stored message and chunk text, to look for what must be gone."""
-    parts = []
-    for info in await db.list_sessions():
-        s = await db.load_session(info.session_key)
-        assert s is not None
-        parts += [m.content for m in s.messages]
-    for src in await db.list_sources():
-        assert src.source_id is not None
-        parts += [c.content for c in await db.list_chunks(src.source_id)]
-    return "\n".join(parts)
 
 
 async def test_a_deleted_message_leaves_sessions_knowledge_and_the_next_prompt(
@@ -48,11 +34,11 @@ async def test_a_deleted_message_leaves_sessions_knowledge_and_the_next_prompt(
             "echo: 猫の名前はタマです",
         ]
         await sim.archive()
-        assert PHONE in await stored_text(sim.db)  # in the session and in a chunk
+        assert PHONE in await sim.stored_text()  # in the session and in a chunk
 
         await mina.delete(secret)  # Discord sends MESSAGE_DELETE; the bot follows
 
-        text = await stored_text(sim.db)
+        text = await sim.stored_text()
         assert PHONE not in text  # nor the bot's reply that repeated it
         assert "タマ" in text  # the rest stays, archived again without it
         hits = await sim.chat.search(guild.id, general.id, "猫の名前 タマ")
@@ -83,7 +69,7 @@ async def test_a_bulk_delete_removes_every_message_and_the_bots_replies(
         assert isinstance(channel, discord.TextChannel)
         await sim.as_moderator(lambda bot: channel.delete_messages(purge))
 
-        text = await stored_text(sim.db)
+        text = await sim.stored_text()
         assert "ORCHID" not in text and "LOTUS" not in text
         assert "天気" in text
         await sim.mention(yuu, general, "合言葉は？")
@@ -104,7 +90,7 @@ async def test_an_edit_replaces_the_text_everywhere(make_sim: SimFactory) -> Non
         assert sim.bot.user is not None
         await mina.edit(said, f"{sim.bot.user.mention} 集合は公園の噴水で11時")
 
-        text = await stored_text(sim.db)
+        text = await sim.stored_text()
         assert "北口" not in text  # the old words, and the reply that repeated them, are gone
         assert "噴水で11時" in text and "お弁当" in text
         session = await sim.db.load_session(f"mention:{general.id}:{mina.id}")
@@ -126,7 +112,7 @@ async def test_a_moderator_deleting_the_bots_reply_removes_it_from_memory(
         await sim.mention(mina, general, "住所を覚えて")
         reply = next(m for m in general.history() if m.author.bot)
         await mod.delete(reply)
-        assert "港区" not in await stored_text(sim.db)
+        assert "港区" not in await sim.stored_text()
         await sim.mention(mina, general, "住所は？")
         assert "港区" not in sim.prompt()
 
@@ -141,7 +127,7 @@ async def test_forget_me_removes_my_words_and_the_bots_echoes(make_sim: SimFacto
         await yuu.send(thread, "ユウも参加します")
         await sim.mention(mina, general, "個人的な話")  # a second thread of her own
         await sim.archive()
-        assert PHONE in await stored_text(sim.db)
+        assert PHONE in await sim.stored_text()
         await sim.mention(mina, general, "メモ")
         result = await mina.slash(general, "memory add", text="コーヒーが苦手")
         assert result.ephemeral
@@ -151,7 +137,7 @@ async def test_forget_me_removes_my_words_and_the_bots_echoes(make_sim: SimFacto
         answer = result.followups[0].content if result.followups else result.response.content
         assert answer.startswith("あなたのメッセージ") and "覚えていたこと 1件" in answer
 
-        text = await stored_text(sim.db)
+        text = await sim.stored_text()
         assert PHONE not in text  # her words *and* the bot's echo of them
         assert "ユウも参加します" in text  # others' words in the shared thread stay
         assert "コーヒー" not in text
@@ -172,11 +158,11 @@ async def test_a_deleted_thread_or_channel_takes_its_conversations(make_sim: Sim
         await sim.archive()
 
         await sim.as_moderator(lambda bot: bot.get_channel(thread.id).delete())  # type: ignore[union-attr]
-        text = await stored_text(sim.db)
+        text = await sim.stored_text()
         assert "スレッドの秘密" not in text and "別チャンネルの話" in text
 
         await sim.as_moderator(lambda bot: bot.get_channel(other.id).delete())  # type: ignore[union-attr]
-        assert "別チャンネルの話" not in await stored_text(sim.db)
+        assert "別チャンネルの話" not in await sim.stored_text()
 
 
 async def test_memories_stay_with_their_owner_guild_and_dm(make_sim: SimFactory) -> None:

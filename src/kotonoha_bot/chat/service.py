@@ -630,6 +630,7 @@ class ChatService:
         deleted = await self.retention.sweep(member_guild_ids)
         for guild_id in deleted:
             self.sessions.invalidate(guild_id=guild_id)
+            self.traces.forget(guild_id)
             for channel, guild in list(self._eavesdrop.items()):
                 if guild == guild_id:
                     del self._eavesdrop[channel]

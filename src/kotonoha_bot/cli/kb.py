@@ -61,13 +61,13 @@ async def _open(settings: Settings, database: str | None):  # type: ignore[no-un
 @app.command("ingest")
 @run_async
 async def ingest(
-    paths: Annotated[list[Path], typer.Argument(help="Files or folders (.md, .txt).")],
+    paths: Annotated[list[Path], typer.Argument(help="Files or folders (.md, .txt, .pdf).")],
     guild: GuildOption,
     channel: ChannelOption = None,
     database: DatabaseOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Add text and Markdown files to a guild's knowledge base.
+    """Add text, Markdown and PDF files to a guild's knowledge base.
 
     Unchanged files are skipped; changed files replace their old chunks. If the
     embedding service fails, chunks are kept as pending: run `kb embed-pending` later.

@@ -170,16 +170,7 @@ class PostgresProvenance:
                 author,
             )
         ]
-        extra += [
-            int(r["id"])
-            for r in await conn.fetch(
-                "SELECT c.id FROM knowledge_chunks c JOIN knowledge_sources k"
-                " ON k.id = c.source_id WHERE k.session_key = ANY($1::text[])"
-                " AND k.guild_id = $2",
-                own,
-                scope_params[0],
-            )
-        ]
+        extra += await self._session_chunks(conn, own, scope_params[0])
         return await self._remove(conn, gone, replies=True, extra_chunks=extra, whole=own)
 
     # --- reply links ----------------------------------------------------------------
@@ -311,16 +302,7 @@ class PostgresProvenance:
                     channel_id,
                 )
             ]
-            extra = [
-                int(r["id"])
-                for r in await conn.fetch(
-                    "SELECT c.id FROM knowledge_chunks c JOIN knowledge_sources k"
-                    " ON k.id = c.source_id WHERE k.session_key = ANY($1::text[])"
-                    " AND k.guild_id = $2",
-                    whole,
-                    guild_id,
-                )
-            ]
+            extra = await self._session_chunks(conn, whole, guild_id)
             return await self._remove(conn, gone, replies=True, extra_chunks=extra, whole=whole)
 
         removal = await self._run(
@@ -531,6 +513,18 @@ class PostgresProvenance:
             touched=tuple(sorted(keys)),
             rearchive=survivors,
         )
+
+    async def _session_chunks(
+        self, conn: Conn, session_keys: Sequence[str], guild_id: int
+    ) -> list[int]:
+        """Every chunk of the conversation sources of these sessions (they go whole)."""
+        rows = await conn.fetch(
+            "SELECT c.id FROM knowledge_chunks c JOIN knowledge_sources k"
+            " ON k.id = c.source_id WHERE k.session_key = ANY($1::text[]) AND k.guild_id = $2",
+            list(session_keys),
+            guild_id,
+        )
+        return [int(r["id"]) for r in rows]
 
     async def _drop_emptied(self, conn: Conn, source_ids: set[int]) -> int:
         """Delete sources left without chunks; refresh the others' status."""

@@ -153,19 +153,8 @@ class SQLiteProvenance:
                 )
             ).fetchall()
         ]
-        for key in own:
-            extra += [
-                int(r[0])
-                for r in await (
-                    await conn.execute(
-                        "SELECT c.id FROM knowledge_chunks c JOIN knowledge_sources k"
-                        " ON k.id = c.source_id WHERE k.session_key = ? AND k.guild_id = ?",
-                        (key, scope[0]),
-                    )
-                ).fetchall()
-            ]
-        removal = await self._remove_gone(conn, extra_chunks=extra, delete_sessions=own)
-        return removal
+        extra += await self._session_chunks(conn, own, scope[0])
+        return await self._remove_gone(conn, extra_chunks=extra, delete_sessions=own)
 
     # --- reply links ----------------------------------------------------------------
 
@@ -295,18 +284,7 @@ class SQLiteProvenance:
                 [guild_id, channel_id, channel_id, channel_id],
                 replies=True,
             )
-            extra: list[int] = []
-            for key in whole:
-                extra += [
-                    int(r[0])
-                    for r in await (
-                        await conn.execute(
-                            "SELECT c.id FROM knowledge_chunks c JOIN knowledge_sources k"
-                            " ON k.id = c.source_id WHERE k.session_key = ? AND k.guild_id = ?",
-                            (key, guild_id),
-                        )
-                    ).fetchall()
-                ]
+            extra = await self._session_chunks(conn, whole, guild_id)
             removal = await self._remove_gone(conn, extra_chunks=extra, delete_sessions=whole)
         self._cache_remove(removal.chunks or [])
         return MessageChange(
@@ -531,6 +509,22 @@ class SQLiteProvenance:
             touched=tuple(touched),
             rearchive=survivors,
         )
+
+    async def _session_chunks(
+        self, conn: aiosqlite.Connection, session_keys: Sequence[str], guild_id: int
+    ) -> list[int]:
+        """Every chunk of the conversation sources of these sessions (they go whole)."""
+        out: list[int] = []
+        for key in session_keys:
+            rows = await (
+                await conn.execute(
+                    "SELECT c.id FROM knowledge_chunks c JOIN knowledge_sources k"
+                    " ON k.id = c.source_id WHERE k.session_key = ? AND k.guild_id = ?",
+                    (key, guild_id),
+                )
+            ).fetchall()
+            out += [int(r[0]) for r in rows]
+        return out
 
     async def _sources_of(self, conn: aiosqlite.Connection, chunks: Sequence[int]) -> set[int]:
         if not chunks:
