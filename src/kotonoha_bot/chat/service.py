@@ -22,19 +22,18 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from kotonoha_bot.chat.changes import catch_up
+from kotonoha_bot.chat.changes import DiscordChanges
 from kotonoha_bot.chat.conversation import Conversation, Incoming
 from kotonoha_bot.chat.memories import MemoryBook
 from kotonoha_bot.chat.prompt import (
     RESET_MARKER,
     build_system_prompt,
     build_turns,
-    describe_source,
     history_start,
     select_history,
     transcript,
@@ -42,14 +41,7 @@ from kotonoha_bot.chat.prompt import (
 from kotonoha_bot.chat.retention import GuildRetention
 from kotonoha_bot.chat.sessions import SessionManager
 from kotonoha_bot.chat.usage import UsageMeter
-from kotonoha_bot.chat.why import (
-    AnswerTrace,
-    Explanation,
-    TraceBook,
-    TracedReference,
-    explain,
-    format_citations,
-)
+from kotonoha_bot.chat.why import Explanation, TraceBook, answer_trace, explain, format_citations
 from kotonoha_bot.config import Settings
 from kotonoha_bot.db.base import DatabaseProtocol, ForgetResult
 from kotonoha_bot.errors import EmbeddingModelMismatchError, KotonohaError, LLMError
@@ -128,12 +120,11 @@ class ChatService:
         self.memories = MemoryBook(db, settings)
         self.usage = UsageMeter(db, settings, clock=clock)
         self.traces = TraceBook()
+        self.changes = DiscordChanges(db, embedder, self.sessions, settings)
         self._clock = clock
         self._last_hits: dict[str, int] = {}
         self._eavesdrop: dict[int, int] = {}  # opted-in channel -> its guild
         self._unknown: dict[str, float] = {}  # session keys known not to exist -> until
-        #: Reply links waiting for their reply to be stored (batch mode).
-        self._pending_links: list[tuple[str, int, int, tuple[int, ...]]] = []
 
     # --- the pipeline ---------------------------------------------------------------
 
@@ -201,33 +192,18 @@ class ChatService:
                     turn_id=turn_id,
                 )
             )
-            current = handle.session.messages
-            before = [m for m in current[: -len(messages) - 1] if m.role != "system"]
-            history = current[oldest : -len(messages) - 1]
-        if speaker is not None:
-            self.traces.note(
-                conv.guild_id,
-                speaker,
-                AnswerTrace(
-                    at=self._clock(),
-                    session_key=conv.session_key,
-                    history_messages=sum(1 for m in history if m.role != "system"),
-                    session_messages=len(before),
-                    references=tuple(
-                        TracedReference(
-                            chunk_id=h.hit.chunk_id,
-                            label=describe_source(h.hit),
-                            score=h.score,
-                            conversation=h.hit.metadata.get("kind") in ("conversation", "summary"),
-                        )
-                        for h in hits
-                    ),
-                    memory_ids=tuple(m.memory_id for m in memories if m.memory_id is not None),
-                    model=answer.model,
-                    input_tokens=answer.input_tokens,
-                    output_tokens=answer.output_tokens,
-                ),
+            trace = answer_trace(
+                at=self._clock(),
+                session_key=conv.session_key,
+                messages=handle.session.messages,
+                history_from=oldest,
+                turn_size=len(messages) + 1,
+                hits=hits,
+                memories=memories,
+                reply=answer,
             )
+        if speaker is not None:
+            self.traces.note(conv.guild_id, speaker, trace)
         shown = text
         if self.settings.reply_cite_sources and hits:
             shown += format_citations(hits, await self.links(hits))
@@ -455,7 +431,7 @@ class ChatService:
                     del self._eavesdrop[channel]
         if channel_id is None:
             self.traces.forget(guild_id, user_id)
-        await self._catch_up(result.session_keys, result.rearchive)
+        await self.changes.catch_up(result.session_keys, result.rearchive)
         return result
 
     async def forget_dm(self, channel_id: int, user_id: int | None = None) -> bool:
@@ -516,82 +492,34 @@ class ChatService:
     ) -> None:
         """Link the Discord messages a reply was sent as to the stored reply (so a
         moderator deleting them removes it too). Failures are logged, never raised."""
-        if reply.turn_id is None or not reply.ok or not discord_message_ids:
+        if reply.turn_id is None or not reply.ok:
             return
-        link = (reply.session_key, reply.turn_id, channel_id, tuple(discord_message_ids))
-        if not self.sessions.durable:
-            # Batch mode: the reply is stored at the next flush; link it then.
-            self._pending_links.append(link)
-            return
-        await self._link(*link)
-
-    async def _link(
-        self, session_key: str, turn_id: int, channel_id: int, ids: Sequence[int]
-    ) -> bool:
-        try:
-            await self.db.record_reply_parts(session_key, turn_id, channel_id, ids)
-        except KotonohaError as exc:
-            log.warning("could not link the reply in %s: %s", session_key, exc)
-            return False
-        return True
+        await self.changes.link_reply(
+            reply.session_key, reply.turn_id, channel_id, discord_message_ids
+        )
 
     async def flush(self) -> int:
         """Store unsaved messages (batch mode), then the reply links waiting for them."""
-        saved = await self.sessions.flush()
-        pending, self._pending_links = self._pending_links, []
-        for link in pending:
-            if not await self._link(*link):
-                self._pending_links.append(link)
-        return saved
+        return await self.changes.flush()
 
     async def message_edited(
         self, guild_id: int | None, discord_message_id: int, text: str
     ) -> MessageChange:
         """A message was edited on Discord: the stored text follows (see ``edit_message``)."""
-        clean, _ = replace_nul(text)
-        await self._flush_for_change()
-        change = await self.db.edit_message(
-            guild_id=guild_id, discord_message_id=discord_message_id, content=clean
-        )
-        await self._catch_up(change.sessions, change.rearchive)
-        return change
+        return await self.changes.edited(guild_id, discord_message_id, text)
 
     async def messages_deleted(
         self, guild_id: int | None, discord_message_ids: Sequence[int]
     ) -> MessageChange:
         """Messages were deleted on Discord: they, the bot's replies to them and the
         knowledge built from them go (see ``delete_messages``)."""
-        await self._flush_for_change()
-        change = await self.db.delete_messages(
-            guild_id=guild_id, discord_message_ids=discord_message_ids
-        )
-        await self._catch_up(change.sessions, change.rearchive)
-        return change
+        return await self.changes.deleted(guild_id, discord_message_ids)
 
     async def channel_deleted(self, guild_id: int, channel_id: int) -> MessageChange:
         """A channel or thread was deleted: its conversations and their knowledge go."""
-        await self._flush_for_change()
-        change = await self.db.delete_channel_messages(guild_id=guild_id, channel_id=channel_id)
+        change = await self.changes.channel_deleted(guild_id, channel_id)
         self._eavesdrop.pop(channel_id, None)
-        await self._catch_up(change.sessions, change.rearchive)
         return change
-
-    async def _flush_for_change(self) -> None:
-        """In batch mode, store what a Discord edit/delete may be about before applying it."""
-        if not self.sessions.durable:
-            await self.flush()
-
-    async def _catch_up(
-        self, touched: Sequence[str], survivors: Mapping[str, Sequence[int]]
-    ) -> None:
-        await catch_up(
-            self.db,
-            self.embedder,
-            self.sessions,
-            self.settings,
-            touched=touched,
-            rearchive_ids=survivors,
-        )
 
     # --- background work ------------------------------------------------------------
 

@@ -22,7 +22,8 @@ from datetime import datetime
 from kotonoha_bot.chat.prompt import describe_source
 from kotonoha_bot.db.base import DatabaseProtocol
 from kotonoha_bot.knowledge.search import RankedHit
-from kotonoha_bot.models import Memory, MessageLink
+from kotonoha_bot.llm.base import LLMReply
+from kotonoha_bot.models import Memory, Message, MessageLink
 
 #: People whose last answer is remembered (least recently answered are dropped first).
 MAX_TRACES = 10_000
@@ -51,6 +52,41 @@ class AnswerTrace:
     model: str
     input_tokens: int
     output_tokens: int
+
+
+def answer_trace(
+    *,
+    at: datetime,
+    session_key: str,
+    messages: Sequence[Message],
+    history_from: int,
+    turn_size: int,
+    hits: Sequence[RankedHit],
+    memories: Sequence[Memory],
+    reply: LLMReply,
+) -> AnswerTrace:
+    """The trace of an answer just stored: ``messages`` ends with this turn (its user
+    messages and the reply, ``turn_size`` in all); history was sent from ``history_from``."""
+    before = messages[: len(messages) - turn_size]
+    return AnswerTrace(
+        at=at,
+        session_key=session_key,
+        history_messages=sum(1 for m in before[history_from:] if m.role != "system"),
+        session_messages=sum(1 for m in before if m.role != "system"),
+        references=tuple(
+            TracedReference(
+                chunk_id=h.hit.chunk_id,
+                label=describe_source(h.hit),
+                score=h.score,
+                conversation=h.hit.metadata.get("kind") in ("conversation", "summary"),
+            )
+            for h in hits
+        ),
+        memory_ids=tuple(m.memory_id for m in memories if m.memory_id is not None),
+        model=reply.model,
+        input_tokens=reply.input_tokens,
+        output_tokens=reply.output_tokens,
+    )
 
 
 class TraceBook:
