@@ -383,3 +383,26 @@ async def test_replies_cite_their_sources_only_when_asked(make_sim: SimFactory) 
         )
         await sim.mention(sim.member(guild, "ミナ"), general, "文化祭はどこ？")
         assert "参考:" not in sim.bot_messages(general)[-1]
+
+
+async def test_messages_from_before_a_restart_are_followed_too(make_sim: SimFactory) -> None:
+    """Raw events: a message the new process never cached is still edited or deleted."""
+    from kotonoha_bot.bot.client import KotonohaBot
+
+    async with make_sim() as sim:
+        guild = sim.guild()
+        general = guild.create_text_channel("general")
+        mina = sim.member(guild, "ミナ")
+        old_secret = await sim.mention(mina, general, "古い秘密はSAKURA")
+        old_plan = await sim.mention(mina, general, "予定は月曜")
+        await sim.archive()
+        # A new process: the same storage and Discord, an empty message cache.
+        fresh = KotonohaBot(sim.chat, sim.chat.settings)
+        await sim.env.restart_bot(fresh)
+        assert fresh.get_channel(general.id) is not None
+        assert all(m.id not in (old_secret.id, old_plan.id) for m in fresh.cached_messages)
+
+        await mina.delete(old_secret)
+        await mina.edit(old_plan, f"{fresh.user.mention} 予定は火曜")  # type: ignore[union-attr]
+        text = await sim.stored_text()
+        assert "SAKURA" not in text and "月曜" not in text and "予定は火曜" in text
