@@ -1032,3 +1032,18 @@ async def test_a_schema_2_source_migrates_with_provenance_filled_in(
         assert s is not None and [m.turn_id for m in s.messages] == [11, 11, 12, 12]
         change = await db.delete_messages(guild_id=BIG, discord_message_ids=[11])
         assert change.messages == 2 and change.chunks == 1
+
+
+async def test_a_schema_2_postgres_source_is_upgraded_then_moved(
+    new_database_url: Any, settings: Settings
+) -> None:
+    """A PostgreSQL source is opened like the bot opens it: migration 3 runs first."""
+    src = await new_database_url("postgres")
+    target = await new_database_url("sqlite")
+    await OLD_SCHEMA_WRITERS["postgres"](src, BIG, BIG - 1)
+    report = await migrate(src, target, settings=settings)
+    check_clean(report)
+    assert report.tables["chunk_messages"].moved == 4
+    async with open_database(target, settings=settings) as db:
+        s = await db.load_session("thread:9")
+        assert s is not None and [m.turn_id for m in s.messages] == [11, 11, 12, 12]

@@ -90,8 +90,18 @@ async def inspect_database(db: PostgreSQLDatabase) -> PgInfo:
         if not exists:
             return PgInfo(False, server_version_num=version_num)
         schema = int(await conn.fetchval("SELECT coalesce(max(version), 0) FROM schema_migrations"))
+        # A database of an older schema lacks the newer tables: count what exists.
+        present = {
+            r["name"]
+            for r in await conn.fetch(
+                "SELECT t AS name FROM unnest($1::text[]) AS t WHERE to_regclass(t) IS NOT NULL",
+                [t.name for t in TABLES],
+            )
+        }
         counts = {
-            t.name: int(await conn.fetchval(f"SELECT count(*) FROM {t.name}")) for t in TABLES
+            t.name: int(await conn.fetchval(f"SELECT count(*) FROM {t.name}"))
+            for t in TABLES
+            if t.name in present
         }
         meta = {
             r["key"]: r["value"] for r in await conn.fetch("SELECT key, value FROM kotonoha_meta")
