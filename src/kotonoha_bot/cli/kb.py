@@ -175,6 +175,9 @@ async def search(
             keyword_weight=settings.hybrid_keyword_weight,
             min_similarity=settings.search_min_similarity,
         )
+        # Provenance: a conversation hit links to its first message on Discord.
+        origins = await db.chunk_origins([r.hit.chunk_id for r in result.hits])
+    links = {cid: o.first_link.url for cid, o in origins.items() if o.first_link is not None}
     for warning in result.warnings:
         err_console.print(f"[yellow]warning:[/] {warning}")
     if as_json:
@@ -184,7 +187,7 @@ async def search(
                 "mode": mode,
                 "guild_id": guild,
                 "channel_id": channel,
-                "hits": [r.as_dict() for r in result.hits],
+                "hits": [{**r.as_dict(), "link": links.get(r.hit.chunk_id)} for r in result.hits],
                 "warnings": result.warnings,
             }
         )
