@@ -38,6 +38,9 @@ from kotonoha_bot.models import utcnow
 from tests.chat.support import chat_service, chat_settings
 from tests.fakes.api_server import FakeAPIServer
 
+#: How long one simulated step may take before the test fails with SimCord's diagnosis.
+SETTLE_SECONDS = 60.0
+
 ADMIN_PERMISSIONS = discord.Permissions(
     manage_guild=True, manage_channels=True, manage_messages=True
 )
@@ -173,7 +176,9 @@ def sim_factory(
             bot = KotonohaBot(service, settings, handler=handler)
             if handler is not None:
                 bots.append(bot)
-            async with simcord.run(bot) as env:
+            # Settling waits for real I/O (storage, the fake LLM API) too: on a loaded
+            # CI host that can take seconds, so allow far more than SimCord's 5 s.
+            async with simcord.run(bot, settle_timeout=SETTLE_SECONDS) as env:
                 sim = Sim(env, bot, service, api, db)
                 opened.append(sim)
                 yield sim

@@ -25,6 +25,7 @@ from kotonoha_bot.config import Settings, sqlite_url
 from kotonoha_bot.db import DatabaseProtocol, open_database
 from kotonoha_bot.errors import ConfigError, DatabaseError
 from kotonoha_bot.models import utcnow
+from tests.bot.sim import SETTLE_SECONDS
 from tests.chat.support import API_KEY, add_document, chat_service, chat_settings
 from tests.fakes.api_server import FakeAPIServer, fake_api_fixture
 
@@ -113,7 +114,7 @@ async def test_serve_starts_everything_answers_and_saves_on_shutdown(
             seen["ready_status"] = resp.status
             seen["ready"] = await resp.json()
         # Discord itself is SimCord: the real gateway parsing, cache and HTTP layer.
-        async with simcord.run(bot) as env:
+        async with simcord.run(bot, settle_timeout=SETTLE_SECONDS) as env:
             user = env.create_user("mina", global_name="ミナ")
             env.create_guild().add_member(user)
             await user.send_dm("おやすみ")
@@ -166,7 +167,7 @@ async def test_sigterm_closes_the_bot_and_saves(
         # Like bot.start(): run until the client is closed.
         handler = signal.getsignal(signal.SIGTERM)
         assert getattr(handler, "__name__", "") == "_sighandler_noop", "handler not installed"
-        async with simcord.run(bot) as env:
+        async with simcord.run(bot, settle_timeout=SETTLE_SECONDS) as env:
             user = env.create_user("mina", global_name="ミナ")
             env.create_guild().add_member(user)
             await user.send_dm("またね")
