@@ -9,12 +9,14 @@ the text is in no session, no chunk and no later prompt.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import discord
 import pytest
 
 from kotonoha_bot.bot import texts
 from tests.bot.sim import SimFactory
-from tests.fakes.api_server import Reply
+from tests.fakes.api_server import FakeAPIServer, Reply
 from tests.fakes.pdf import make_pdf
 
 PHONE = "090-1234-5678"
@@ -406,3 +408,38 @@ async def test_messages_from_before_a_restart_are_followed_too(make_sim: SimFact
         await mina.edit(old_plan, f"{fresh.user.mention} 予定は火曜")  # type: ignore[union-attr]
         text = await sim.stored_text()
         assert "SAKURA" not in text and "月曜" not in text and "予定は火曜" in text
+
+
+async def test_a_delete_during_a_storage_outage_is_retried_not_lost(
+    fake_api: FakeAPIServer, tmp_path: Path
+) -> None:
+    """Another process holds SQLite's write lock when the delete arrives: it waits in
+    the retry queue and is applied by the retry job once storage answers again."""
+    import sqlite3
+
+    from kotonoha_bot.db import open_database, sqlite_path_from_url
+    from tests.bot.sim import sim_factory
+    from tests.chat.support import chat_settings
+
+    url = f"sqlite:///{tmp_path / 'outage.db'}"
+    settings = chat_settings(tmp_path, sqlite_busy_timeout_ms=50)
+    async with (
+        open_database(url, settings=settings) as db,
+        sim_factory(db, fake_api, tmp_path, [])(sqlite_busy_timeout_ms=50) as sim,
+    ):
+        guild = sim.guild()
+        general = guild.create_text_channel("general")
+        mina = sim.member(guild, "ミナ")
+        secret = await sim.mention(mina, general, "消したい話KIWI")
+        blocker = sqlite3.connect(sqlite_path_from_url(url), isolation_level=None)
+        blocker.execute("BEGIN IMMEDIATE")  # another process writing
+        try:
+            await mina.delete(secret)
+            assert len(sim.bot.events.pending) == 1
+        finally:
+            blocker.execute("ROLLBACK")
+            blocker.close()
+        assert "KIWI" in await sim.stored_text()  # not yet...
+        assert await sim.bot.events.retry_failed() == 1
+        assert "KIWI" not in await sim.stored_text()  # ...but not lost either
+        assert not sim.bot.events.pending
