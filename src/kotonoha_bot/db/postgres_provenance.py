@@ -263,11 +263,16 @@ class PostgresProvenance:
         async def body(conn: Conn) -> _Removal:
             gone = [
                 int(r["id"])
+                # Two index lookups (a member's message by its id, the bot's by its reply
+                # parts), not one OR that would scan every message.
                 for r in await conn.fetch(
                     "SELECT m.id FROM messages m JOIN sessions s ON s.session_key = m.session_key"
-                    " WHERE s.guild_id IS NOT DISTINCT FROM $2 AND (m.discord_message_id ="
-                    " ANY($1::bigint[]) OR m.id IN (SELECT r.message_id FROM message_refs r"
-                    " WHERE r.discord_message_id = ANY($1::bigint[])))",
+                    " WHERE m.discord_message_id = ANY($1::bigint[])"
+                    " AND s.guild_id IS NOT DISTINCT FROM $2"
+                    " UNION SELECT m.id FROM message_refs r JOIN messages m ON m.id = r.message_id"
+                    " JOIN sessions s ON s.session_key = m.session_key"
+                    " WHERE r.discord_message_id = ANY($1::bigint[])"
+                    " AND s.guild_id IS NOT DISTINCT FROM $2",
                     ids,
                     guild_id,
                 )
