@@ -248,13 +248,13 @@ class SQLiteProvenance:
             # parts), not one OR that would scan every message.
             await self._fill_gone(
                 conn,
-                "SELECT m.id FROM temp.kotonoha_ids k"
-                " JOIN messages m ON m.discord_message_id = k.id"
-                " JOIN sessions s ON s.session_key = m.session_key WHERE s.guild_id IS ?"
-                " UNION SELECT m.id FROM temp.kotonoha_ids k"
-                " JOIN message_refs r ON r.discord_message_id = k.id"
-                " JOIN messages m ON m.id = r.message_id"
-                " JOIN sessions s ON s.session_key = m.session_key WHERE s.guild_id IS ?",
+                "SELECT m.id FROM messages m JOIN sessions s ON s.session_key = m.session_key"
+                " WHERE m.discord_message_id IN (SELECT id FROM temp.kotonoha_ids)"
+                " AND s.guild_id IS ?"
+                " UNION SELECT m.id FROM messages m JOIN sessions s"
+                " ON s.session_key = m.session_key WHERE m.id IN (SELECT r.message_id"
+                " FROM message_refs r WHERE r.discord_message_id IN"
+                " (SELECT id FROM temp.kotonoha_ids)) AND s.guild_id IS ?",
                 [guild_id, guild_id],
                 replies=True,
             )
