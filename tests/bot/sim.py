@@ -39,7 +39,9 @@ from tests.chat.support import chat_service, chat_settings
 from tests.fakes.api_server import FakeAPIServer
 
 #: How long one simulated step may take before the test fails with SimCord's diagnosis.
-SETTLE_SECONDS = 60.0
+#: (A virtual sleep shorter than this is waited out in real time by SimCord's settling,
+#: so it stays below the bot's own short waits, e.g. a rate-limited message's 30 s.)
+SETTLE_SECONDS = 20.0
 
 ADMIN_PERMISSIONS = discord.Permissions(
     manage_guild=True, manage_channels=True, manage_messages=True
@@ -177,7 +179,7 @@ def sim_factory(
             if handler is not None:
                 bots.append(bot)
             # Settling waits for real I/O (storage, the fake LLM API) too: on a loaded
-            # CI host that can take seconds, so allow far more than SimCord's 5 s.
+            # CI host that can take seconds, so allow more than SimCord's 5 s.
             async with simcord.run(bot, settle_timeout=SETTLE_SECONDS) as env:
                 sim = Sim(env, bot, service, api, db)
                 opened.append(sim)
