@@ -126,6 +126,32 @@ class Settings(BaseSettings):
     )
     archive_window_messages: int = Field(8, ge=1, description="Messages per archived chunk.")
     archive_window_overlap: int = Field(2, ge=0, description="Messages shared by neighbours.")
+    reply_cite_sources: bool = Field(
+        False, description="Append the sources of the knowledge used (links, titles) to replies."
+    )
+    kb_add_max_bytes: int = Field(
+        5_242_880, ge=1, description="Largest attachment `/kb add` accepts, in bytes."
+    )
+
+    # --- explicit memories and usage ---------------------------------------------------
+    memory_max_per_user: int = Field(
+        50, ge=1, le=1000, description="Memories one user may keep per server (and in DMs)."
+    )
+    memory_max_chars: int = Field(500, ge=10, le=4000, description="Longest memory text.")
+    memory_prompt_token_budget: int = Field(
+        800, ge=0, description="Approximate tokens of a user's memories put into their turns."
+    )
+    guild_daily_token_budget: int = Field(
+        0, ge=0, description="LLM tokens per server per UTC day; 0 = no limit."
+    )
+    user_daily_token_budget: int = Field(
+        0, ge=0, description="LLM tokens per user per server (or in DMs) per UTC day; 0 = none."
+    )
+    budget_exceeded_message: str = Field(
+        "ごめんなさい、今日のお返事の上限に達してしまいました。"
+        "日付が変わったら（UTC 0時）また話しかけてください。",
+        description="What users see instead of an answer when a daily budget is used up.",
+    )
 
     # --- LLM -----------------------------------------------------------------------
     llm_provider: Literal["anthropic", "openai"] = Field(

@@ -87,6 +87,10 @@ class InvalidTextError(InvalidInputError):
     """Text holds a NUL character (U+0000) or is otherwise unstorable."""
 
 
+class MemoryLimitError(InvalidInputError):
+    """The user already keeps as many memories in this scope as allowed."""
+
+
 class UnsupportedDimensionError(InvalidInputError):
     """The backend cannot index vectors of this dimension."""
 

@@ -7,7 +7,7 @@ up to 2**63-1). Vectors are 1-d ``numpy.float32`` arrays.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from typing import Any, Literal
 
 import numpy as np
@@ -41,7 +41,15 @@ def as_utc(value: datetime) -> datetime:
 
 @dataclass(frozen=True, slots=True)
 class Message:
-    """One turn of a conversation."""
+    """One turn of a conversation.
+
+    Provenance: ``discord_message_id`` and ``channel_id`` say where the message is on
+    Discord (the channel or thread it was posted in). ``turn_id`` is the Discord id of
+    the last user message of the turn it belongs to, on the user messages *and* on the
+    bot's reply, so deleting a user message can find the reply written to it.
+    ``stored_id`` is the database row id: set by ``load_session``, None for a message
+    not stored yet (it is ignored by ``save_session``).
+    """
 
     role: Role
     content: str
@@ -49,6 +57,9 @@ class Message:
     author_id: int | None = None
     author_name: str | None = None
     discord_message_id: int | None = None
+    channel_id: int | None = None
+    turn_id: int | None = None
+    stored_id: int | None = None
 
 
 @dataclass(slots=True)
@@ -136,6 +147,9 @@ class KnowledgeChunk:
     channel_id: int | None = None
     chunk_id: int | None = None
     source_id: int | None = None
+    #: Provenance: stored ids (``Message.stored_id``) of the messages a conversation
+    #: chunk was built from. A chunk whose messages are gone when it is added is skipped.
+    message_ids: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,3 +206,86 @@ class DatabaseStats:
     embedding: EmbeddingConfig | None
     size_bytes: int
     details: dict[str, Any] = field(default_factory=dict)
+
+
+# --- provenance, explicit memories, usage ---------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class MessageLink:
+    """Where a message is on Discord; ``url`` is its jump link."""
+
+    guild_id: int | None
+    channel_id: int
+    message_id: int
+
+    @property
+    def url(self) -> str:
+        """``https://discord.com/channels/<guild>/<channel>/<message>`` (``@me`` in a DM)."""
+        guild = "@me" if self.guild_id is None else str(self.guild_id)
+        return f"https://discord.com/channels/{guild}/{self.channel_id}/{self.message_id}"
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkOrigin:
+    """The stored messages a chunk was built from, and their Discord links, oldest first."""
+
+    chunk_id: int
+    message_ids: tuple[int, ...]
+    links: tuple[MessageLink, ...]
+
+    @property
+    def first_link(self) -> MessageLink | None:
+        """The link a search hit shows (the oldest message of the chunk on Discord)."""
+        return self.links[0] if self.links else None
+
+
+@dataclass(frozen=True, slots=True)
+class MessageChange:
+    """What an edit or delete that followed Discord changed.
+
+    ``rearchive`` maps a session to the stored ids of the messages that are still
+    there but whose chunks were removed (they shared a window with the changed
+    message): archiving them again rebuilds that knowledge without it.
+    """
+
+    messages: int = 0
+    chunks: int = 0
+    sessions: tuple[str, ...] = ()
+    rearchive: dict[str, tuple[int, ...]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Memory:
+    """Something a user asked the bot to remember (``/memory add``).
+
+    ``guild_id`` is the guild it belongs to; None means the user's direct messages
+    (private to the DM). It is only ever put into that user's own turns there.
+    """
+
+    user_id: int
+    content: str
+    guild_id: int | None = None
+    memory_id: int | None = None
+    created_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class UsageRecord:
+    """Tokens the LLM reported for one (UTC day, guild, user, model); 0 = no guild/user.
+
+    ``record_usage`` adds one call's numbers to its row; listings return the sums.
+    """
+
+    day: date
+    model: str
+    guild_id: int = 0
+    user_id: int = 0
+    calls: int = 1
+    input_tokens: int = 0
+    output_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        """Input plus output tokens (what the daily budgets count)."""
+        return self.input_tokens + self.output_tokens

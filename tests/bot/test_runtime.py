@@ -12,6 +12,7 @@ from pathlib import Path
 import aiohttp
 import discord
 import pytest
+import simcord
 from typer.testing import CliRunner
 
 from kotonoha_bot.bot.background import Periodic
@@ -24,7 +25,7 @@ from kotonoha_bot.config import Settings, sqlite_url
 from kotonoha_bot.db import DatabaseProtocol, open_database
 from kotonoha_bot.errors import ConfigError, DatabaseError
 from kotonoha_bot.models import utcnow
-from tests.bot.fakes import FakeChannel, FakeMessage, FakeUser
+from tests.bot.sim import SETTLE_SECONDS
 from tests.chat.support import API_KEY, add_document, chat_service, chat_settings
 from tests.fakes.api_server import FakeAPIServer, fake_api_fixture
 
@@ -106,30 +107,38 @@ async def test_serve_starts_everything_answers_and_saves_on_shutdown(
 
     async def connect(bot: KotonohaBot, token: str) -> None:
         assert token == "discord-token-never-used"
-        await bot.setup_hook()  # what login() does before the gateway connects
-        assert {c.name for c in bot.tree.get_commands()} == {"chat", "kb", "kotonoha"}
-        assert all(job.running for job in bot.jobs)
         async with (
             aiohttp.ClientSession() as http,
             http.get(f"http://127.0.0.1:{port}/ready") as resp,
         ):
             seen["ready_status"] = resp.status
             seen["ready"] = await resp.json()
-        dm = FakeChannel(type=discord.ChannelType.private)
-        message = FakeMessage(content="おやすみ", channel=dm, author=FakeUser(5, "ミナ"))
-        await bot.handler.handle(message)  # type: ignore[arg-type]
-        seen["replies"] = message.replies
-        seen["dm"] = dm.id
-        seen["unsaved"] = bot.chat.sessions.unsaved_count()
-        seen["jobs"] = bot.jobs
+        # Discord itself is SimCord: the real gateway parsing, cache and HTTP layer.
+        async with simcord.run(bot, settle_timeout=SETTLE_SECONDS) as env:
+            user = env.create_user("mina", global_name="ミナ")
+            env.create_guild().add_member(user)
+            await user.send_dm("おやすみ")
+            seen["replies"] = [m.content for m in user.dm_channel.history() if m.author.bot]
+            seen["dm"] = user.dm_channel.id
+            seen["unsaved"] = bot.chat.sessions.unsaved_count()
+            seen["jobs"] = bot.jobs
+            seen["commands"] = {c.name for c in bot.tree.get_commands()}
+            seen["running"] = all(job.running for job in bot.jobs)
+            async with (
+                aiohttp.ClientSession() as http,
+                http.get(f"http://127.0.0.1:{port}/ready") as resp,
+            ):
+                seen["connected_status"] = resp.status
 
     await serve(settings, connect=connect)
 
-    assert seen["ready_status"] == 503  # not connected to Discord
+    assert seen["ready_status"] == 503  # not connected to Discord yet
+    assert seen["connected_status"] == 200  # connected (to the simulated Discord)
     ready = seen["ready"]
     assert isinstance(ready, dict)
     assert ready["database"]["reachable"] is True and ready["discord_connected"] is False
     assert seen["replies"] == ["echo: おやすみ"]
+    assert seen["commands"] == {"chat", "kb", "memory", "kotonoha"} and seen["running"]
     assert seen["unsaved"] == 2  # batch mode held the turn in memory...
     async with open_database(sqlite_url(tmp_path / "kotonoha.db"), settings=settings) as db:
         stored = await db.load_session(f"dm:{seen['dm']}")
@@ -152,26 +161,29 @@ async def test_sigterm_closes_the_bot_and_saves(
         tmp_path, discord_token="t" * 20, health_port=0, session_sync_interval=3600
     )
     before = signal.getsignal(signal.SIGTERM)
-    dm = FakeChannel(type=discord.ChannelType.private)
+    seen: dict[str, int] = {}
 
     async def connect(bot: KotonohaBot, token: str) -> None:
         # Like bot.start(): run until the client is closed.
         handler = signal.getsignal(signal.SIGTERM)
         assert getattr(handler, "__name__", "") == "_sighandler_noop", "handler not installed"
-        message = FakeMessage(content="またね", channel=dm, author=FakeUser(5, "ミナ"))
-        await bot.handler.handle(message)  # type: ignore[arg-type]
-        assert bot.chat.sessions.unsaved_count() == 2
-        os.kill(os.getpid(), signal.SIGTERM)
-        for _ in range(500):
-            if bot.is_closed():
-                return
-            await asyncio.sleep(0.01)
+        async with simcord.run(bot, settle_timeout=SETTLE_SECONDS) as env:
+            user = env.create_user("mina", global_name="ミナ")
+            env.create_guild().add_member(user)
+            await user.send_dm("またね")
+            seen["dm"] = user.dm_channel.id
+            assert bot.chat.sessions.unsaved_count() == 2
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(500):
+                if bot.is_closed():
+                    return
+                await asyncio.sleep(0.01)
         raise AssertionError("SIGTERM did not close the bot")
 
     await serve(settings, connect=connect)
     assert signal.getsignal(signal.SIGTERM) == before
     async with open_database(sqlite_url(tmp_path / "kotonoha.db"), settings=settings) as db:
-        stored = await db.load_session(f"dm:{dm.id}")
+        stored = await db.load_session(f"dm:{seen['dm']}")
     assert stored is not None and len(stored.messages) == 2
 
 

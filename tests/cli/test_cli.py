@@ -210,3 +210,87 @@ def test_settings_documented_in_readme_and_env_example() -> None:
         assert f"| `{name}` |" in readme, f"{name} missing from the README settings table"
         assert f"# {name}={default}\n" in example, f"{name} missing from .env.example"
         assert meaning, f"{name} has no description"
+
+
+async def test_usage_reports_today_and_this_month(database_url: str, tmp_path: Path) -> None:
+    from datetime import date
+
+    from kotonoha_bot.config import Settings
+    from kotonoha_bot.db import open_database
+    from kotonoha_bot.models import UsageRecord
+
+    settings = Settings(_env_file=None)  # type: ignore[call-arg]
+    async with open_database(database_url, settings=settings) as db:
+        await db.record_usage(UsageRecord(date(2026, 3, 2), "claude-x", 11, 5, 1, 100, 20))
+        await db.record_usage(UsageRecord(date(2026, 3, 2), "claude-x", 11, 6, 1, 50, 5))
+        await db.record_usage(UsageRecord(date(2026, 3, 1), "gpt-y", 12, 5, 1, 7, 3))
+        await db.record_usage(UsageRecord(date(2026, 2, 28), "claude-x", 11, 5, 1, 999, 999))
+    out = kotonoha(
+        "usage", "--database", database_url, "--day", "2026-03-02", "--json", cwd=tmp_path
+    )
+    assert out.returncode == 0, out.stderr
+    doc = json.loads(out.stdout)
+    assert doc["today"] == "2026-03-02" and doc["month"] == "2026-03"
+    assert doc["day_totals"] == {
+        "calls": 2,
+        "input_tokens": 150,
+        "output_tokens": 25,
+        "total_tokens": 175,
+    }
+    assert doc["month_totals"]["total_tokens"] == 185  # February is not this month
+    assert set(doc["month_by_guild"]) == {"11", "12"}
+    assert doc["month_by_model"]["gpt-y"]["total_tokens"] == 10
+    one = kotonoha(
+        "usage", "-d", database_url, "--day", "2026-03-02", "-g", "12", "--json", cwd=tmp_path
+    )
+    assert json.loads(one.stdout)["month_totals"]["calls"] == 1
+    human = kotonoha("usage", "-d", database_url, "--day", "2026-03-02", cwd=tmp_path)
+    assert human.returncode == 0 and "175" in human.stdout and "claude-x" in human.stdout
+    bad = kotonoha("usage", "-d", database_url, "--day", "yesterday", cwd=tmp_path)
+    assert bad.returncode == 2 and "YYYY-MM-DD" in bad.stderr
+
+
+async def test_kb_search_json_links_conversation_hits_to_discord(tmp_path: Path) -> None:
+    from kotonoha_bot.config import Settings
+    from kotonoha_bot.db import open_database
+    from kotonoha_bot.models import ChatSession, KnowledgeChunk, KnowledgeSource, Message
+
+    url = f"sqlite:///{tmp_path / 'k.db'}"
+    async with open_database(url, settings=Settings(_env_file=None)) as db:  # type: ignore[call-arg]
+        s = ChatSession("thread:5", "thread", guild_id=3, channel_id=4, thread_id=5)
+        s.add_message(
+            Message(
+                "user",
+                "文化祭は金曜日",
+                author_id=9,
+                discord_message_id=77,
+                channel_id=5,
+                turn_id=77,
+            )
+        )
+        await db.save_session(s)
+        stored = await db.load_session("thread:5")
+        assert stored is not None
+        src = await db.ensure_source(
+            KnowledgeSource(
+                guild_id=3,
+                uri="session:thread:5",
+                title="c",
+                source_type="conversation",
+                session_key="thread:5",
+            )
+        )
+        await db.add_chunks(
+            src.source_id or 0,
+            [
+                KnowledgeChunk(
+                    "w0", "user9: 文化祭は金曜日", message_ids=(stored.messages[0].stored_id or 0,)
+                )
+            ],
+        )
+    out = kotonoha(
+        "kb", "search", "文化祭", "-g", "3", "-m", "keyword", "--json", "-d", url, cwd=tmp_path
+    )
+    assert out.returncode == 0, out.stderr
+    (hit,) = json.loads(out.stdout)["hits"]
+    assert hit["link"] == "https://discord.com/channels/3/5/77"

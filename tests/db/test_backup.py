@@ -143,7 +143,9 @@ async def test_postgres_pg_dump_backup_wipe_restore(
     assert backup_kind(result.path) == "pg_dump" and owner_only(result.path)
     assert result.manifest is not None
     manifest = json.loads(result.manifest.read_text())
-    assert manifest["tables"]["knowledge_chunks"]["rows"] == 15
+    assert manifest["tables"]["knowledge_chunks"]["rows"] == 17
+    for name, rows in (("message_refs", 6), ("chunk_messages", 5), ("memories", 3)):
+        assert manifest["tables"][name]["rows"] == rows
     assert result.rows == sum(t["rows"] for t in manifest["tables"].values())
 
     await wipe(url, settings)

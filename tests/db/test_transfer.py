@@ -15,7 +15,7 @@ import sqlite3
 import subprocess
 import sys
 import time
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -39,8 +39,11 @@ from kotonoha_bot.models import (
     EmbeddingConfig,
     KnowledgeChunk,
     KnowledgeSource,
+    Memory,
     Message,
+    UsageRecord,
 )
+from tests.db.old_schema import OLD_SCHEMA_WRITERS
 
 BIG = 1234567890123456789
 DIM = 8
@@ -71,8 +74,14 @@ async def fill(
     chunks: int = 5,
     dim: int = DIM,
     reembed: bool = False,
+    people: bool = True,
 ) -> None:
-    """A realistic database: Japanese and emoji, big snowflakes, metadata, vectors."""
+    """A realistic database: Japanese and emoji, big snowflakes, metadata, vectors.
+
+    With ``people`` (and at least two sessions) it also holds what follows Discord: the
+    bot's reply parts, a conversation source whose chunks record their messages,
+    memories in a guild and a DM, and usage rows.
+    """
     t0 = datetime(2026, 1, 16, 9, 30, 15, 123456, tzinfo=UTC)
     async with open_database(url, settings=settings) as db:
         await db.set_embedding_config(EmbeddingConfig("text-embedding-3-small", dim))
@@ -99,9 +108,18 @@ async def fill(
                         author_id=BIG + j if j % 2 == 0 else None,
                         author_name="さくら" if j % 2 == 0 else None,
                         discord_message_id=BIG + 1000 * i + j,
+                        channel_id=BIG - i,
+                        turn_id=BIG + 1000 * i + j - (j % 2),
                     )
                 )
             await db.save_session(s)
+            if people and s.guild_id is not None:
+                await db.record_reply_parts(
+                    s.session_key,
+                    BIG + 1000 * i,
+                    BIG - i,
+                    [BIG + 500_000 + 10 * i + k for k in (0, 1)],
+                )
         vectors = special_vectors(sources * chunks, dim)
         for s_i in range(sources):
             items = [
@@ -131,6 +149,39 @@ async def fill(
                 ),
                 items,
             )
+        if people and sessions >= 2:
+            talk = await db.load_session(f"thread:{BIG + 1}")
+            assert talk is not None and talk.guild_id == BIG
+            conv = await db.ensure_source(
+                KnowledgeSource(
+                    guild_id=BIG,
+                    uri=f"session:{talk.session_key}",
+                    title="会話",
+                    source_type="conversation",
+                    session_key=talk.session_key,
+                )
+            )
+            assert conv.source_id is not None
+            await db.add_chunks(
+                conv.source_id,
+                [
+                    KnowledgeChunk(
+                        chunk_key=f"w{a}",
+                        content="\n".join(m.content for m in talk.messages[a : b + 1]),
+                        chunk_index=a,
+                        metadata={"kind": "conversation", "first_index": a, "last_index": b},
+                        message_ids=tuple(m.stored_id or 0 for m in talk.messages[a : b + 1]),
+                    )
+                    for a, b in ((0, 1), (1, 3))
+                ],
+            )
+            await db.add_memory(Memory(2**63 - 2, "猫アレルギー 🐈", BIG), max_per_user=5)
+            await db.add_memory(Memory(2**63 - 2, "DMだけの話\n改行", None), max_per_user=5)
+            await db.add_memory(Memory(7, "ほかのサーバー", BIG + 1), max_per_user=5)
+            day = date(2026, 1, 16)
+            await db.record_usage(UsageRecord(day, "claude-x", BIG, 2**63 - 2, 2, 1200, 300))
+            await db.record_usage(UsageRecord(day, "claude-x", 0, 7, 1, 10, 3))
+            await db.record_usage(UsageRecord(date(2026, 2, 1), "gpt-y", BIG, 0, 1, 5, 1))
         if reembed:
             await db.begin_reembed(EmbeddingConfig("other-model", 4))
             todo = await db.reembed_todo(limit=3)
@@ -169,6 +220,8 @@ async def snapshot(url: str, settings: Settings) -> dict[str, Any]:
                         m.author_id,
                         m.author_name,
                         m.discord_message_id,
+                        m.channel_id,
+                        m.turn_id,
                     )
                     for m in s.messages
                 ],
@@ -176,6 +229,8 @@ async def snapshot(url: str, settings: Settings) -> dict[str, Any]:
         sources = {}
         for src in await db.list_sources():
             assert src.source_id is not None
+            listed = await db.list_chunks(src.source_id)
+            origins = await db.chunk_origins([c.chunk_id or 0 for c in listed])
             chunks = [
                 (
                     c.chunk_key,
@@ -185,8 +240,11 @@ async def snapshot(url: str, settings: Settings) -> dict[str, Any]:
                     c.guild_id,
                     c.channel_id,
                     None if c.embedding is None else c.embedding.astype("<f4").tobytes(),
+                    # Provenance by what it points at (ids are the database's own).
+                    origins[c.chunk_id].links if c.chunk_id in origins else None,
+                    len(c.message_ids),
                 )
-                for c in await db.list_chunks(src.source_id)
+                for c in listed
             ]
             sources[(src.guild_id, src.uri)] = (
                 src.title,
@@ -200,11 +258,20 @@ async def snapshot(url: str, settings: Settings) -> dict[str, Any]:
                 src.updated_at,
                 chunks,
             )
+        guilds = {s[2] for s in sessions.values()} | {k[0] for k in sources} | {BIG, BIG + 1}
+        memories = []
+        for g in sorted(guilds - {None}):
+            memories += await db.list_memories(guild_id=g)
+        memories += await db.list_memories(guild_id=None, user_id=2**63 - 2)
+        memories = [(m.guild_id, m.user_id, m.content, m.created_at) for m in memories]
+        usage = await db.list_usage(since=date(2000, 1, 1), until=date(2100, 1, 1))
         return {
             "sessions": sessions,
             "sources": sources,
             "embedding": await db.get_embedding_config(),
             "reembed": await db.reembed_status(),
+            "memories": memories,
+            "usage": usage,
         }
 
 
@@ -261,9 +328,13 @@ async def test_round_trip_sqlite_postgres_sqlite_is_identical(
         "kotonoha_meta": 4,  # embedding model + dimension, re-embed model + dimension
         "sessions": 6,
         "messages": 24,
-        "knowledge_sources": 3,
-        "knowledge_chunks": 15,
+        "message_refs": 6,  # two parts of one reply in each of the 3 guild sessions
+        "knowledge_sources": 4,
+        "knowledge_chunks": 17,
+        "chunk_messages": 5,  # windows of 2 and 3 messages
         "reembed_vectors": 3,
+        "memories": 3,
+        "llm_usage": 3,
     }
     assert await migration_marker(pg, settings) is None
     on_pg = await snapshot(pg, settings)
@@ -278,7 +349,12 @@ async def test_round_trip_sqlite_postgres_sqlite_is_identical(
     direct = await verify(src, back, settings=settings)
     assert direct.identical
     chunks = direct.tables["knowledge_chunks"]
-    assert chunks.vectors_compared == 14 and chunks.matching == 15
+    assert chunks.vectors_compared == 14 and chunks.matching == 17
+    for name, rows in (("message_refs", 6), ("chunk_messages", 5), ("memories", 3)):
+        assert direct.tables[name].matching == rows
+    assert (
+        direct.tables["llm_usage"].expected_checksum == direct.tables["llm_usage"].target_checksum
+    )
     assert direct.tables["reembed_vectors"].vectors_compared == 3
     assert chunks.expected_checksum == chunks.target_checksum
 
@@ -503,8 +579,42 @@ def plant_dirty_rows(path: Path) -> dict[str, str]:
             " VALUES (?, ?, ?, 99, ?, 'x', 'x', ?, ?, ?)",
             (cid, s_id, g, key, meta, emb, t),
         )
+    # What follows Discord: links whose parent was refused, and bad memories/usage.
+    a_message = conn.execute("SELECT min(id) FROM messages").fetchone()[0]
+    a_chunk = conn.execute(
+        "SELECT min(id) FROM knowledge_chunks WHERE chunk_key = 'w0'"
+    ).fetchone()[0]
+    conn.executemany(
+        "INSERT INTO message_refs (discord_message_id, message_id, channel_id) VALUES (?, ?, 1)",
+        [(7001, 9003), (7002, 424242)],
+    )
+    conn.executemany(
+        "INSERT INTO chunk_messages (id, chunk_id, message_id) VALUES (?, ?, ?)",
+        [(6001, 8001, a_message), (6002, a_chunk, 9004)],
+    )
+    conn.executemany(
+        "INSERT INTO memories (id, guild_id, user_id, content, created_at) VALUES (?, ?, ?, ?, ?)",
+        [(5001, BIG, 5, "メモ\x00NUL", t), (5002, BIG, 5, "", t), (5003, BIG, "abc", "x", t)],
+    )
+    conn.executemany(
+        "INSERT INTO llm_usage (id, day, guild_id, user_id, model, calls, input_tokens,"
+        " output_tokens) VALUES (?, ?, ?, 0, ?, ?, 1, 1)",
+        [
+            (4001, "not-a-day", BIG, "m", 1),
+            (4002, "2026-01-16T23:30:00+09:00", BIG, "from-a-time", 1),
+            (4003, "2026-01-16", BIG, "negative", -1),
+        ],
+    )
     conn.close()
     return {
+        "7001": "message 9003 was not moved",
+        "7002": "message 424242 was not moved",
+        "6001": "chunk 8001 was not moved",
+        "6002": "message 9004 was not moved",
+        "5002": "content: empty",
+        "5003": "user_id: 'abc' is not an integer",
+        "4001": "'not-a-day' is not a YYYY-MM-DD day",
+        "4003": "calls: -1 is out of range",
         "group:1": "session_type: unknown value 'group'",
         "dm:badtime": "created_at: 'yesterday' is not an ISO 8601 time",
         "9002": "role: unknown value 'robot'",
@@ -545,9 +655,10 @@ async def test_dirty_rows_are_moved_converted_or_quarantined(
     bad_utf8 = next(e for e in lines if str(e["key"]) == "9004")
     assert bad_utf8["row"]["content"] == {"invalid_utf8_hex": "e6bca2ff"}
     assert bad_utf8["table"] == "messages"
-    # The NUL rule: a session key, its message's key and text, a JSON value.
-    assert report.conversions["nul_replaced"] == 4
+    # The NUL rule: a session key, its message's key and text, a JSON value, a memory.
+    assert report.conversions["nul_replaced"] == 5
     assert report.conversions["text_from_blob"] == 1
+    assert report.conversions["day_from_time"] == 1
     async with open_database(target, settings=settings) as db:
         nul = await db.load_session("dm:nul\ufffdkey")
         assert nul is not None and [m.content for m in nul.messages] == ["NUL\ufffdinside"]
@@ -559,6 +670,9 @@ async def test_dirty_rows_are_moved_converted_or_quarantined(
         sources = await db.list_sources()
         chunks = await db.list_chunks(sources[0].source_id)  # type: ignore[arg-type]
         assert {c.chunk_key: c.metadata for c in chunks}["nul-json"] == {"k": "a\ufffdb"}
+        assert "メモ\ufffdNUL" in [m.content for m in await db.list_memories(guild_id=BIG)]
+        usage = await db.list_usage(since=date(2026, 1, 16), until=date(2026, 1, 16))
+        assert "from-a-time" in [u.model for u in usage]  # 23:30+09:00 is the 16th in UTC
     assert report.message_counts_fixed == 1
 
     # verify on its own agrees: quarantined rows are expected to be missing.
@@ -747,7 +861,7 @@ async def test_cli_migrate_exit_codes_and_no_password(
     done = run_cli("db", "migrate", "-s", src, "-t", with_password, "--json", cwd=tmp_path)
     assert done.returncode == EXIT_QUARANTINED, done.stderr
     doc = json.loads(done.stdout)
-    assert doc["verify"]["identical"] is True and doc["quarantined"] == 10
+    assert doc["verify"]["identical"] is True and doc["quarantined"] == 18
     assert files("backups/*", tmp_path) == sorted(
         [Path(doc["quarantine_path"]), Path(doc["backup_path"])]
     )
@@ -868,8 +982,7 @@ def test_transfer_and_backup_import_no_postgres_driver() -> None:
 async def test_older_schema_transient_and_unknown_tables(
     new_database_url: Any, settings: Settings
 ) -> None:
-    """Job leases are never moved, a table we do not know is reported, and a file at an
-    older schema version migrates when the moved tables are unchanged."""
+    """Job leases are never moved and a table we do not know is reported."""
     from kotonoha_bot.db.rowconv import TRANSIENT_TABLES
 
     src = await new_database_url("sqlite")
@@ -882,8 +995,6 @@ async def test_older_schema_transient_and_unknown_tables(
         conn.execute(f"INSERT INTO {name} VALUES ('archive', 'bot-1', '2099-01-01T00:00:00')")
     conn.execute("CREATE TABLE my_notes (x TEXT)")
     conn.execute("INSERT INTO my_notes VALUES ('kept out of the move')")
-    # As if written by the first schema version.
-    conn.execute("DELETE FROM schema_migrations WHERE version > 1")
     conn.close()
 
     report = await migrate(src, target, settings=settings)
@@ -895,3 +1006,44 @@ async def test_older_schema_transient_and_unknown_tables(
             assert out.execute(f"SELECT count(*) FROM {name}").fetchone()[0] == 0
     finally:
         out.close()
+
+
+@pytest.mark.parametrize("target_kind", ["sqlite", "postgres"])
+async def test_a_schema_2_source_migrates_with_provenance_filled_in(
+    target_kind: str, new_database_url: Any, settings: Settings, tmp_path: Path
+) -> None:
+    """A file of the previous release is upgraded on a private copy, never in place."""
+    src = await new_database_url("sqlite")
+    target = await new_database_url(target_kind)
+    await OLD_SCHEMA_WRITERS["sqlite"](src, BIG, BIG - 1)
+    path = sqlite_path_from_url(src)
+    original = path.read_bytes()
+
+    report = await migrate(src, target, settings=settings)
+    check_clean(report)
+    assert report.tables["messages"].moved == 4
+    assert report.tables["chunk_messages"].moved == 4
+    assert path.read_bytes() == original  # the source was not upgraded
+    assert report.backup_path is not None
+    assert report.backup_path.read_bytes()[:16] == b"SQLite format 3\x00"
+    assert (await verify(src, target, settings=settings)).identical
+    async with open_database(target, settings=settings) as db:
+        s = await db.load_session("thread:9")
+        assert s is not None and [m.turn_id for m in s.messages] == [11, 11, 12, 12]
+        change = await db.delete_messages(guild_id=BIG, discord_message_ids=[11])
+        assert change.messages == 2 and change.chunks == 1
+
+
+async def test_a_schema_2_postgres_source_is_upgraded_then_moved(
+    new_database_url: Any, settings: Settings
+) -> None:
+    """A PostgreSQL source is opened like the bot opens it: migration 3 runs first."""
+    src = await new_database_url("postgres")
+    target = await new_database_url("sqlite")
+    await OLD_SCHEMA_WRITERS["postgres"](src, BIG, BIG - 1)
+    report = await migrate(src, target, settings=settings)
+    check_clean(report)
+    assert report.tables["chunk_messages"].moved == 4
+    async with open_database(target, settings=settings) as db:
+        s = await db.load_session("thread:9")
+        assert s is not None and [m.turn_id for m in s.messages] == [11, 11, 12, 12]

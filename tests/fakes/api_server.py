@@ -108,7 +108,9 @@ class Reply:
     (or ``Reply()``) gives the normal success answer; ``Reply(text="hi")`` a success
     whose answer text is ``hi``; ``Reply(delay=2.0)`` waits 2 s first (for client
     timeouts); ``Reply(500, body={...})`` sends that exact JSON body;
-    ``Reply(vectors=[[...], ...])`` scripts the embeddings of a success.
+    ``Reply(vectors=[[...], ...])`` scripts the embeddings of a success;
+    ``Reply(usage=(1200, 34))`` the (input, output) tokens a chat success reports
+    (default: one token per whitespace-separated word).
     ``retry_after_ms`` is sent as the ``retry-after-ms`` header on error replies
     (``None`` = no header, so the SDK uses its own backoff).
     """
@@ -121,6 +123,7 @@ class Reply:
     message: str | None = None
     retry_after_ms: int | None = 10
     vectors: list[list[float]] | None = None
+    usage: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -335,6 +338,7 @@ class FakeAPIServer:
         prompt = content_text(body.get("system")) + "".join(
             content_text(m.get("content")) for m in body.get("messages", []) if isinstance(m, dict)
         )
+        tokens_in, tokens_out = scripted.usage or (_count_tokens(prompt), _count_tokens(text))
         return {
             "id": f"msg_{uuid.uuid4().hex[:24]}",
             "type": "message",
@@ -343,7 +347,7 @@ class FakeAPIServer:
             "model": body.get("model", "claude-fake"),
             "stop_reason": "end_turn",
             "stop_sequence": None,
-            "usage": {"input_tokens": _count_tokens(prompt), "output_tokens": _count_tokens(text)},
+            "usage": {"input_tokens": tokens_in, "output_tokens": tokens_out},
         }
 
     def _openai_chat(self, body: dict[str, Any], scripted: Reply) -> dict[str, Any]:
@@ -351,7 +355,10 @@ class FakeAPIServer:
         prompt = "".join(
             content_text(m.get("content")) for m in body.get("messages", []) if isinstance(m, dict)
         )
-        prompt_tokens, completion_tokens = _count_tokens(prompt), _count_tokens(text)
+        prompt_tokens, completion_tokens = scripted.usage or (
+            _count_tokens(prompt),
+            _count_tokens(text),
+        )
         return {
             "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
             "object": "chat.completion",

@@ -194,6 +194,7 @@ def _restore_good(work: Path) -> tuple[list[str], dict[str, str]]:
     live(work)
     good = backup_of_live(work)
     conn = sqlite3.connect(good)  # the backup differs from the live rows
+    conn.execute("PRAGMA foreign_keys = ON")  # provenance rows go with their messages
     conn.execute("DELETE FROM messages WHERE seq > 0")
     conn.execute("UPDATE sessions SET message_count = 1")
     conn.commit()

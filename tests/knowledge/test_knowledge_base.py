@@ -16,7 +16,13 @@ import pytest
 
 from kotonoha_bot.db.base import DatabaseProtocol
 from kotonoha_bot.errors import EmbeddingModelMismatchError
-from kotonoha_bot.knowledge.archive import archive_idle_sessions, archive_left_history, windows
+from kotonoha_bot.knowledge.archive import (
+    archive_idle_sessions,
+    archive_left_history,
+    archive_session,
+    rearchive,
+    windows,
+)
 from kotonoha_bot.knowledge.embeddings.base import embedding_config
 from kotonoha_bot.knowledge.embeddings.hashing import HashingEmbeddingProvider
 from kotonoha_bot.knowledge.embeddings.openai_api import OpenAIEmbeddingProvider
@@ -344,3 +350,76 @@ async def test_archiving_after_forget_keeps_new_messages(db: DatabaseProtocol) -
     hits = await search_knowledge(db, emb, "新しい話", guild_id=4, mode="keyword", top_k=10)
     assert any("新しい話 3" in h.hit.content for h in hits.hits)
     assert not any("消したい話" in h.hit.content for h in hits.hits)
+
+
+async def test_archived_windows_record_their_messages_and_rearchive_without_a_deleted_one(
+    db: DatabaseProtocol,
+) -> None:
+    emb = HashingEmbeddingProvider(dimension=64)
+    old = datetime.now(UTC) - timedelta(hours=3)
+    s = ChatSession("thread:77", "thread", guild_id=5, channel_id=6, thread_id=77)
+    for i in range(8):
+        s.add_message(
+            Message(
+                "user", f"話題{i} の内容", old + timedelta(seconds=i), 40 + i % 2, None, 900 + i
+            )
+        )
+    s.last_active_at = old + timedelta(seconds=8)
+    await db.set_embedding_config(embedding_config(emb))
+    # An in-memory copy (no stored ids): archiving reloads it so provenance is complete.
+    await db.save_session(s)
+    assert await archive_session(db, emb, s, window=4, overlap=1) == 3
+    source = await db.find_source(5, "session:thread:77")
+    assert source is not None and source.source_id is not None
+    stored = await db.load_session("thread:77")
+    assert stored is not None
+    ids = [m.stored_id for m in stored.messages]
+    chunks = await db.list_chunks(source.source_id)
+    assert [c.message_ids for c in chunks] == [tuple(ids[0:4]), tuple(ids[3:7]), tuple(ids[6:8])]
+
+    change = await db.delete_messages(guild_id=5, discord_message_ids=[905])
+    assert change.chunks == 1
+    added = await rearchive(
+        db, emb, "thread:77", change.rearchive["thread:77"], window=4, overlap=1
+    )
+    assert added >= 1
+    texts = [c.content for c in await db.list_chunks(source.source_id)]
+    assert not any("話題5" in t for t in texts)
+    # Every remaining message is still in some window.
+    for i in (0, 1, 2, 3, 4, 6, 7):
+        assert any(f"話題{i} " in t for t in texts), i
+    hits = await search_knowledge(db, emb, "話題4", guild_id=5, mode="keyword", top_k=10)
+    assert any("話題4" in h.hit.content for h in hits.hits)
+
+
+async def test_pdf_and_text_files_share_one_entry_point(
+    db: DatabaseProtocol, tmp_path: Path
+) -> None:
+    from kotonoha_bot.knowledge.ingest import IngestReport, ingest_bytes
+    from tests.fakes.pdf import make_pdf
+
+    emb = HashingEmbeddingProvider(dimension=64)
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    pdf = make_pdf(["Library hours\nThe library closes at five.", "The cafe is on floor two."])
+    (folder / "guide.pdf").write_bytes(pdf)
+    (folder / "scan.pdf").write_bytes(make_pdf([], blank_pages=2))
+    (folder / "broken.pdf").write_bytes(b"%PDF-1.4 this is not really a pdf")
+    write(folder, "notes.md", "# Notes\nThe printer is in room 3.\n")
+    report = await ingest_paths(db, emb, [folder], guild_id=1)
+    assert sorted(Path(p).name for p in report.added) == ["guide.pdf", "notes.md"]
+    reasons = {Path(p).name: r for p, r in report.failed}
+    assert "no text layer" in reasons["scan.pdf"]
+    assert "not a readable PDF" in reasons["broken.pdf"]
+    hits = await search_knowledge(db, emb, "library closes", guild_id=1, mode="keyword", top_k=3)
+    assert hits.hits and "closes at five" in hits.hits[0].hit.content
+    # The same bytes arriving another way (a Discord attachment) follow the same rules.
+    uri = next(p for p in report.added if p.endswith("guide.pdf"))
+    again = IngestReport()
+    assert await ingest_bytes(db, emb, uri=uri, data=pdf, guild_id=1, report=again) == "unchanged"
+    # Shift_JIS bytes (a Windows user's attachment) follow the same encoding rule as files.
+    sjis = "会議は三時から".encode("cp932")
+    assert await ingest_bytes(db, emb, uri="x.txt", data=sjis, guild_id=1, report=again)
+    assert again.notes == [("x.txt", "decoded as Shift_JIS (CP932)")]
+    hits = await search_knowledge(db, emb, "会議", guild_id=1, mode="keyword", top_k=3)
+    assert any("会議は三時から" in h.hit.content for h in hits.hits)

@@ -16,7 +16,9 @@ from discord.ext import commands
 
 from kotonoha_bot.bot.background import Periodic
 from kotonoha_bot.bot.cogs import AdminCog, ChatCog, ConversationCog, KnowledgeCog
+from kotonoha_bot.bot.events import EventsCog
 from kotonoha_bot.bot.handler import MessageHandler
+from kotonoha_bot.bot.memory_cog import MemoryCog
 from kotonoha_bot.chat.service import ChatService
 from kotonoha_bot.config import Settings
 
@@ -30,6 +32,8 @@ RETENTION_SECONDS = 3600.0
 FIRST_BACKUP_DELAY_SECONDS = 600.0
 #: Archiving checks at least this often (and at least twice per ARCHIVE_IDLE_MINUTES).
 ARCHIVE_MAX_SECONDS = 600.0
+#: How often edits/deletes that failed to reach storage (an outage) are retried.
+RETRY_CHANGES_SECONDS = 120.0
 
 
 def intents_for(settings: Settings) -> discord.Intents:
@@ -63,6 +67,7 @@ class KotonohaBot(commands.Bot):
             chat, settings, bot_user_id=lambda: self.user.id if self.user else None
         )
         self.sync_commands = sync_commands
+        self.events = EventsCog(chat, self.handler)
         self.jobs = self._jobs()
 
     def _jobs(self) -> list[Periodic]:
@@ -74,11 +79,10 @@ class KotonohaBot(commands.Bot):
                 self.chat.archive_idle,
             ),
             Periodic("embed pending chunks", EMBED_PENDING_SECONDS, self.chat.embed_pending),
+            Periodic("retry edits and deletes", RETRY_CHANGES_SECONDS, self.events.retry_failed),
         ]
         if s.session_sync_interval > 0:
-            jobs.append(
-                Periodic("save sessions", s.session_sync_interval, self.chat.sessions.flush)
-            )
+            jobs.append(Periodic("save sessions", s.session_sync_interval, self.chat.flush))
         if s.backup_interval_hours > 0:
             interval = s.backup_interval_hours * 3600.0
             # The first backup comes a little after startup, not a full interval later:
@@ -106,6 +110,8 @@ class KotonohaBot(commands.Bot):
         await self.add_cog(ConversationCog(self.handler, self.chat))
         await self.add_cog(ChatCog(self.chat))
         await self.add_cog(KnowledgeCog(self.chat))
+        await self.add_cog(MemoryCog(self.chat))
+        await self.add_cog(self.events)
         await self.add_cog(AdminCog(self.chat, self.settings, self.handler))
 
     async def setup_hook(self) -> None:

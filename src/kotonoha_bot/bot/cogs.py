@@ -1,5 +1,9 @@
 """One cog per feature: conversation events, ``/chat``, ``/kb`` and ``/kotonoha``.
 
+(``/memory`` is :mod:`kotonoha_bot.bot.memory_cog`; edits and deletes are followed by
+:mod:`kotonoha_bot.bot.events`; ``/kb add`` does its work in
+:mod:`kotonoha_bot.bot.attachments`.)
+
 Slash-command help comes from the docstrings and ``@app_commands.describe``. Every
 command answers ephemerally (only the caller sees it) except ``/chat reset``, whose
 effect everyone in a thread shares. The cogs hold no state of their own: they get
@@ -9,6 +13,7 @@ the :class:`~kotonoha_bot.chat.service.ChatService` and the handler from the bot
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Literal
 
 import discord
@@ -16,16 +21,19 @@ from discord import app_commands
 from discord.ext import commands
 
 from kotonoha_bot.bot import texts
+from kotonoha_bot.bot.attachments import add_attachment
 from kotonoha_bot.bot.handler import THREAD_TYPES, MessageHandler
 from kotonoha_bot.bot.split import DISCORD_LIMIT
 from kotonoha_bot.chat.conversation import Conversation
 from kotonoha_bot.chat.prompt import describe_source
 from kotonoha_bot.chat.service import ChatService
+from kotonoha_bot.chat.usage import Totals, UsageSummary
 from kotonoha_bot.config import Settings
 from kotonoha_bot.errors import KotonohaError
 
 if TYPE_CHECKING:
     from kotonoha_bot.knowledge.search import RankedHit
+    from kotonoha_bot.models import MessageLink
 
 log = logging.getLogger("kotonoha_bot.bot")
 
@@ -51,8 +59,16 @@ def scope_channel_id(interaction: discord.Interaction[Any]) -> int | None:
     return interaction.channel_id
 
 
-def format_hits(query: str, hits: list[RankedHit], limit: int = DISCORD_LIMIT) -> str:
-    """Search results as one Discord message (snippets shortened to fit)."""
+def format_hits(
+    query: str,
+    hits: list[RankedHit],
+    limit: int = DISCORD_LIMIT,
+    links: Mapping[int, MessageLink] | None = None,
+) -> str:
+    """Search results as one Discord message (snippets shortened to fit).
+
+    A hit from a conversation links back to its first message on Discord.
+    """
     if not hits:
         return texts.SEARCH_EMPTY.format(query=query)
     lines = [f"**「{query}」の検索結果**"]
@@ -61,7 +77,9 @@ def format_hits(query: str, hits: list[RankedHit], limit: int = DISCORD_LIMIT) -
         snippet = " ".join(hit.content.split())
         if len(snippet) > SNIPPET_CHARS:
             snippet = snippet[: SNIPPET_CHARS - 1] + "…"
-        entry = f"{i}. **{describe_source(hit)}** ({ranked.score:.3f})\n> {snippet}"
+        link = (links or {}).get(hit.chunk_id)
+        where = f" [{texts.SEARCH_LINK}](<{link.url}>)" if link else ""
+        entry = f"{i}. **{describe_source(hit)}** ({ranked.score:.3f}){where}\n> {snippet}"
         if sum(len(x) + 1 for x in lines) + len(entry) > limit - 10:
             lines.append("…")
             break
@@ -141,7 +159,7 @@ class ChatCog(commands.GroupCog, group_name="chat", group_description="ことは
 
 
 class KnowledgeCog(commands.GroupCog, group_name="kb", group_description="ことはの知識ベース"):
-    """``/kb search`` and ``/kb forget``."""
+    """``/kb search``, ``/kb forget`` and ``/kb add``."""
 
     def __init__(self, chat: ChatService) -> None:
         self.chat = chat
@@ -168,7 +186,14 @@ class KnowledgeCog(commands.GroupCog, group_name="kb", group_description="こと
             log.error("/kb search failed: %s", exc)
             await interaction.followup.send(texts.INTERNAL_ERROR, ephemeral=True)
             return
-        await interaction.followup.send(format_hits(query, hits), ephemeral=True)
+        links = await self.chat.links(hits)
+        await interaction.followup.send(format_hits(query, hits, links=links), ephemeral=True)
+
+    @app_commands.command(name="add")
+    @app_commands.describe(file="知識に加える .txt・.md・.pdf ファイル（サーバー管理者のみ）")
+    async def add(self, interaction: discord.Interaction[Any], file: discord.Attachment) -> None:
+        """Add a text, Markdown or PDF file to this server's knowledge (Manage Server)."""
+        await add_attachment(self.chat, interaction, file)
 
     @app_commands.command(name="forget")
     @app_commands.describe(
@@ -184,7 +209,7 @@ class KnowledgeCog(commands.GroupCog, group_name="kb", group_description="こと
     ) -> None:
         """Delete your messages and the knowledge made from them (admins: a channel or server)."""
         if interaction.guild_id is None:
-            deleted = await self.chat.forget_dm(interaction.channel_id or 0)
+            deleted = await self.chat.forget_dm(interaction.channel_id or 0, interaction.user.id)
             await interaction.response.send_message(
                 texts.FORGET_DM_DONE if deleted else texts.FORGET_DM_NOTHING, ephemeral=True
             )
@@ -205,6 +230,8 @@ class KnowledgeCog(commands.GroupCog, group_name="kb", group_description="こと
             if scope == "me":
                 result = await self.chat.forget(guild_id, user_id=interaction.user.id)
                 text = texts.FORGET_DONE_ME.format(messages=result.messages, chunks=result.chunks)
+                if result.memories:
+                    text += texts.FORGET_DONE_ME_MEMORIES.format(memories=result.memories)
             else:
                 channel_id = scope_channel_id(interaction) if scope == "channel" else None
                 result = await self.chat.forget(guild_id, channel_id=channel_id)
@@ -227,7 +254,7 @@ class KnowledgeCog(commands.GroupCog, group_name="kb", group_description="こと
 class AdminCog(
     commands.GroupCog, group_name="kotonoha", group_description="ことはの設定（管理者向け）"
 ):
-    """``/kotonoha eavesdrop``."""
+    """``/kotonoha eavesdrop`` and ``/kotonoha usage``."""
 
     def __init__(self, chat: ChatService, settings: Settings, handler: MessageHandler) -> None:
         self.chat = chat
@@ -270,3 +297,54 @@ class AdminCog(
             interaction.user.id,
         )
         await interaction.response.send_message(text, ephemeral=True)
+
+    @app_commands.command(name="usage")
+    async def usage(self, interaction: discord.Interaction[Any]) -> None:
+        """Show this server's LLM usage today and this month (Manage Server)."""
+        if interaction.guild_id is None:
+            await interaction.response.send_message(texts.EAVESDROP_GUILD_ONLY, ephemeral=True)
+            return
+        if not interaction.permissions.manage_guild:
+            await interaction.response.send_message(texts.USAGE_NEEDS_ADMIN, ephemeral=True)
+            return
+        try:
+            summary = await self.chat.usage.summary(interaction.guild_id)
+        except KotonohaError as exc:
+            log.error("/kotonoha usage failed: %s", exc)
+            await interaction.response.send_message(texts.INTERNAL_ERROR, ephemeral=True)
+            return
+        await interaction.response.send_message(
+            format_usage(summary, self.settings), ephemeral=True
+        )
+
+
+def format_usage(summary: UsageSummary, settings: Settings) -> str:
+    """``/kotonoha usage`` as one Discord message."""
+
+    def line(label: str, t: Totals) -> str:
+        return texts.USAGE_LINE.format(
+            label=label,
+            calls=t.calls,
+            input=t.input_tokens,
+            output=t.output_tokens,
+            total=t.tokens,
+        )
+
+    def cap(value: int) -> str:
+        return f"{value:,}" if value else texts.USAGE_UNLIMITED
+
+    lines = [
+        texts.USAGE_HEAD,
+        line(f"今日 {summary.today.isoformat()}", summary.day),
+        line(f"今月 {summary.today.strftime('%Y-%m')}", summary.month),
+    ]
+    for model, totals in sorted(summary.month_by_model.items()):
+        lines.append(texts.USAGE_MODEL.format(model=model, total=totals.tokens))
+    for user, totals in summary.month_by_user:
+        lines.append(texts.USAGE_USER.format(user=user, total=totals.tokens))
+    lines.append(
+        texts.USAGE_BUDGET.format(
+            guild=cap(settings.guild_daily_token_budget), user=cap(settings.user_daily_token_budget)
+        )
+    )
+    return "\n".join(lines)[:DISCORD_LIMIT]

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, field, replace
 
 from kotonoha_bot.chat.conversation import Incoming
 
@@ -78,5 +78,28 @@ class EavesdropTracker:
         return new
 
     def forget(self, channel_id: int) -> None:
-        """Drop a channel's buffer (eavesdrop turned off)."""
+        """Drop a channel's buffer (eavesdrop turned off, channel deleted)."""
         self._channels.pop(channel_id, None)
+
+    def edit(self, channel_id: int, message_id: int, text: str) -> bool:
+        """A buffered message was edited on Discord: the next judgment sees the new text."""
+        ch = self._channels.get(channel_id)
+        if ch is None:
+            return False
+        for i, (seq, message) in enumerate(ch.recent):
+            if message.message_id == message_id:
+                ch.recent[i] = (seq, replace(message, text=text))
+                return True
+        return False
+
+    def discard(self, channel_id: int, message_ids: Collection[int]) -> int:
+        """Buffered messages deleted on Discord never reach a judgment or a session."""
+        ch = self._channels.get(channel_id)
+        if ch is None:
+            return 0
+        kept = [(seq, m) for seq, m in ch.recent if m.message_id not in message_ids]
+        removed = len(ch.recent) - len(kept)
+        if removed:
+            ch.recent.clear()
+            ch.recent.extend(kept)
+        return removed

@@ -11,8 +11,10 @@ Triggers, in order (the bot ignores bots, itself included, and system messages):
 4. otherwise, in a channel with eavesdrop on: the message is remembered, and now
    and then an LLM judgment decides whether the bot joins (``eavesdrop:{channel}``).
 
-The handler only uses a few attributes of discord.py objects, so tests drive it
-with small fake messages and channels.
+The handler only uses a few attributes of discord.py objects; tests drive it through
+SimCord (discord.py's real gateway and HTTP layer on an in-memory Discord) and, for a
+few edge cases SimCord cannot stage, with small fakes. The Discord ids of the parts
+a reply was sent as are handed to the pipeline, so deleting them removes the reply.
 """
 
 from __future__ import annotations
@@ -99,7 +101,7 @@ class MessageHandler:
             return
         me = self._bot_user_id()
         channel: Any = message.channel
-        text = clean_content(message.content, me, list(message.mentions))
+        text = self.text_of(message)
         if message.guild is None:
             conv = Conversation.dm(channel.id, message.author.id)
             await self._converse(message, conv, channel, text, mentioned=True)
@@ -137,6 +139,10 @@ class MessageHandler:
         author = getattr(resolved, "author", None)
         return author is not None and author.id == me
 
+    def text_of(self, message: discord.Message) -> str:
+        """What is stored of a message: its text without the bot's mention (also for edits)."""
+        return clean_content(message.content, self._bot_user_id(), list(message.mentions))
+
     @staticmethod
     def _incoming(message: discord.Message, text: str) -> Incoming:
         return Incoming(
@@ -145,6 +151,7 @@ class MessageHandler:
             author_name=message.author.display_name,
             message_id=message.id,
             timestamp=message.created_at,
+            channel_id=message.channel.id,
         )
 
     async def _open_thread(self, message: discord.Message, text: str) -> Any:
@@ -197,7 +204,8 @@ class MessageHandler:
             log.error("turn in %s failed: %s: %s", conv.session_key, type(exc).__name__, exc)
             await self._send(message, target, self.settings.llm_error_message)
             return
-        await self._send(message, target, reply.text)
+        sent = await self._send(message, target, reply.text)
+        await self.chat.record_reply(reply, target.id, sent)
 
     async def _overhear(
         self, message: discord.Message, guild_id: int, channel: Any, text: str
@@ -205,7 +213,7 @@ class MessageHandler:
         self.eavesdrop.observe(channel.id, self._incoming(message, text))
         if not self.eavesdrop.should_judge(channel.id):
             return
-        if not await self.chat.should_interject(self.eavesdrop.recent(channel.id)):
+        if not await self.chat.should_interject(self.eavesdrop.recent(channel.id), guild_id):
             return
         new = self.eavesdrop.join(channel.id)
         if not new:
@@ -218,16 +226,21 @@ class MessageHandler:
             log.error("eavesdrop turn in %s failed: %s", conv.session_key, exc)
             return
         if reply.ok:  # uninvited: stay quiet rather than apologise
-            await self._send(None, channel, reply.text)
+            sent = await self._send(None, channel, reply.text)
+            await self.chat.record_reply(reply, channel.id, sent)
 
-    async def _send(self, message: discord.Message | None, target: Any, text: str) -> None:
-        """Send ``text`` in parts; the first part replies to ``message`` when in its channel."""
+    async def _send(self, message: discord.Message | None, target: Any, text: str) -> list[int]:
+        """Send ``text`` in parts; the first part replies to ``message`` when in its channel.
+
+        Returns the Discord ids of the parts sent (the reply's provenance).
+        """
+        sent: list[int] = []
         for i, part in enumerate(split_message(text)):
             try:
                 if i == 0 and message is not None and target is message.channel:
-                    await message.reply(part, mention_author=False)
+                    posted = await message.reply(part, mention_author=False)
                 else:
-                    await target.send(part)
+                    posted = await target.send(part)
             except discord.HTTPException as exc:
                 log.warning(
                     "could not send to channel %s: HTTP %s %s",
@@ -235,4 +248,8 @@ class MessageHandler:
                     exc.status,
                     exc.text,
                 )
-                return
+                return sent
+            posted_id = getattr(posted, "id", None)
+            if isinstance(posted_id, int):
+                sent.append(posted_id)
+        return sent

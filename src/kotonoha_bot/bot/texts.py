@@ -46,3 +46,56 @@ EAVESDROP_ON_NO_CONTENT = (
     "いまは会話の内容が読めません。"
 )
 EAVESDROP_OFF = "このチャンネルの eavesdrop をオフにしました。"
+
+SEARCH_LINK = "元の会話"
+FORGET_DONE_ME_MEMORIES = "覚えていたこと {memories}件も削除しました。"
+
+KB_ADD_GUILD_ONLY = "資料の追加はサーバーの中でだけ使えます。"
+KB_ADD_NEEDS_ADMIN = "資料の追加には「サーバー管理」権限が必要です。"
+KB_ADD_TYPE = "追加できるのは .txt・.md・.pdf のファイルです（「{name}」は読めません）。"
+KB_ADD_TOO_LARGE = "「{name}」は大きすぎます（{size}、上限 {limit}）。"
+KB_ADD_READING = "📥 「{name}」を読み込んでいます…"
+KB_ADD_EMBEDDING = "🧩 「{name}」を知識にしています… {done}/{total}"
+KB_ADD_DONE = "✅ 「{name}」を知識に追加しました（{chunks}件の断片）。"
+KB_ADD_UPDATED = "✅ 「{name}」を新しい内容で置き換えました（{chunks}件の断片）。"
+KB_ADD_UNCHANGED = "「{name}」は前と同じ内容なので、そのままにしました。"
+KB_ADD_PENDING = (
+    "⚠ 「{name}」は保存しましたが、埋め込みがまだです（{chunks}件）。"
+    "しばらくすると自動で検索できるようになります。"
+)
+KB_ADD_FAILED = "「{name}」を追加できませんでした: {reason}"
+KB_ADD_INVALID_UTF8 = "\n（UTF-8 として読めない文字は置き換えました）"
+
+MEMORY_ADDED = "覚えました（#{id}）: {text}"
+MEMORY_EMPTY = "覚えておくことを書いてください。"
+MEMORY_TOO_LONG = "長すぎます（{length}文字、上限 {limit}文字）。短くしてもう一度どうぞ。"
+MEMORY_FULL = (
+    "ここで覚えておけるのは {limit}件までです。`/memory list` で確認して、"
+    "`/memory delete` で減らしてください。"
+)
+MEMORY_LIST_EMPTY = "ここで覚えていることはまだありません。`/memory add` で教えてください。"
+MEMORY_LIST_HEAD = "**あなたについて覚えていること**（{count}件、ここでだけ使います）"
+MEMORY_LIST_MORE = "…ほか {more}件"
+MEMORY_DELETED = "#{id} を忘れました。"
+MEMORY_NOT_FOUND = "#{id} は見つかりませんでした（あなたのものではないか、もうありません）。"
+WHY_NONE = (
+    "ここでの最近のお返事の記録がありません（再起動のあとはまだ話していないか、"
+    "別のプロセスが答えました）。"
+)
+WHY_HEAD = "**前回のお返事（<t:{at}:R>）で使ったもの**"
+WHY_HISTORY = "- 会話の履歴: {used}件（この会話の全 {total}件のうち）"
+WHY_REFS_NONE = "- 参考にした知識: なし"
+WHY_REFS = "- 参考にした知識: {count}件"
+WHY_REF_GONE = "（削除済み）"
+WHY_MEMORIES_NONE = "- あなたの記憶: なし"
+WHY_MEMORIES = "- あなたの記憶: {count}件"
+WHY_MEMORIES_DELETED = "  - （そのあと削除された記憶 {count}件）"
+WHY_TOKENS = "- トークン: 入力 {input} / 出力 {output}（{model}）"
+
+USAGE_NEEDS_ADMIN = "利用状況を見るには「サーバー管理」権限が必要です。"
+USAGE_HEAD = "**このサーバーの LLM 利用状況**（UTC）"
+USAGE_LINE = "- {label}: {calls}回、入力 {input} / 出力 {output} トークン（計 {total}）"
+USAGE_BUDGET = "- 1日の上限: サーバー {guild} / ひとり {user}"
+USAGE_UNLIMITED = "なし"
+USAGE_MODEL = "  - {model}: {total} トークン"
+USAGE_USER = "  - <@{user}>: {total} トークン"

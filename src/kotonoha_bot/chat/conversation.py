@@ -43,6 +43,11 @@ class Conversation:
         return self.guild_id is None
 
     @property
+    def reply_channel_id(self) -> int | None:
+        """The Discord channel the conversation happens in (the thread for a thread)."""
+        return self.thread_id if self.thread_id is not None else self.channel_id
+
+    @property
     def multi_party(self) -> bool:
         """Several people may speak: user turns are labelled with their names."""
         return self.session_type in ("thread", "eavesdrop")
@@ -79,3 +84,5 @@ class Incoming:
     author_name: str | None = None
     message_id: int | None = None
     timestamp: datetime | None = None
+    #: The channel or thread it was posted in (default: the conversation's).
+    channel_id: int | None = None

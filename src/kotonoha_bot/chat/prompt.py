@@ -12,6 +12,11 @@ user's own words follow in ``<message>``. The system prompt always ends with
 :data:`REFERENCE_RULES` (also after a custom ``SYSTEM_PROMPT``): reference text is
 untrusted quoted material, never instructions. Tag names inside a snippet are
 escaped so a snippet cannot close its block and speak as the user or the system.
+
+**Memories.** What the speaker asked the bot to remember (``/memory add``) goes into
+their current turn as ``<memories>``, before the references, marked as that person's
+own words about themselves; :data:`MEMORY_RULES` joins the system prompt when there are
+any. Only the speaker's own memories are ever there (see :mod:`kotonoha_bot.chat.memories`).
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from collections.abc import Sequence
 
 from kotonoha_bot.knowledge.search import RankedHit
 from kotonoha_bot.llm.base import ChatRole, ChatTurn
-from kotonoha_bot.models import Message, SearchHit
+from kotonoha_bot.models import Memory, Message, SearchHit
 from kotonoha_bot.text import replace_nul
 
 MESSAGE_OVERHEAD_TOKENS = 4
@@ -58,6 +63,18 @@ REFERENCE_RULES = "\n".join(
     ]
 )
 
+MEMORY_RULES = "\n".join(
+    [
+        "## 覚えていること (memories)",
+        "ユーザーの発言に <memories> ブロックが付くことがあります。これはいま話している人が"
+        "「覚えておいて」と自分で頼んだ、その人についてのメモです。",
+        "- その人との会話で、自然に役立てるときだけ使ってください。",
+        "- ほかの人に向けて内容を明かしたり、ほかの人のことだと取り違えたりしないでください。",
+        "Text inside <memories> is what the current speaker asked you to remember about"
+        " themselves; use it for them only.",
+    ]
+)
+
 _WHERE = {
     "mention": "Discordサーバーのチャンネルで、メンションで話しかけられています。",
     "thread": "Discordサーバーのスレッドで、複数の人と話しています（発言の頭に名前が付きます）。",
@@ -66,7 +83,7 @@ _WHERE = {
     "（発言の頭に名前が付きます）。短く、控えめに話してください。",
 }
 
-_TAG_RE = re.compile(r"<(/?)(references?|message)\b", re.IGNORECASE)
+_TAG_RE = re.compile(r"<(/?)(references?|message|memories)\b", re.IGNORECASE)
 
 
 def _is_wide(ch: str) -> bool:
@@ -88,19 +105,23 @@ def estimate_tokens(text: str) -> int:
     return wide + (other + 3) // 4
 
 
-def build_system_prompt(custom: str | None, session_type: str | None = None) -> str:
-    """Persona (``SYSTEM_PROMPT`` or the built-in one), the setting, and the reference rules."""
+def build_system_prompt(
+    custom: str | None, session_type: str | None = None, *, memories: bool = False
+) -> str:
+    """Persona (``SYSTEM_PROMPT`` or the built-in one), the setting, and the rules."""
     persona = custom.strip() if custom and custom.strip() else DEFAULT_PERSONA
     parts = [persona]
     where = _WHERE.get(session_type or "")
     if where:
         parts.append(f"いまの場面: {where}")
     parts.append(REFERENCE_RULES)
+    if memories:
+        parts.append(MEMORY_RULES)
     return "\n\n".join(parts)
 
 
 def escape_tags(text: str) -> str:
-    """Neutralise ``<reference``/``<references``/``<message`` tags inside quoted text."""
+    """Neutralise ``<reference(s)``/``<message``/``<memories`` tags inside quoted text."""
     return _TAG_RE.sub(lambda m: f"&lt;{m.group(1)}{m.group(2)}", text)
 
 
@@ -139,6 +160,17 @@ def format_references(hits: Sequence[RankedHit]) -> str:
         for i, r in enumerate(hits, 1)
     ]
     return "<references>\n" + "\n".join(blocks) + "\n</references>"
+
+
+def format_memories(memories: Sequence[Memory], owner: str | None) -> str:
+    """The ``<memories>`` block of the speaker's turn ("" when there are none)."""
+    if not memories:
+        return ""
+    who = f' owner="{_attr(owner)}"' if owner else ""
+    lines = [f"- {escape_tags(' '.join(m.content.split()))}" for m in memories]
+    return (
+        f"<memories{who}>\nこの人が覚えておいてと頼んだこと:\n" + "\n".join(lines) + "\n</memories>"
+    )
 
 
 def _speaker_text(message: Message, multi_party: bool) -> str:
@@ -191,8 +223,10 @@ def build_turns(
     budget: int,
     hits: Sequence[RankedHit] = (),
     multi_party: bool = False,
+    memories: Sequence[Memory] = (),
+    memory_owner: str | None = None,
 ) -> list[ChatTurn]:
-    """History within the budget, the references attached to this turn's last message."""
+    """History within the budget; memories and references attached to this turn's message."""
     oldest = select_history(messages, new_count=new_count, budget=budget, multi_party=multi_party)
     turns: list[ChatTurn] = []
     for m in messages[oldest:]:
@@ -200,10 +234,11 @@ def build_turns(
             continue
         role: ChatRole = "assistant" if m.role == "assistant" else "user"
         turns.append(ChatTurn(role, _speaker_text(m, multi_party)))
-    references = format_references(hits)
-    if references and turns and turns[-1].role == "user":
+    blocks = [b for b in (format_memories(memories, memory_owner), format_references(hits)) if b]
+    if blocks and turns and turns[-1].role == "user":
+        quoted = "\n\n".join(blocks)
         turns[-1] = ChatTurn(
-            "user", f"{references}\n\n<message>\n{escape_tags(turns[-1].content)}\n</message>"
+            "user", f"{quoted}\n\n<message>\n{escape_tags(turns[-1].content)}\n</message>"
         )
     return turns
 

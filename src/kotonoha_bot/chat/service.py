@@ -1,11 +1,18 @@
 """The conversation pipeline shared by Discord and the terminal.
 
-``respond``: open the session -> store the user's message -> retrieve knowledge
-(this channel first, then the rest of the same guild; nothing in a DM) -> build the
-prompt (system prompt, history within ``HISTORY_TOKEN_BUDGET``, references as
-quoted data) -> ask the LLM -> store the reply -> archive the turns that no longer
-fit the history (so they stay findable) -> return it. The reply is stored
+``respond``: open the session -> store the user's message (with where it is on
+Discord and its turn) -> check the daily budgets (:mod:`kotonoha_bot.chat.usage`) ->
+retrieve knowledge (this channel first, then the rest of the same guild; nothing in a
+DM) -> the speaker's own memories (:mod:`kotonoha_bot.chat.memories`) -> build the
+prompt (system prompt, history within ``HISTORY_TOKEN_BUDGET``, memories and
+references as quoted data) -> ask the LLM -> record its reported usage -> store the
+reply -> note what it used (:mod:`kotonoha_bot.chat.why`) -> archive the turns that no
+longer fit the history (so they stay findable) -> return it. The reply is stored
 before the caller shows it (see :mod:`kotonoha_bot.chat.sessions`).
+
+Edits and deletes on Discord, and ``forget``, go to storage first (which removes the
+messages and every chunk built from them), then :func:`kotonoha_bot.chat.changes.catch_up`
+drops cached sessions and archives the surviving neighbours again.
 
 An ``LLMError`` becomes ``LLM_ERROR_MESSAGE`` for the user and one warning in the
 log (the error text names provider and status, never a key); the user's message
@@ -21,7 +28,9 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 
+from kotonoha_bot.chat.changes import DiscordChanges
 from kotonoha_bot.chat.conversation import Conversation, Incoming
+from kotonoha_bot.chat.memories import MemoryBook
 from kotonoha_bot.chat.prompt import (
     RESET_MARKER,
     build_system_prompt,
@@ -32,6 +41,8 @@ from kotonoha_bot.chat.prompt import (
 )
 from kotonoha_bot.chat.retention import GuildRetention
 from kotonoha_bot.chat.sessions import SessionManager
+from kotonoha_bot.chat.usage import UsageMeter
+from kotonoha_bot.chat.why import Explanation, TraceBook, answer_trace, explain, format_citations
 from kotonoha_bot.config import Settings
 from kotonoha_bot.db.base import DatabaseProtocol, ForgetResult
 from kotonoha_bot.errors import EmbeddingModelMismatchError, KotonohaError, LLMError
@@ -43,10 +54,10 @@ from kotonoha_bot.knowledge.archive import (
 )
 from kotonoha_bot.knowledge.embeddings import create_embedding_provider
 from kotonoha_bot.knowledge.embeddings.base import EmbeddingProvider, embedding_config
-from kotonoha_bot.knowledge.ingest import embed_pending
+from kotonoha_bot.knowledge.ingest import BatchProgress, IngestReport, embed_pending, ingest_bytes
 from kotonoha_bot.knowledge.search import RankedHit, search_knowledge, search_tuning
 from kotonoha_bot.llm.base import ChatTurn, LLMProvider
-from kotonoha_bot.models import Message, utcnow
+from kotonoha_bot.models import Message, MessageChange, MessageLink, utcnow
 from kotonoha_bot.text import replace_nul
 
 log = logging.getLogger("kotonoha_bot.chat")
@@ -76,6 +87,9 @@ class ChatReply:
     ok: bool
     session_key: str
     knowledge: list[RankedHit] = field(default_factory=list)
+    #: The Discord id of the turn's last user message: the reply's link to it (None
+    #: outside Discord). The front end reports the reply's own message ids with it.
+    turn_id: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +125,10 @@ class ChatService:
         self.settings = settings
         self.sessions = sessions or SessionManager(db, sync_interval=settings.session_sync_interval)
         self.retention = GuildRetention(db, settings.data_retention_days, clock=clock)
+        self.memories = MemoryBook(db, settings)
+        self.usage = UsageMeter(db, settings, clock=clock)
+        self.traces = TraceBook()
+        self.changes = DiscordChanges(db, embedder, self.sessions, settings)
         self._clock = clock
         self._last_hits: dict[str, int] = {}
         self._eavesdrop: dict[int, int] = {}  # opted-in channel -> its guild
@@ -122,13 +140,19 @@ class ChatService:
         """Store ``incoming``, answer with the LLM, store the answer, return it."""
         if not incoming:
             raise ValueError("respond needs at least one incoming message")
-        messages = [self._message(i) for i in incoming]
+        turn_id = incoming[-1].message_id
+        messages = [self._message(i, conv, turn_id) for i in incoming]
+        speaker = _single_speaker(incoming)
         self._unknown.pop(conv.session_key, None)
         async with self.sessions.open(conv) as handle:
             await handle.append(*messages)
             # After the append: if the database is down the message is kept in memory first.
             await self.follow_database_model()
             session = handle.session
+            refusal = await self.usage.refusal(conv.guild_id, speaker)
+            if refusal is not None:
+                # No LLM (and no embedding) call; the user's words stay stored.
+                return ChatReply(refusal, False, conv.session_key, [], turn_id)
             query = "\n".join(m.content for m in messages)[-MAX_QUERY_CHARS:]
             oldest = select_history(
                 session.messages,
@@ -137,20 +161,28 @@ class ChatService:
                 multi_party=conv.multi_party,
             )
             hits = await self.retrieve(conv, query, history_from=oldest)
-            system = build_system_prompt(self.settings.system_prompt, conv.session_type)
+            memories = await self.memories.for_turn(conv.guild_id, speaker)
+            system = build_system_prompt(
+                self.settings.system_prompt, conv.session_type, memories=bool(memories)
+            )
             turns = build_turns(
                 session.messages,
                 new_count=len(messages),
                 budget=self.settings.history_token_budget,
                 hits=hits,
                 multi_party=conv.multi_party,
+                memories=memories,
+                memory_owner=incoming[-1].author_name,
             )
             self._last_hits[conv.session_key] = len(hits)
             try:
                 answer = await self.llm.complete(system, turns)
             except LLMError as exc:
                 log.warning("LLM failed in session %s: %s", conv.session_key, exc)
-                return ChatReply(self.settings.llm_error_message, False, conv.session_key, hits)
+                return ChatReply(
+                    self.settings.llm_error_message, False, conv.session_key, hits, turn_id
+                )
+            await self.usage.record(conv.guild_id, speaker, answer)
             text, _ = replace_nul(answer.text.strip())
             if not text:
                 log.warning(
@@ -158,12 +190,37 @@ class ChatService:
                     conv.session_key,
                     answer.stop_reason,
                 )
-                return ChatReply(self.settings.llm_error_message, False, conv.session_key, hits)
-            await handle.append(Message(role="assistant", content=text, timestamp=self._clock()))
+                return ChatReply(
+                    self.settings.llm_error_message, False, conv.session_key, hits, turn_id
+                )
+            await handle.append(
+                Message(
+                    role="assistant",
+                    content=text,
+                    timestamp=self._clock(),
+                    channel_id=conv.reply_channel_id,
+                    turn_id=turn_id,
+                )
+            )
+            trace = answer_trace(
+                at=self._clock(),
+                session_key=conv.session_key,
+                messages=handle.session.messages,
+                history_from=oldest,
+                turn_size=len(messages) + 1,
+                hits=hits,
+                memories=memories,
+                reply=answer,
+            )
             archived_upto = handle.session.last_archived_message_index
         if conv.guild_id is not None and oldest - 1 > archived_upto:
             await self._archive_left_history(conv.session_key, oldest - 1)
-        return ChatReply(text, True, conv.session_key, hits)
+        if speaker is not None:
+            self.traces.note(conv.guild_id, speaker, trace)
+        shown = text
+        if self.settings.reply_cite_sources and hits:
+            shown += format_citations(hits, await self.links(hits))
+        return ChatReply(shown, True, conv.session_key, hits, turn_id)
 
     async def _archive_left_history(self, session_key: str, upto: int) -> None:
         """Make the turns that left the history window searchable now (not after idling)."""
@@ -181,10 +238,15 @@ class ChatService:
         except KotonohaError as exc:
             log.warning("archiving the older turns of %s failed: %s", session_key, exc)
 
-    def _message(self, incoming: Incoming) -> Message:
+    def _message(
+        self, incoming: Incoming, conv: Conversation | None = None, turn_id: int | None = None
+    ) -> Message:
         # The NUL rule at the input edge: U+0000 cannot be stored, U+FFFD keeps its place.
         text, _ = replace_nul(incoming.text)
         name = replace_nul(incoming.author_name)[0] if incoming.author_name else None
+        channel = incoming.channel_id
+        if channel is None and incoming.message_id is not None and conv is not None:
+            channel = conv.reply_channel_id
         return Message(
             role="user",
             content=text,
@@ -192,7 +254,21 @@ class ChatService:
             author_id=incoming.author_id,
             author_name=name,
             discord_message_id=incoming.message_id,
+            channel_id=channel,
+            turn_id=turn_id,
         )
+
+    async def links(self, hits: Sequence[RankedHit]) -> dict[int, MessageLink]:
+        """Jump links of conversation hits (the first Discord message of each chunk)."""
+        ids = [h.hit.chunk_id for h in hits]
+        if not ids:
+            return {}
+        try:
+            origins = await self.db.chunk_origins(ids)
+        except KotonohaError as exc:
+            log.warning("could not read chunk provenance: %s", exc)
+            return {}
+        return {cid: o.first_link for cid, o in origins.items() if o.first_link is not None}
 
     async def retrieve(
         self, conv: Conversation, query: str, *, history_from: int | None = None
@@ -246,7 +322,9 @@ class ChatService:
 
     # --- eavesdrop ------------------------------------------------------------------
 
-    async def should_interject(self, conversation: Sequence[Incoming]) -> bool:
+    async def should_interject(
+        self, conversation: Sequence[Incoming], guild_id: int | None = None
+    ) -> bool:
         """Ask the LLM (one short yes/no call) whether joining would help."""
         if not conversation:
             return False
@@ -255,6 +333,8 @@ class ChatService:
             f"<conversation>\n{lines}\n</conversation>\n\n"
             "Should kotonoha join this conversation now? Answer yes or no."
         )
+        if await self.usage.refusal(guild_id, None) is not None:
+            return False  # the guild's budget is used up: no judgment call either
         try:
             answer = await self.llm.complete(
                 JUDGE_SYSTEM_PROMPT,
@@ -265,6 +345,7 @@ class ChatService:
         except LLMError as exc:
             log.info("eavesdrop judgment failed, staying quiet: %s", exc)
             return False
+        await self.usage.record(guild_id, None, answer)
         return parse_yes(answer.text)
 
     async def load_eavesdrop_channels(self) -> set[int]:
@@ -366,22 +447,105 @@ class ChatService:
     async def forget(
         self, guild_id: int, *, user_id: int | None = None, channel_id: int | None = None
     ) -> ForgetResult:
-        """Delete a user's messages and derived knowledge, or a channel's/guild's data."""
+        """Delete a user's messages, the bot's replies to them, the knowledge built from
+        them and their memories; or a channel's/guild's data (see ``DatabaseProtocol``)."""
         result = await self.db.forget(guild_id=guild_id, user_id=user_id, channel_id=channel_id)
         self.sessions.invalidate(guild_id=guild_id)
         if user_id is None:  # the eavesdrop sessions (the opt-ins) were deleted too
             for channel, guild in list(self._eavesdrop.items()):
                 if guild == guild_id and channel_id in (None, channel):
                     del self._eavesdrop[channel]
+        if channel_id is None:
+            self.traces.forget(guild_id, user_id)
+        await self.changes.catch_up(result.session_keys, result.rearchive)
         return result
 
-    async def forget_dm(self, channel_id: int) -> bool:
-        """Delete a DM conversation (DMs never become knowledge)."""
+    async def forget_dm(self, channel_id: int, user_id: int | None = None) -> bool:
+        """Delete a DM conversation (DMs never become knowledge) and the user's DM memories."""
         key = Conversation.dm(channel_id, None).session_key
         async with self.sessions.open(Conversation.dm(channel_id, None)):
             deleted = await self.db.delete_session(key)
         self.sessions.invalidate(session_key=key)
+        if user_id is not None:
+            for memory in await self.db.list_memories(guild_id=None, user_id=user_id, limit=500):
+                if memory.memory_id is not None:
+                    deleted |= await self.db.delete_memory(
+                        memory.memory_id, guild_id=None, user_id=user_id
+                    )
+            self.traces.forget(None, user_id)
         return deleted
+
+    # --- explicit memories, "why", documents -------------------------------------------
+
+    async def explain_last_answer(self, guild_id: int | None, user_id: int) -> Explanation | None:
+        """What the last answer to this user here used (None: none since this process started)."""
+        trace = self.traces.last(guild_id, user_id)
+        if trace is None:
+            return None
+        return await explain(self.db, trace, guild_id=guild_id, user_id=user_id)
+
+    async def add_document(
+        self,
+        guild_id: int,
+        uri: str,
+        data: bytes,
+        *,
+        metadata: dict[str, object] | None = None,
+        on_batch: BatchProgress | None = None,
+    ) -> tuple[str, IngestReport]:
+        """Add a file's bytes to a guild's knowledge (the rules of ``kotonoha kb ingest``)."""
+        report = IngestReport()
+        s = self.settings
+        outcome = await ingest_bytes(
+            self.db,
+            self.embedder,
+            uri=uri,
+            data=data,
+            guild_id=guild_id,
+            metadata={"kind": "document", "path": uri, **(metadata or {})},
+            max_chars=s.chunk_max_chars,
+            overlap_chars=s.chunk_overlap_chars,
+            batch_size=s.embedding_batch_size,
+            report=report,
+            on_batch=on_batch,
+        )
+        return outcome, report
+
+    # --- following Discord: edits, deletes, the bot's own reply ids --------------------
+
+    async def record_reply(
+        self, reply: ChatReply, channel_id: int, discord_message_ids: Sequence[int]
+    ) -> None:
+        """Link the Discord messages a reply was sent as to the stored reply (so a
+        moderator deleting them removes it too). Failures are logged, never raised."""
+        if reply.turn_id is None or not reply.ok:
+            return
+        await self.changes.link_reply(
+            reply.session_key, reply.turn_id, channel_id, discord_message_ids
+        )
+
+    async def flush(self) -> int:
+        """Store unsaved messages (batch mode), then the reply links waiting for them."""
+        return await self.changes.flush()
+
+    async def message_edited(
+        self, guild_id: int | None, discord_message_id: int, text: str
+    ) -> MessageChange:
+        """A message was edited on Discord: the stored text follows (see ``edit_message``)."""
+        return await self.changes.edited(guild_id, discord_message_id, text)
+
+    async def messages_deleted(
+        self, guild_id: int | None, discord_message_ids: Sequence[int]
+    ) -> MessageChange:
+        """Messages were deleted on Discord: they, the bot's replies to them and the
+        knowledge built from them go (see ``delete_messages``)."""
+        return await self.changes.deleted(guild_id, discord_message_ids)
+
+    async def channel_deleted(self, guild_id: int, channel_id: int) -> MessageChange:
+        """A channel or thread was deleted: its conversations and their knowledge go."""
+        change = await self.changes.channel_deleted(guild_id, channel_id)
+        self._eavesdrop.pop(channel_id, None)
+        return change
 
     # --- background work ------------------------------------------------------------
 
@@ -452,6 +616,7 @@ class ChatService:
         deleted = await self.retention.sweep(member_guild_ids)
         for guild_id in deleted:
             self.sessions.invalidate(guild_id=guild_id)
+            self.traces.forget(guild_id)
             for channel, guild in list(self._eavesdrop.items()):
                 if guild == guild_id:
                     del self._eavesdrop[channel]
@@ -459,7 +624,7 @@ class ChatService:
 
     async def close(self) -> None:
         """Store everything not stored yet (batch mode); call at shutdown."""
-        await self.sessions.close()
+        await self.flush()
         if self._owns_embedder and self.embedder is not None:
             await self.embedder.aclose()
 
@@ -478,6 +643,15 @@ async def checked_embedder(
         log.error("vector search disabled, keyword search only: %s", exc)
         return None
     return embedder
+
+
+def _single_speaker(incoming: Sequence[Incoming]) -> int | None:
+    """The author of a turn when one person said all of it (whose memories and budget apply)."""
+    authors = {i.author_id for i in incoming}
+    if len(authors) == 1:
+        (author,) = authors
+        return author
+    return None
 
 
 def parse_yes(text: str) -> bool:

@@ -12,6 +12,7 @@ from kotonoha_bot.cli import kb as kb_cli
 from kotonoha_bot.cli.chat import chat
 from kotonoha_bot.cli.demo import demo
 from kotonoha_bot.cli.run import run
+from kotonoha_bot.cli.usage import usage
 
 app = typer.Typer(
     name="kotonoha",
@@ -25,6 +26,7 @@ app.add_typer(kb_cli.app, name="kb")
 app.command("demo")(demo)
 app.command("chat")(chat)
 app.command("run")(run)
+app.command("usage")(usage)
 
 
 def main() -> None:

@@ -69,13 +69,13 @@ async def _open(settings: Settings, database: str | None, *, target: bool = Fals
 @app.command("ingest")
 @run_async
 async def ingest(
-    paths: Annotated[list[Path], typer.Argument(help="Files or folders (.md, .txt).")],
+    paths: Annotated[list[Path], typer.Argument(help="Files or folders (.md, .txt, .pdf).")],
     guild: GuildOption,
     channel: ChannelOption = None,
     database: DatabaseOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Add text and Markdown files to a guild's knowledge base.
+    """Add text, Markdown and PDF files to a guild's knowledge base.
 
     Unchanged files are skipped; changed files replace their old chunks. If the
     embedding service fails, chunks are kept as pending: run `kb embed-pending` later.
@@ -187,6 +187,9 @@ async def search(
             top_k=top_k,
             **search_tuning(settings),
         )
+        # Provenance: a conversation hit links to its first message on Discord.
+        origins = await db.chunk_origins([r.hit.chunk_id for r in result.hits])
+    links = {cid: o.first_link.url for cid, o in origins.items() if o.first_link is not None}
     for warning in result.warnings:
         err_console.print(f"[yellow]warning:[/] {warning}")
     if as_json:
@@ -196,7 +199,7 @@ async def search(
                 "mode": mode,
                 "guild_id": guild,
                 "channel_id": channel,
-                "hits": [r.as_dict() for r in result.hits],
+                "hits": [{**r.as_dict(), "link": links.get(r.hit.chunk_id)} for r in result.hits],
                 "warnings": result.warnings,
             }
         )

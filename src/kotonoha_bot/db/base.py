@@ -11,8 +11,8 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from datetime import datetime
+from dataclasses import dataclass, field
+from datetime import date, datetime
 from types import TracebackType
 from typing import Any, Protocol, Self, runtime_checkable
 
@@ -29,13 +29,17 @@ from kotonoha_bot.models import (
     SESSION_STATUSES,
     SESSION_TYPES,
     ChatSession,
+    ChunkOrigin,
     DatabaseStats,
     EmbeddingConfig,
     KnowledgeChunk,
     KnowledgeSource,
+    Memory,
+    MessageChange,
     PendingChunk,
     SearchHit,
     SessionInfo,
+    UsageRecord,
     Vector,
 )
 from kotonoha_bot.text import check_text
@@ -51,14 +55,26 @@ _FILTER_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]{0,63}$")
 Scalar = str | int | float | bool
 
 
+#: Longest listing of memories one call returns.
+MAX_MEMORY_PAGE = 500
+
+
 @dataclass(frozen=True, slots=True)
 class ForgetResult:
-    """What ``forget`` deleted."""
+    """What ``forget`` deleted.
+
+    ``rearchive`` maps a session to stored ids of other people's messages that shared
+    an archived window with what was forgotten: their chunks went too, and archiving
+    them again rebuilds that knowledge without the forgotten messages.
+    """
 
     messages: int
     sessions: int
     chunks: int
     sources: int
+    memories: int = 0
+    session_keys: tuple[str, ...] = ()
+    rearchive: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,7 +151,106 @@ class DatabaseProtocol(Protocol):
     async def forget(
         self, *, guild_id: int, user_id: int | None = None, channel_id: int | None = None
     ) -> ForgetResult:
-        """Delete a user's messages and derived chunks, or all data of a channel/guild."""
+        """Delete a user's messages, the bot's replies to them and every chunk built from
+        them, and the user's memories; or (no user) all data of a channel or guild.
+
+        With ``user_id``: the user's own sessions (``user_id`` on the session) go whole;
+        in shared sessions their messages and the bot's replies of their turns go; every
+        chunk built from a removed message or naming them as an author goes; their
+        memories in the guild go. Without: every session, chunk and source of the
+        channel (or guild), and for a whole guild its memories too.
+        """
+        ...
+
+    # provenance: edits and deletes that follow Discord --------------------------------
+    async def record_reply_parts(
+        self,
+        session_key: str,
+        turn_id: int,
+        channel_id: int,
+        discord_message_ids: Sequence[int],
+    ) -> int:
+        """Link the Discord messages the bot sent as a turn's reply to the stored reply.
+
+        Returns the links stored (0 when the reply of that turn is not stored).
+        """
+        ...
+
+    async def edit_message(
+        self, *, guild_id: int | None, discord_message_id: int, content: str
+    ) -> MessageChange:
+        """Replace the text of a stored message edited on Discord (same text: no change).
+
+        Every chunk built from it is removed; ``rearchive`` lists what to archive again.
+        ``guild_id`` None means a DM.
+        """
+        ...
+
+    async def delete_messages(
+        self, *, guild_id: int | None, discord_message_ids: Sequence[int]
+    ) -> MessageChange:
+        """Remove messages deleted on Discord: user messages, the bot's replies of their
+        turns, the bot's own messages (by their reply parts), and every chunk built from
+        any of them. Ids that are not stored are ignored. ``guild_id`` None means a DM.
+        """
+        ...
+
+    async def delete_channel_messages(self, *, guild_id: int, channel_id: int) -> MessageChange:
+        """A channel or thread was deleted: every session in it (its threads included)
+        and every message posted in it go, with the knowledge built from them.
+        Documents scoped to the channel stay."""
+        ...
+
+    async def chunk_origins(self, chunk_ids: Sequence[int]) -> dict[int, ChunkOrigin]:
+        """Provenance of chunks: the stored messages each was built from and their links.
+
+        Chunks without recorded messages (documents) are absent from the result.
+        """
+        ...
+
+    # explicit memories ----------------------------------------------------------------
+    async def add_memory(self, memory: Memory, *, max_per_user: int) -> Memory:
+        """Store a memory; more than ``max_per_user`` in one scope raises InvalidInputError."""
+        ...
+
+    async def list_memories(
+        self,
+        *,
+        guild_id: int | None,
+        user_id: int | None = None,
+        limit: int = 100,
+        before_id: int | None = None,
+    ) -> list[Memory]:
+        """Memories of a guild (optionally one user's), newest first, paged by ``before_id``.
+
+        ``guild_id`` None lists a user's DM memories; ``user_id`` is then required.
+        """
+        ...
+
+    async def delete_memory(
+        self, memory_id: int, *, guild_id: int | None, user_id: int | None
+    ) -> bool:
+        """Delete one memory of that scope (and that user unless ``user_id`` is None)."""
+        ...
+
+    # usage ----------------------------------------------------------------------------
+    async def record_usage(self, record: UsageRecord) -> None:
+        """Add one LLM call's reported tokens to its (day, guild, user, model) row."""
+        ...
+
+    async def list_usage(
+        self,
+        *,
+        since: date,
+        until: date,
+        guild_id: int | None = None,
+        user_id: int | None = None,
+    ) -> list[UsageRecord]:
+        """Usage rows from ``since`` to ``until`` (inclusive), by day, guild, user, model."""
+        ...
+
+    async def tokens_used(self, *, day: date, guild_id: int, user_id: int | None = None) -> int:
+        """Input + output tokens of one guild (0 = DMs) on ``day``, optionally one user's."""
         ...
 
     # embeddings config ---------------------------------------------------------------
@@ -447,6 +562,45 @@ def check_metadata(metadata: Mapping[str, Any], where: str) -> None:
         raise InvalidInputError(f"{where}: metadata contains a NUL character")
 
 
+def check_discord_id(value: int | None, where: str) -> None:
+    """A Discord snowflake (or None): a 64-bit non-negative integer."""
+    check_ids(where, value)
+
+
+def check_memory(memory: Memory, *, max_chars: int | None = None) -> None:
+    """A memory the contract can store: an owner, non-empty NUL-free text."""
+    where = f"memory of user {memory.user_id}"
+    check_ids(where, memory.user_id, memory.guild_id)
+    check_text(memory.content, where)
+    if not memory.content.strip():
+        raise InvalidInputError(f"{where}: text must not be empty")
+    if max_chars is not None and len(memory.content) > max_chars:
+        raise InvalidInputError(
+            f"{where}: {len(memory.content)} characters, at most {max_chars} are kept"
+        )
+
+
+def check_memory_page(guild_id: int | None, user_id: int | None, limit: int) -> None:
+    """DM memories are listed per user only; pages are bounded."""
+    if guild_id is None and user_id is None:
+        raise InvalidInputError("DM memories are private: list them for one user_id")
+    if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= MAX_MEMORY_PAGE:
+        raise InvalidInputError(f"limit must be an integer from 1 to {MAX_MEMORY_PAGE}")
+
+
+def check_usage(record: UsageRecord) -> None:
+    """Token counts are non-negative integers; the model is named."""
+    where = f"usage of {record.model!r} on {record.day}"
+    check_text(record.model, where)
+    if not record.model:
+        raise InvalidInputError(f"{where}: model must be named")
+    check_ids(where, record.guild_id, record.user_id)
+    for name in ("calls", "input_tokens", "output_tokens"):
+        value = getattr(record, name)
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**62:
+            raise InvalidInputError(f"{where}: {name} must be a non-negative integer")
+
+
 def check_source(
     source: KnowledgeSource, chunks: Sequence[KnowledgeChunk], dim: int | None
 ) -> None:
@@ -475,7 +629,7 @@ def check_chunks(chunks: Sequence[KnowledgeChunk], dim: int | None, where: str) 
             raise InvalidInputError(f"{cw}: duplicate chunk_key")
         seen.add(chunk.chunk_key)
         check_metadata(chunk.metadata, cw)
-        check_ids(cw, chunk.guild_id, chunk.channel_id)
+        check_ids(cw, chunk.guild_id, chunk.channel_id, *chunk.message_ids)
         if chunk.embedding is not None:
             vec = check_vector(chunk.embedding, first_dim, cw)
             first_dim = vec.shape[0]

@@ -41,7 +41,6 @@ from kotonoha_bot.db.base import (
     CAP_READ_REPLICA,
     CAP_SERVER,
     AsyncLifecycle,
-    ForgetResult,
     ReembedStatus,
     check_chunks,
     check_embedding_config,
@@ -66,6 +65,8 @@ from kotonoha_bot.db.pg_schema import (
     ann_query_sql,
     uses_halfvec,
 )
+from kotonoha_bot.db.postgres_memories import PostgresMemories
+from kotonoha_bot.db.postgres_provenance import PostgresProvenance
 from kotonoha_bot.db.url import DatabaseURL
 from kotonoha_bot.errors import (
     DatabaseError,
@@ -205,7 +206,7 @@ async def _init_connection(conn: Conn) -> None:
     await register_vector(conn)
 
 
-class PostgreSQLDatabase(AsyncLifecycle):
+class PostgreSQLDatabase(PostgresProvenance, PostgresMemories, AsyncLifecycle):
     """The server backend: asyncpg pool, pgvector ANN index, JSONB filters, GIN full text."""
 
     backend_name = "postgresql"
@@ -581,8 +582,8 @@ class PostgreSQLDatabase(AsyncLifecycle):
             if new:
                 await conn.executemany(
                     "INSERT INTO messages (session_key, seq, role, content, author_id,"
-                    " author_name, discord_message_id, created_at)"
-                    " VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                    " author_name, discord_message_id, created_at, channel_id, turn_id)"
+                    " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
                     [
                         (
                             key,
@@ -593,6 +594,8 @@ class PostgreSQLDatabase(AsyncLifecycle):
                             m.author_name,
                             m.discord_message_id,
                             m.timestamp,
+                            m.channel_id,
+                            m.turn_id,
                         )
                         for i, m in enumerate(new)
                     ],
@@ -612,7 +615,8 @@ class PostgreSQLDatabase(AsyncLifecycle):
                     return None
                 messages = await conn.fetch(
                     "SELECT role, content, created_at, author_id, author_name,"
-                    " discord_message_id FROM messages WHERE session_key = $1 ORDER BY seq",
+                    " discord_message_id, channel_id, turn_id, id FROM messages"
+                    " WHERE session_key = $1 ORDER BY seq",
                     session_key,
                 )
             return ChatSession(
@@ -635,6 +639,9 @@ class PostgreSQLDatabase(AsyncLifecycle):
                         author_id=m["author_id"],
                         author_name=m["author_name"],
                         discord_message_id=m["discord_message_id"],
+                        channel_id=m["channel_id"],
+                        turn_id=m["turn_id"],
+                        stored_id=m["id"],
                     )
                     for m in messages
                 ],
@@ -681,82 +688,6 @@ class PostgreSQLDatabase(AsyncLifecycle):
             return [SessionInfo(**dict(r)) for r in await conn.fetch(sql, *params)]
 
         return await self._run("listing sessions", body)
-
-    async def forget(
-        self, *, guild_id: int, user_id: int | None = None, channel_id: int | None = None
-    ) -> ForgetResult:
-        check_ids("forget", guild_id, user_id, channel_id)
-        scope = "guild_id = $1" + (" AND channel_id = $2" if channel_id is not None else "")
-        scope_params: list[Any] = [guild_id] + ([channel_id] if channel_id is not None else [])
-        nxt = f"${len(scope_params) + 1}"
-
-        async def body(conn: Conn) -> ForgetResult:
-            if user_id is None:
-                n_messages = int(
-                    await conn.fetchval(
-                        "SELECT count(*) FROM messages m JOIN sessions s USING (session_key)"
-                        f" WHERE s.{scope.replace(' AND ', ' AND s.')}",
-                        *scope_params,
-                    )
-                )
-                status = await conn.execute(f"DELETE FROM sessions WHERE {scope}", *scope_params)
-                n_sessions = int(status.split()[-1])
-                removed = await conn.fetch(
-                    f"DELETE FROM knowledge_chunks WHERE {scope} RETURNING source_id",
-                    *scope_params,
-                )
-                # The scope's sources (and any source this emptied) go too.
-                source_scope = f"({scope} OR id = ANY({nxt}::bigint[]))"
-                source_params = scope_params
-            else:
-                keys = await conn.fetch(
-                    "DELETE FROM messages m USING sessions s"
-                    f" WHERE m.session_key = s.session_key AND m.author_id = {nxt}"
-                    f" AND s.{scope.replace(' AND ', ' AND s.')} RETURNING m.session_key",
-                    *scope_params,
-                    user_id,
-                )
-                n_messages = len(keys)
-                n_sessions = 0
-                if keys:
-                    await conn.execute(
-                        "UPDATE sessions s SET version = s.version + 1, message_count = n.count,"
-                        " last_archived_message_index ="
-                        "  LEAST(s.last_archived_message_index, n.count - 1)"
-                        " FROM (SELECT k.key, (SELECT count(*) FROM messages m"
-                        "       WHERE m.session_key = k.key) AS count"
-                        "       FROM unnest($1::text[]) AS k(key)) AS n"
-                        " WHERE s.session_key = n.key",
-                        sorted({r["session_key"] for r in keys}),
-                    )
-                author = json.dumps({"author_ids": [user_id]})
-                removed = await conn.fetch(
-                    f"DELETE FROM knowledge_chunks WHERE {scope}"
-                    f" AND metadata @> {nxt}::jsonb RETURNING source_id",
-                    *scope_params,
-                    author,
-                )
-                # Only the sources this emptied go.
-                source_scope = "id = ANY($1::bigint[])"
-                source_params = []
-            touched = sorted({int(r["source_id"]) for r in removed})
-            deleted = await conn.fetch(
-                f"DELETE FROM knowledge_sources s WHERE {source_scope} AND NOT EXISTS"
-                " (SELECT 1 FROM knowledge_chunks c WHERE c.source_id = s.id) RETURNING id",
-                *source_params,
-                touched,
-            )
-            await self._refresh_status(conn, touched)
-            return ForgetResult(
-                messages=n_messages,
-                sessions=n_sessions,
-                chunks=len(removed),
-                sources=len(deleted),
-            )
-
-        result = await self._run(f"forgetting data of guild {guild_id}", body, write=True)
-        self._scope_sizes.clear()
-        return result
 
     # --- embedding configuration ----------------------------------------------------
 
@@ -950,6 +881,10 @@ class PostgreSQLDatabase(AsyncLifecycle):
         With ``validate`` (the "where" of error messages) each chunk is checked with
         the shared rules as it is sent; otherwise the caller has checked them.
         """
+        missing = await self._missing_messages(conn, chunks)
+        if missing:
+            # A message of its window was deleted meanwhile: never store that chunk.
+            chunks = [c for c in chunks if missing.isdisjoint(c.message_ids)]
         if not chunks:
             return 0
         now = datetime.now(UTC)
@@ -989,6 +924,7 @@ class PostgreSQLDatabase(AsyncLifecycle):
             columns=_CHUNK_COPY_COLS,
             timeout=MAINTENANCE_TIMEOUT_SECONDS,
         )
+        await self._link_chunks(conn, source_id, chunks)
         if rebuild is not None:
             await self._create_ann_index(conn, rebuild)
         return len(chunks)
@@ -1151,6 +1087,7 @@ class PostgreSQLDatabase(AsyncLifecycle):
                 " ORDER BY chunk_index, id",
                 source_id,
             )
+            links = await self._chunk_message_ids(conn, [int(r["id"]) for r in rows])
             return [
                 KnowledgeChunk(
                     chunk_id=r["id"],
@@ -1162,6 +1099,7 @@ class PostgreSQLDatabase(AsyncLifecycle):
                     content=r["content"],
                     metadata=json.loads(r["metadata"]),
                     embedding=None if r["embedding"] is None else _to_numpy(r["embedding"]),
+                    message_ids=links.get(int(r["id"]), ()),
                 )
                 for r in rows
             ]

@@ -21,11 +21,25 @@ import numpy as np
 
 from kotonoha_bot.db.pg_schema import ANN_INDEX_NAME
 from kotonoha_bot.db.postgres import PostgreSQLDatabase
-from kotonoha_bot.db.rowconv import REEMBED, TABLES, TRANSIENT_TABLES, Row, TableSpec
+from kotonoha_bot.db.rowconv import (
+    PROVENANCE_CHECKS,
+    REEMBED,
+    TABLES,
+    TRANSIENT_TABLES,
+    Row,
+    TableSpec,
+)
 from kotonoha_bot.errors import DatabaseError, KotonohaError
 
 #: Tables whose ``id`` is an identity column.
-SEQUENCED = ("messages", "knowledge_sources", "knowledge_chunks")
+SEQUENCED = (
+    "messages",
+    "knowledge_sources",
+    "knowledge_chunks",
+    "chunk_messages",
+    "memories",
+    "llm_usage",
+)
 _DATA_ERRORS = (pgerr.DataError, pgerr.IntegrityConstraintViolationError)
 
 
@@ -76,8 +90,18 @@ async def inspect_database(db: PostgreSQLDatabase) -> PgInfo:
         if not exists:
             return PgInfo(False, server_version_num=version_num)
         schema = int(await conn.fetchval("SELECT coalesce(max(version), 0) FROM schema_migrations"))
+        # A database of an older schema lacks the newer tables: count what exists.
+        present = {
+            r["name"]
+            for r in await conn.fetch(
+                "SELECT t AS name FROM unnest($1::text[]) AS t WHERE to_regclass(t) IS NOT NULL",
+                [t.name for t in TABLES],
+            )
+        }
         counts = {
-            t.name: int(await conn.fetchval(f"SELECT count(*) FROM {t.name}")) for t in TABLES
+            t.name: int(await conn.fetchval(f"SELECT count(*) FROM {t.name}"))
+            for t in TABLES
+            if t.name in present
         }
         meta = {
             r["key"]: r["value"] for r in await conn.fetch("SELECT key, value FROM kotonoha_meta")
@@ -354,6 +378,7 @@ class PostgresRows:
                 "SELECT count(*) FROM sessions s WHERE s.message_count <>"
                 " (SELECT count(*) FROM messages m WHERE m.session_key = s.session_key)"
             ),
+            **PROVENANCE_CHECKS,
         }
         return {
             name: int(await self._do("checking references", self._c().fetchval(sql)))

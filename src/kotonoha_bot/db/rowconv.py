@@ -19,13 +19,15 @@ Documented conversions (each counted in :attr:`RowConverter.stats`):
 ``text_from_number``a number stored in a text column -> its decimal text
 ``naive_time``      a time without offset -> read in ``--source-timezone``
 ``search_text``     a missing chunk keyword document -> rebuilt from the content
+``day_from_time``   a usage day stored as a full timestamp -> its UTC date
 ==================  ============================================================
 
 Everything else that the target could not store or that breaks an invariant is
 rejected: invalid UTF-8, malformed or non-object JSON, NULL in a required column,
 unknown roles/types/statuses, out-of-range integers, vectors that are NaN/Inf/zero or
-of the wrong dimension, children whose parent was rejected, and chunks whose guild
-differs from their source's (that would leak one server's memory into another).
+of the wrong dimension, children whose parent was rejected (a message's reply links,
+a chunk's provenance rows, re-embed vectors), and chunks whose guild differs from
+their source's (that would leak one server's memory into another).
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, tzinfo
+from datetime import UTC, date, datetime, tzinfo
 from decimal import Decimal
 from typing import Any
 
@@ -71,10 +73,13 @@ TIME = "time"  # required timestamp
 JSON_OBJ = "json"  # required JSON object (metadata)
 VECTOR = "vector"  # required float32 vector
 VECTOR_OPT = "vector?"
+DAY = "day"  # required calendar day (UTC), canonical ``date``
+COUNT = "count"  # required non-negative 64-bit counter
 
 _INT32 = (-(2**31), 2**31 - 1)
 _INT64_ID = (0, 2**63 - 1)
 _INT_TEXT_RE = re.compile(r"^\s*[+-]?[0-9]+\s*$")  # ASCII digits only
+_DAY_RE = re.compile(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$")
 
 
 class RawText(bytes):
@@ -142,7 +147,15 @@ MESSAGES = TableSpec(
         ("author_name", TEXT_OPT),
         ("discord_message_id", SNOWFLAKE_OPT),
         ("created_at", TIME),
+        ("channel_id", SNOWFLAKE_OPT),
+        ("turn_id", SNOWFLAKE_OPT),
     ),
+    large=True,
+)
+MESSAGE_REFS = TableSpec(
+    "message_refs",
+    "discord_message_id",
+    (("discord_message_id", SNOWFLAKE), ("message_id", ROW_ID), ("channel_id", SNOWFLAKE)),
     large=True,
 )
 SOURCES = TableSpec(
@@ -182,16 +195,85 @@ CHUNKS = TableSpec(
     ),
     large=True,
 )
+CHUNK_MESSAGES = TableSpec(
+    "chunk_messages",
+    "id",
+    (("id", ROW_ID), ("chunk_id", ROW_ID), ("message_id", ROW_ID)),
+    large=True,
+)
 REEMBED = TableSpec(
     "reembed_vectors", "chunk_id", (("chunk_id", ROW_ID), ("embedding", VECTOR)), large=True
 )
+MEMORIES = TableSpec(
+    "memories",
+    "id",
+    (
+        ("id", ROW_ID),
+        ("guild_id", SNOWFLAKE_OPT),
+        ("user_id", SNOWFLAKE),
+        ("content", TEXT),
+        ("created_at", TIME),
+    ),
+    large=True,
+)
+USAGE = TableSpec(
+    "llm_usage",
+    "id",
+    (
+        ("id", ROW_ID),
+        ("day", DAY),
+        ("guild_id", SNOWFLAKE),
+        ("user_id", SNOWFLAKE),
+        ("model", TEXT),
+        ("calls", COUNT),
+        ("input_tokens", COUNT),
+        ("output_tokens", COUNT),
+    ),
+    large=True,
+)
 
 #: Copy order (parents before children).
-TABLES: tuple[TableSpec, ...] = (META, SESSIONS, MESSAGES, SOURCES, CHUNKS, REEMBED)
+TABLES: tuple[TableSpec, ...] = (
+    META,
+    SESSIONS,
+    MESSAGES,
+    MESSAGE_REFS,
+    SOURCES,
+    CHUNKS,
+    CHUNK_MESSAGES,
+    REEMBED,
+    MEMORIES,
+    USAGE,
+)
+#: The tables whose rows point at rows of another large table, and which ones: a
+#: child row whose parent was not moved is rejected (never written, never dropped).
+PARENTS: dict[str, tuple[str, ...]] = {
+    "message_refs": ("messages",),
+    "chunk_messages": ("knowledge_chunks", "messages"),
+    "reembed_vectors": ("knowledge_chunks",),
+}
 #: Schema tables that are never moved: short-lived locks of the running bot's jobs,
 #: meaningless in another database (a wipe empties them).
 TRANSIENT_TABLES: tuple[str, ...] = ("job_leases",)
 TABLE_BY_NAME = {t.name: t for t in TABLES}
+
+#: Reference checks of the provenance tables (the same SQL on both backends).
+PROVENANCE_CHECKS = {
+    "reply links without a message": (
+        "SELECT count(*) FROM message_refs r WHERE NOT EXISTS"
+        " (SELECT 1 FROM messages m WHERE m.id = r.message_id)"
+    ),
+    "provenance rows without a chunk or message": (
+        "SELECT count(*) FROM chunk_messages p WHERE NOT EXISTS"
+        " (SELECT 1 FROM knowledge_chunks c WHERE c.id = p.chunk_id) OR NOT EXISTS"
+        " (SELECT 1 FROM messages m WHERE m.id = p.message_id)"
+    ),
+    "provenance across sessions of another guild": (
+        "SELECT count(*) FROM chunk_messages p JOIN knowledge_chunks c ON c.id = p.chunk_id"
+        " JOIN messages m ON m.id = p.message_id JOIN sessions s"
+        " ON s.session_key = m.session_key WHERE s.guild_id IS NULL OR s.guild_id <> c.guild_id"
+    ),
+}
 
 _ENUMS: dict[tuple[str, str], tuple[str, ...]] = {
     ("sessions", "session_type"): SESSION_TYPES,
@@ -200,7 +282,13 @@ _ENUMS: dict[tuple[str, str], tuple[str, ...]] = {
     ("knowledge_sources", "source_type"): SOURCE_TYPES,
     ("knowledge_sources", "status"): SOURCE_STATUSES,
 }
-_NON_EMPTY = {("sessions", "session_key"), ("knowledge_sources", "uri"), ("kotonoha_meta", "key")}
+_NON_EMPTY = {
+    ("sessions", "session_key"),
+    ("knowledge_sources", "uri"),
+    ("kotonoha_meta", "key"),
+    ("memories", "content"),
+    ("llm_usage", "model"),
+}
 
 
 def canonical_json(value: Any) -> str:
@@ -235,8 +323,9 @@ class RowConverter:
         self.pending: Counter[str] = Counter()
         self.good_sessions: set[str] = set()
         self.source_guilds: dict[int, int] = {}
-        #: Decides whether a re-embed row's chunk was moved (set by the caller).
+        #: Decide whether a child row's chunk / message was moved (set by the caller).
         self.chunk_exists: Callable[[int], bool] = lambda _cid: False
+        self.message_exists: Callable[[int], bool] = lambda _mid: False
         #: Messages accepted per session (the target's message_count).
         self.message_counts: Counter[str] = Counter()
         self._plans: dict[str, list[tuple[str, str, bool, Callable[[Any], Any]]]] = {}
@@ -315,6 +404,26 @@ class RowConverter:
             parsed = parsed.replace(tzinfo=self.timezone)
             self.pending["naive_time"] += 1
         return parsed.astimezone(UTC)
+
+    def day(self, value: Any, column: str) -> date:
+        if isinstance(value, datetime):
+            self.pending["day_from_time"] += 1
+            return value.astimezone(UTC).date()
+        if isinstance(value, date):
+            return value
+        text = self.text(value, column).strip()
+        if not _DAY_RE.match(text):
+            try:
+                parsed = datetime.fromisoformat(text)
+            except ValueError:
+                raise Reject(f"{column}: {text[:40]!r} is not a YYYY-MM-DD day") from None
+            self.pending["day_from_time"] += 1
+            aware = parsed if parsed.tzinfo else parsed.replace(tzinfo=self.timezone)
+            return aware.astimezone(UTC).date()
+        try:
+            return date.fromisoformat(text)
+        except ValueError:
+            raise Reject(f"{column}: {text!r} is not a calendar day") from None
 
     def json_object(self, value: Any, column: str) -> str:
         text = self.text(value, column)
@@ -396,8 +505,12 @@ class RowConverter:
                 fn = functools.partial(self.integer, column=column, bounds=_INT64_ID)
             elif kind == INT32:
                 fn = functools.partial(self.integer, column=column, bounds=_INT32)
+            elif kind == COUNT:
+                fn = functools.partial(self.integer, column=column, bounds=_INT64_ID)
             elif kind == TIME:
                 fn = functools.partial(self.time, column=column)
+            elif kind == DAY:
+                fn = functools.partial(self.day, column=column)
             elif kind == JSON_OBJ:
                 fn = functools.partial(self.json_object, column=column)
             elif kind in (VECTOR, VECTOR_OPT):
@@ -466,6 +579,13 @@ class RowConverter:
                 self.pending["search_text"] += 1
         elif spec is REEMBED and not self.chunk_exists(row[0]):
             raise Reject(f"chunk {row[0]} was not moved (missing or quarantined)")
+        elif spec is MESSAGE_REFS and not self.message_exists(row[1]):
+            raise Reject(f"message {row[1]} was not moved (missing or quarantined)")
+        elif spec is CHUNK_MESSAGES:
+            if not self.chunk_exists(row[1]):
+                raise Reject(f"chunk {row[1]} was not moved (missing or quarantined)")
+            if not self.message_exists(row[2]):
+                raise Reject(f"message {row[2]} was not moved (missing or quarantined)")
         return tuple(row)
 
     def forget_message(self, session_key: str) -> None:
@@ -518,6 +638,8 @@ def comparable(spec: TableSpec, row: Row) -> tuple[Any, ...]:
             out.append(json_for_compare(value))
         elif kind == TIME:
             out.append(value.astimezone(UTC).isoformat(timespec="microseconds"))
+        elif kind == DAY:
+            out.append(value.isoformat())
         else:
             out.append(value)
     return tuple(out)
@@ -552,7 +674,7 @@ def jsonable(value: Any) -> Any:
             return {"invalid_utf8_hex": value.hex()}
     if isinstance(value, bytes | bytearray | memoryview):
         return {"blob_hex": bytes(value).hex()}
-    if isinstance(value, datetime):
+    if isinstance(value, datetime | date):
         return value.isoformat()
     if isinstance(value, float) and not math.isfinite(value):
         return repr(value)

@@ -17,7 +17,7 @@ import json
 import sqlite3
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,7 +27,6 @@ import numpy as np
 from kotonoha_bot.db import sqlite_path_from_url
 from kotonoha_bot.db.base import (
     AsyncLifecycle,
-    ForgetResult,
     ReembedStatus,
     check_chunks,
     check_embedding_config,
@@ -40,6 +39,10 @@ from kotonoha_bot.db.base import (
     config_from_meta,
 )
 from kotonoha_bot.db.sqlite_files import OURS, check_openable, create_private, translate
+from kotonoha_bot.db.sqlite_memories import SQLiteMemories
+from kotonoha_bot.db.sqlite_provenance import SQLiteProvenance
+from kotonoha_bot.db.sqlite_values import dt as _dt
+from kotonoha_bot.db.sqlite_values import ts as _ts
 from kotonoha_bot.db.url import DatabaseURL
 from kotonoha_bot.db.vector_cache import VectorCache
 from kotonoha_bot.errors import (
@@ -191,20 +194,89 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         );
         """,
     ),
+    (
+        3,
+        "provenance, explicit memories and usage",
+        """
+        -- Where each message is on Discord, and the turn it belongs to (see Message).
+        ALTER TABLE messages ADD COLUMN channel_id INTEGER;
+        ALTER TABLE messages ADD COLUMN turn_id INTEGER;
+        CREATE INDEX messages_discord_idx ON messages (discord_message_id)
+            WHERE discord_message_id IS NOT NULL;
+        CREATE INDEX messages_turn_idx ON messages (session_key, turn_id)
+            WHERE turn_id IS NOT NULL;
+        CREATE INDEX messages_channel_idx ON messages (channel_id)
+            WHERE channel_id IS NOT NULL;
+        -- Older rows: a message was posted in its session's thread, else its channel;
+        -- a reply belongs to the turn of the user message before it.
+        UPDATE messages SET channel_id = (SELECT coalesce(s.thread_id, s.channel_id)
+            FROM sessions s WHERE s.session_key = messages.session_key)
+            WHERE discord_message_id IS NOT NULL;
+        UPDATE messages SET turn_id = discord_message_id WHERE role = 'user';
+        UPDATE messages SET turn_id = (SELECT p.discord_message_id FROM messages p
+            WHERE p.session_key = messages.session_key AND p.seq < messages.seq
+            AND p.role = 'user' ORDER BY p.seq DESC LIMIT 1)
+            WHERE role = 'assistant';
+
+        -- The Discord messages the bot sent as a reply (a long reply is several).
+        CREATE TABLE message_refs (
+            discord_message_id INTEGER PRIMARY KEY,
+            message_id INTEGER NOT NULL REFERENCES messages (id) ON DELETE CASCADE,
+            channel_id INTEGER NOT NULL
+        );
+        CREATE INDEX message_refs_message_idx ON message_refs (message_id);
+
+        -- Provenance: the stored messages each conversation chunk was built from.
+        CREATE TABLE chunk_messages (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            chunk_id INTEGER NOT NULL REFERENCES knowledge_chunks (id) ON DELETE CASCADE,
+            message_id INTEGER NOT NULL REFERENCES messages (id) ON DELETE CASCADE,
+            UNIQUE (chunk_id, message_id)
+        );
+        CREATE INDEX chunk_messages_message_idx ON chunk_messages (message_id);
+        -- Chunks archived before this version: their window's messages by position.
+        INSERT OR IGNORE INTO chunk_messages (chunk_id, message_id)
+            SELECT c.id, m.id FROM knowledge_chunks c
+            JOIN (SELECT id, session_key,
+                         row_number() OVER (PARTITION BY session_key ORDER BY seq) - 1 AS idx
+                  FROM messages) m
+              ON m.session_key = json_extract(c.metadata, '$.session_key')
+             AND m.idx BETWEEN json_extract(c.metadata, '$.first_index')
+                           AND json_extract(c.metadata, '$.last_index')
+            WHERE json_extract(c.metadata, '$.kind') IN ('conversation', 'summary')
+              AND json_type(c.metadata, '$.first_index') = 'integer'
+              AND json_type(c.metadata, '$.last_index') = 'integer'
+            ORDER BY c.id, m.id;
+
+        CREATE TABLE memories (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            guild_id INTEGER,
+            user_id INTEGER NOT NULL,
+            content TEXT NOT NULL,
+            created_at TEXT NOT NULL
+        );
+        CREATE INDEX memories_owner_idx ON memories (guild_id, user_id, id);
+
+        -- One row per UTC day, guild, user and model; 0 = no guild (DMs) / no user.
+        CREATE TABLE llm_usage (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            day TEXT NOT NULL,
+            guild_id INTEGER NOT NULL DEFAULT 0,
+            user_id INTEGER NOT NULL DEFAULT 0,
+            model TEXT NOT NULL,
+            calls INTEGER NOT NULL DEFAULT 0,
+            input_tokens INTEGER NOT NULL DEFAULT 0,
+            output_tokens INTEGER NOT NULL DEFAULT 0,
+            UNIQUE (day, guild_id, user_id, model)
+        );
+        CREATE INDEX llm_usage_guild_idx ON llm_usage (guild_id, day);
+        """,
+    ),
 ]
 
 LATEST_SCHEMA_VERSION = MIGRATIONS[-1][0]
 #: Extra BEGIN IMMEDIATE attempts (each waits up to the busy timeout) before giving up.
 _BUSY_RETRIES = 5
-
-
-def _ts(value: datetime) -> str:
-    """Fixed-width UTC ISO text, so stored times sort and compare as strings."""
-    return value.astimezone(UTC).isoformat(timespec="microseconds")
-
-
-def _dt(value: str) -> datetime:
-    return datetime.fromisoformat(value).astimezone(UTC)
 
 
 def _blob(vector: Vector) -> bytes:
@@ -219,7 +291,7 @@ def _json(value: Mapping[str, Any]) -> str:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"), sort_keys=True)
 
 
-class SQLiteDatabase(AsyncLifecycle):
+class SQLiteDatabase(SQLiteProvenance, SQLiteMemories, AsyncLifecycle):
     """The embedded backend: one file, one connection, exact vector search."""
 
     backend_name = "sqlite"
@@ -448,8 +520,8 @@ class SQLiteDatabase(AsyncLifecycle):
             if new:
                 await conn.executemany(
                     "INSERT INTO messages (session_key, seq, role, content, author_id,"
-                    " author_name, discord_message_id, created_at)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    " author_name, discord_message_id, created_at, channel_id, turn_id)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     [
                         (
                             key,
@@ -460,6 +532,8 @@ class SQLiteDatabase(AsyncLifecycle):
                             m.author_name,
                             m.discord_message_id,
                             _ts(m.timestamp),
+                            m.channel_id,
+                            m.turn_id,
                         )
                         for i, m in enumerate(new)
                     ],
@@ -480,8 +554,8 @@ class SQLiteDatabase(AsyncLifecycle):
                 return None
             messages = await (
                 await conn.execute(
-                    "SELECT role, content, created_at, author_id, author_name, discord_message_id"
-                    " FROM messages WHERE session_key = ? ORDER BY seq",
+                    "SELECT role, content, created_at, author_id, author_name, discord_message_id,"
+                    " channel_id, turn_id, id FROM messages WHERE session_key = ? ORDER BY seq",
                     (session_key,),
                 )
             ).fetchall()
@@ -505,6 +579,9 @@ class SQLiteDatabase(AsyncLifecycle):
                     author_id=m[3],
                     author_name=m[4],
                     discord_message_id=m[5],
+                    channel_id=m[6],
+                    turn_id=m[7],
+                    stored_id=m[8],
                 )
                 for m in messages
             ],
@@ -564,92 +641,6 @@ class SQLiteDatabase(AsyncLifecycle):
             )
             for r in rows
         ]
-
-    async def forget(
-        self, *, guild_id: int, user_id: int | None = None, channel_id: int | None = None
-    ) -> ForgetResult:
-        check_ids("forget", guild_id, user_id, channel_id)
-        scope_sql = "guild_id = ?" + (" AND channel_id = ?" if channel_id is not None else "")
-        scope = [guild_id] + ([channel_id] if channel_id is not None else [])
-        async with self._write(f"forgetting data of guild {guild_id}") as conn:
-            if user_id is None:
-                n_msg = (
-                    await (
-                        await conn.execute(
-                            f"SELECT count(*) FROM messages WHERE session_key IN"
-                            f" (SELECT session_key FROM sessions WHERE {scope_sql})",
-                            scope,
-                        )
-                    ).fetchone()
-                    or (0,)
-                )[0]
-                cur = await conn.execute(f"DELETE FROM sessions WHERE {scope_sql}", scope)
-                n_sessions = cur.rowcount
-                removed_rows = await (
-                    await conn.execute(
-                        f"SELECT id, source_id FROM knowledge_chunks WHERE {scope_sql}", scope
-                    )
-                ).fetchall()
-            else:
-                keys = [
-                    r[0]
-                    for r in await (
-                        await conn.execute(
-                            "SELECT DISTINCT s.session_key FROM sessions s JOIN messages m"
-                            " ON m.session_key = s.session_key"
-                            " WHERE m.author_id = ? AND s.guild_id = ?"
-                            + (" AND s.channel_id = ?" if channel_id is not None else ""),
-                            [user_id, *scope],
-                        )
-                    ).fetchall()
-                ]
-                n_msg = 0
-                for key in keys:
-                    cur = await conn.execute(
-                        "DELETE FROM messages WHERE session_key = ? AND author_id = ?",
-                        (key, user_id),
-                    )
-                    n_msg += cur.rowcount
-                    await conn.execute(
-                        "UPDATE sessions SET version = version + 1, message_count ="
-                        " (SELECT count(*) FROM messages WHERE session_key = ?),"
-                        " last_archived_message_index = min(last_archived_message_index,"
-                        " (SELECT count(*) FROM messages WHERE session_key = ?) - 1)"
-                        " WHERE session_key = ?",
-                        (key, key, key),
-                    )
-                n_sessions = 0
-                removed_rows = await (
-                    await conn.execute(
-                        f"SELECT id, source_id FROM knowledge_chunks WHERE {scope_sql} AND EXISTS"
-                        " (SELECT 1 FROM json_each(knowledge_chunks.metadata, '$.author_ids')"
-                        "  WHERE json_each.type = 'integer' AND json_each.value = ?)",
-                        [*scope, user_id],
-                    )
-                ).fetchall()
-            removed = [int(r[0]) for r in removed_rows]
-            await conn.executemany(
-                "DELETE FROM knowledge_chunks WHERE id = ?", [(i,) for i in removed]
-            )
-            emptied = sorted({int(r[1]) for r in removed_rows})
-            n_sources = 0
-            for sid in emptied:
-                cur = await conn.execute(
-                    "DELETE FROM knowledge_sources WHERE id = ? AND NOT EXISTS"
-                    " (SELECT 1 FROM knowledge_chunks WHERE source_id = ?)",
-                    (sid, sid),
-                )
-                n_sources += cur.rowcount
-            if user_id is None:
-                cur = await conn.execute(f"DELETE FROM knowledge_sources WHERE {scope_sql}", scope)
-                n_sources += cur.rowcount
-        self._cache_remove(removed)
-        return ForgetResult(
-            messages=int(n_msg),
-            sessions=int(n_sessions),
-            chunks=len(removed),
-            sources=int(n_sources),
-        )
 
     # --- embedding configuration ----------------------------------------------------
 
@@ -788,7 +779,10 @@ class SQLiteDatabase(AsyncLifecycle):
     ) -> list[tuple[int, int, int | None, Vector]]:
         """Insert chunks (skipping existing keys); return the embedded ones for the cache."""
         added: list[tuple[int, int, int | None, Vector]] = []
+        missing = await self._missing_messages(conn, chunks)
         for c in chunks:
+            if missing and not missing.isdisjoint(c.message_ids):
+                continue  # a message of its window was deleted meanwhile: never store it
             channel = c.channel_id if c.channel_id is not None else source.channel_id
             vec = None if c.embedding is None else check_vector(c.embedding, None, "chunk")
             cur = await conn.execute(
@@ -809,6 +803,9 @@ class SQLiteDatabase(AsyncLifecycle):
                     now,
                 ),
             )
+            if cur.rowcount and c.message_ids:
+                assert cur.lastrowid is not None
+                await self._link_chunk(conn, int(cur.lastrowid), c.message_ids)
             if cur.rowcount and vec is not None:
                 assert cur.lastrowid is not None
                 added.append((int(cur.lastrowid), source.guild_id, channel, vec))
@@ -985,6 +982,7 @@ class SQLiteDatabase(AsyncLifecycle):
                     (source_id,),
                 )
             ).fetchall()
+            links = await self._chunk_message_ids(conn, [int(r[0]) for r in rows])
         return [
             KnowledgeChunk(
                 chunk_id=r[0],
@@ -996,6 +994,7 @@ class SQLiteDatabase(AsyncLifecycle):
                 content=r[6],
                 metadata=json.loads(r[7]),
                 embedding=None if r[8] is None else _vec(r[8]),
+                message_ids=links.get(int(r[0]), ()),
             )
             for r in rows
         ]

@@ -211,9 +211,27 @@ class LegacyConverter:
             active,
         )
         messages: list[Row] = []
+        # Provenance as migration 3 fills it in: a message is in the session's thread
+        # (else its channel); a reply belongs to the turn of the user message before it.
+        where = ids["thread_id"] if ids["thread_id"] is not None else ids["channel_id"]
+        turn: int | None = None
         for seq, (role, content, ts, author_id, author_name, discord_id) in enumerate(good):
+            if role == "user":
+                turn = discord_id
             messages.append(
-                (self.next_id, key, seq, role, content, author_id, author_name, discord_id, ts)
+                (
+                    self.next_id,
+                    key,
+                    seq,
+                    role,
+                    content,
+                    author_id,
+                    author_name,
+                    discord_id,
+                    ts,
+                    where if discord_id is not None else None,
+                    turn if role in ("user", "assistant") else None,
+                )
             )
             self.next_id += 1
         self.report.sessions += 1

@@ -14,16 +14,20 @@ import contextlib
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
 from kotonoha_bot.db.rowconv import (
+    CHUNK_MESSAGES,
     CHUNKS,
+    MEMORIES,
     MESSAGES,
+    PROVENANCE_CHECKS,
     SOURCES,
     TABLES,
     TRANSIENT_TABLES,
+    USAGE,
     RawText,
     Row,
     TableSpec,
@@ -54,7 +58,14 @@ KNOWN_TABLES = frozenset(
     }
 )
 #: Tables whose ``id`` is AUTOINCREMENT (their high-water mark is in sqlite_sequence).
-SEQUENCED = (MESSAGES.name, SOURCES.name, CHUNKS.name)
+SEQUENCED = (
+    MESSAGES.name,
+    SOURCES.name,
+    CHUNKS.name,
+    CHUNK_MESSAGES.name,
+    MEMORIES.name,
+    USAGE.name,
+)
 
 
 def _ro_uri(path: Path) -> str:
@@ -250,11 +261,16 @@ def _insert_sql(spec: TableSpec) -> str:
     return f"INSERT INTO {spec.name} ({cols}) VALUES ({marks})"
 
 
-def _adapt(row: Row) -> tuple[Any, ...]:
-    return tuple(
-        v.astimezone(UTC).isoformat(timespec="microseconds") if isinstance(v, datetime) else v
-        for v in row
-    )
+def _adapt(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.astimezone(UTC).isoformat(timespec="microseconds")
+    if isinstance(value, date):
+        return value.isoformat()
+    return value
+
+
+def _adapt_row(row: Row) -> tuple[Any, ...]:
+    return tuple(_adapt(v) for v in row)
 
 
 def insert_rows(
@@ -266,7 +282,7 @@ def insert_rows(
     the database refuses come back with its reason (nothing is skipped silently).
     """
     sql = _insert_sql(spec)
-    adapted = [_adapt(r) for r in rows]
+    adapted = [_adapt_row(r) for r in rows]
     conn.execute("SAVEPOINT kotonoha_batch")
     try:
         conn.executemany(sql, adapted)
@@ -526,6 +542,7 @@ class SQLiteRows:
                 "SELECT count(*) FROM sessions s WHERE s.message_count <>"
                 " (SELECT count(*) FROM messages m WHERE m.session_key = s.session_key)"
             ),
+            **PROVENANCE_CHECKS,
         }
 
         def read(c: sqlite3.Connection) -> dict[str, int]:

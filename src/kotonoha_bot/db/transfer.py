@@ -40,15 +40,20 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from kotonoha_bot.db import DatabaseURL, open_database, parse_database_url, sqlite_path_from_url
 from kotonoha_bot.db.rowconv import (
+    CHUNK_MESSAGES,
     CHUNKS,
     EMBEDDING_KEYS,
+    MEMORIES,
+    MESSAGE_REFS,
     MESSAGES,
     META,
     MIGRATION_MARKER,
+    PARENTS,
     REEMBED,
     SESSIONS,
     SOURCES,
     TABLES,
+    USAGE,
     Reject,
     Row,
     RowConverter,
@@ -78,6 +83,9 @@ DEFAULT_BATCH = 2000
 DEFAULT_MAX_DIFFS = 10
 #: Exit code of `db migrate` when it finished but quarantined rows.
 EXIT_QUARANTINED = 3
+#: Tables read whole (small) and tables copied in key-ordered batches, in copy order.
+SMALL_TABLES = tuple(t for t in TABLES if not t.large)
+LARGE_TABLES = tuple(t for t in TABLES if t.large)
 
 
 # --- small helpers ---------------------------------------------------------------------
@@ -389,6 +397,7 @@ async def _open_source(
             yield _Source(store, "postgresql", identity)
         return
 
+    from kotonoha_bot.db.sqlite import LATEST_SCHEMA_VERSION
     from kotonoha_bot.db.sqlite_rows import (
         SQLiteRows,
         check_columns,
@@ -410,9 +419,12 @@ async def _open_source(
     if info.kind in ("empty", "unknown"):
         tables = ", ".join(info.tables) or "none"
         raise MigrationError(f"source {path} is not a kotonoha database (tables: {tables})")
+    older = False
     if info.kind == "current":
         check_schema_version(path, info.schema_version)
-        await asyncio.to_thread(check_columns, path)
+        older = info.schema_version < LATEST_SCHEMA_VERSION
+        if not older:
+            await asyncio.to_thread(check_columns, path)
         if MIGRATION_MARKER in info.meta:
             raise MigrationError(
                 f"source {path} is itself an unfinished migration target"
@@ -438,6 +450,16 @@ async def _open_source(
         read_path = dest
     with tempfile.TemporaryDirectory(prefix="kotonoha-legacy-") as tmp:
         kind = "sqlite"
+        if older:
+            # An older schema is upgraded on a private copy (the source and its backup
+            # stay as they are): the migrations fill in what the new columns hold.
+            upgraded = Path(tmp) / "upgraded.db"
+            progress.note(f"upgrading a copy of {path} from schema {info.schema_version}")
+            await asyncio.to_thread(online_backup, read_path, upgraded)
+            async with open_database(f"sqlite:///{upgraded}", settings=settings):
+                pass
+            await asyncio.to_thread(check_columns, upgraded)
+            read_path = upgraded
         if info.kind == "legacy":
             kind = "legacy"
             read_path = await _convert_legacy(
@@ -683,7 +705,7 @@ class _Copier:
         self.conv.embedding_dim = self.embedding.dimension if self.embedding else None
         self.conv.reembed_dim = reembed.dimension if reembed else None
         self.report.embedding = self.embedding
-        for spec in (META, SESSIONS, SOURCES):
+        for spec in SMALL_TABLES:
             raws = raw_meta if spec is META else await store.read_all(spec)
             rows = self._convert(spec, raws)
             if spec is META:
@@ -695,25 +717,28 @@ class _Copier:
     async def dry_run(self) -> None:
         """Convert the large tables too, counting what would move."""
         store = self.source.store
-        chunk_ids: set[int] = set()
-        self.conv.chunk_exists = chunk_ids.__contains__
-        for spec in (MESSAGES, CHUNKS, REEMBED):
+        seen: dict[str, set[int]] = {MESSAGES.name: set(), CHUNKS.name: set()}
+        self.conv.chunk_exists = seen[CHUNKS.name].__contains__
+        self.conv.message_exists = seen[MESSAGES.name].__contains__
+        for spec in LARGE_TABLES:
             rep = self._table(spec)
             self.progress.begin(f"scan {spec.name}", await store.count(spec))
             async for raws in store.batches(spec, after=None, size=self.batch):
                 rows = self._convert(spec, raws)
                 rep.source_rows += len(raws)
                 rep.moved += len(rows)
-                if spec is CHUNKS:
-                    chunk_ids.update(r[0] for r in rows)
+                if spec.name in seen:
+                    seen[spec.name].update(r[0] for r in rows)
                 self.progress.advance(f"scan {spec.name}", len(raws))
             self.progress.end(f"scan {spec.name}")
-        for spec in (META, SESSIONS, SOURCES):
+        for spec in SMALL_TABLES:
             self._table(spec).moved = len(self.small[spec.name])
 
     async def check_resumable(self, target: RowStore) -> None:
         """Before writing: the target may only hold rows of this source."""
-        for spec in (SESSIONS, SOURCES):
+        for spec in SMALL_TABLES:
+            if spec is META:
+                continue
             have = {_key_text(r[spec.key_index]) for r in await target.read_all(spec)}
             mine = {r[spec.key_index] for r in self.small[spec.name]}
             extra = have - mine
@@ -723,7 +748,7 @@ class _Copier:
                     f" source lacks (e.g. {sorted(map(str, extra))[0]!r}); it is not a partial"
                     " copy of this source: rerun with --restart to wipe it"
                 )
-        for spec in (MESSAGES, CHUNKS, REEMBED):
+        for spec in LARGE_TABLES:
             high = await target.max_key(spec)
             if high is None:
                 continue
@@ -792,9 +817,16 @@ class _Copier:
         total = await store.count(spec)
         rep.source_rows = total
         self.progress.begin(spec.name, total)
-        if spec is REEMBED and total:
-            moved_chunks = set(await target.keys(CHUNKS))
-            self.conv.chunk_exists = moved_chunks.__contains__
+        if total and spec.name in PARENTS:
+            # A child row is moved only if its parent is in the target (moved now or
+            # by an earlier run); the others are quarantined with the reason.
+            parents = PARENTS[spec.name]
+            if CHUNKS.name in parents:
+                moved_chunks = set(await target.keys(CHUNKS))
+                self.conv.chunk_exists = moved_chunks.__contains__
+            if MESSAGES.name in parents:
+                moved_messages = set(await target.keys(MESSAGES))
+                self.conv.message_exists = moved_messages.__contains__
         high = await target.max_key(spec)
         if high is not None:
             # Resuming: rows up to the target's highest key were handled by an earlier
@@ -1049,7 +1081,9 @@ class _Side:
         self.store = store
         self.conv = RowConverter(timezone=timezone, embedding_dim=dims[0], reembed_dim=dims[1])
         self.chunk_ids: set[int] = set()
+        self.message_ids: set[int] = set()
         self.conv.chunk_exists = self.chunk_ids.__contains__
+        self.conv.message_exists = self.message_ids.__contains__
 
     def convert(self, spec: TableSpec, raw: Sequence[Any]) -> tuple[Row | None, str | None]:
         try:
@@ -1190,9 +1224,10 @@ async def compare(
         k: (*r[:8], e.conv.message_counts.get(k, 0), *r[9:]) for k, r in sessions[0].items()
     }
     finish_small(SESSIONS, exp_sessions, sessions[1], sessions[2])
+    await _compare_large(MESSAGE_REFS, e, a, tables, batch_size, max_diffs, progress)
     finish_small(SOURCES, *(await small(SOURCES)))
-    await _compare_large(CHUNKS, e, a, tables, batch_size, max_diffs, progress)
-    await _compare_large(REEMBED, e, a, tables, batch_size, max_diffs, progress)
+    for spec in (CHUNKS, CHUNK_MESSAGES, REEMBED, MEMORIES, USAGE):
+        await _compare_large(spec, e, a, tables, batch_size, max_diffs, progress)
     integrity = await actual.integrity()
     ordered = {t.name: tables[t.name] for t in TABLES}
     return VerifyReport(
@@ -1213,6 +1248,8 @@ async def _items(
             row, reason = side.convert(spec, raw)
             if row is not None and spec is CHUNKS:
                 side.chunk_ids.add(row[0])
+            elif row is not None and spec is MESSAGES:
+                side.message_ids.add(row[0])
             yield int(raw[spec.key_index]), row, reason, raw
         if task is not None:
             progress.advance(task, len(raws))

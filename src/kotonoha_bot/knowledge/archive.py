@@ -11,6 +11,13 @@ A live session is archived too, as soon as messages leave the history window the
 model sees (:func:`archive_left_history`, ``upto`` = the last message no longer
 sent): the same windows, the same keys, the same ``last_archived_message_index``,
 so the idle pass later continues after them and writes nothing twice.
+
+**Provenance.** Every chunk records the stored ids of the messages it was built from
+(``KnowledgeChunk.message_ids``), so a message deleted or edited on Discord takes its
+chunks with it. A session whose messages lack stored ids (an in-memory copy) is
+reloaded from storage before it is archived: a chunk is never written without them.
+When a delete or edit removed chunks that other messages shared, :func:`rearchive`
+builds windows over those messages again (only what was archived before).
 """
 
 from __future__ import annotations
@@ -101,31 +108,32 @@ def window_text(messages: Sequence[Message]) -> str:
     return "\n".join(lines)
 
 
-async def archive_session(
-    db: DatabaseProtocol,
+def span_windows(first: int, last: int, *, size: int, overlap: int) -> list[tuple[int, int]]:
+    """Inclusive windows covering messages ``first``..``last`` exactly (for re-archiving)."""
+    if last < first:
+        return []
+    step = max(size - overlap, 1)
+    spans = []
+    start = first
+    while True:
+        end = min(start + size - 1, last)
+        spans.append((start, end))
+        if end >= last:
+            return spans
+        start += step
+
+
+async def _window_chunks(
     embedder: EmbeddingProvider | None,
     session: ChatSession,
-    *,
-    window: int = 8,
-    overlap: int = 2,
-    summarizer: Summarizer | None = None,
-    batch_size: int = 64,
-    upto: int | None = None,
-) -> int:
-    """Archive one session's not-yet-archived messages (up to index ``upto``); chunks added."""
-    if session.guild_id is None:
-        return 0
-    end = len(session.messages) if upto is None else min(upto + 1, len(session.messages))
-    first_new = session.last_archived_message_index + 1
-    spans = windows(
-        session.messages[:end], first_new, size=window, overlap=min(overlap, window - 1)
-    )
-    if not spans:
-        return 0
+    spans: Sequence[tuple[int, int]],
+    batch_size: int,
+) -> list[KnowledgeChunk]:
+    """The chunks of ``spans`` (embedded when the embedder answers, else pending)."""
     key = session.session_key
     chunks_text = [window_text(session.messages[a : b + 1]) for a, b in spans]
     vectors = None
-    if embedder is not None:
+    if embedder is not None and chunks_text:
         try:
             vectors = await embed_texts(embedder, chunks_text, batch_size)
         except EmbeddingError as exc:
@@ -150,8 +158,59 @@ async def archive_session(
                     "end_time": part[-1].timestamp.isoformat(),
                     **({"thread_id": session.thread_id} if session.thread_id else {}),
                 },
+                message_ids=tuple(m.stored_id for m in part if m.stored_id is not None),
             )
         )
+    return rows
+
+
+async def _conversation_source(db: DatabaseProtocol, session: ChatSession) -> int:
+    assert session.guild_id is not None
+    key = session.session_key
+    source = await db.ensure_source(
+        KnowledgeSource(
+            guild_id=session.guild_id,
+            channel_id=session.channel_id,
+            uri=f"session:{key}",
+            title=f"conversation {key}",
+            source_type="conversation",
+            session_key=key,
+            metadata={"session_key": key, "kind": "conversation"},
+        )
+    )
+    assert source.source_id is not None
+    return source.source_id
+
+
+async def archive_session(
+    db: DatabaseProtocol,
+    embedder: EmbeddingProvider | None,
+    session: ChatSession,
+    *,
+    window: int = 8,
+    overlap: int = 2,
+    summarizer: Summarizer | None = None,
+    batch_size: int = 64,
+    upto: int | None = None,
+) -> int:
+    """Archive one session's not-yet-archived messages (up to index ``upto``); chunks added."""
+    if session.guild_id is None:
+        return 0
+    if any(m.stored_id is None for m in session.messages):
+        # Provenance needs stored ids: archive what storage holds.
+        fresh = await db.load_session(session.session_key)
+        if fresh is None:
+            return 0
+        session = fresh
+    end = len(session.messages) if upto is None else min(upto + 1, len(session.messages))
+    first_new = session.last_archived_message_index + 1
+    spans = windows(
+        session.messages[:end], first_new, size=window, overlap=min(overlap, window - 1)
+    )
+    if not spans:
+        return 0
+    key = session.session_key
+    rows = await _window_chunks(embedder, session, spans, batch_size)
     if summarizer is not None:
         new_messages = session.messages[first_new:end]
         try:
@@ -181,21 +240,10 @@ async def archive_session(
                             {m.author_id for m in new_messages if m.author_id is not None}
                         ),
                     },
+                    message_ids=tuple(m.stored_id for m in new_messages if m.stored_id),
                 )
             )
-    source = await db.ensure_source(
-        KnowledgeSource(
-            guild_id=session.guild_id,
-            channel_id=session.channel_id,
-            uri=f"session:{key}",
-            title=f"conversation {key}",
-            source_type="conversation",
-            session_key=key,
-            metadata={"session_key": key, "kind": "conversation"},
-        )
-    )
-    assert source.source_id is not None
-    added = await db.add_chunks(source.source_id, rows)
+    added = await db.add_chunks(await _conversation_source(db, session), rows)
     # Record progress; a concurrent writer (the bot appending a turn) wins and we retry
     # on a fresh copy — the chunks above are idempotent, so a retry adds nothing.
     last = end - 1
@@ -238,6 +286,47 @@ async def archive_left_history(
         )
     finally:
         await db.release_lease(lease, WORKER_ID)
+
+
+async def rearchive(
+    db: DatabaseProtocol,
+    embedder: EmbeddingProvider | None,
+    session_key: str,
+    message_ids: Sequence[int],
+    *,
+    window: int = 8,
+    overlap: int = 2,
+    batch_size: int = 64,
+) -> int:
+    """Archive again the already-archived messages ``message_ids`` of a session.
+
+    After a delete or edit removed the chunks they shared with the changed message:
+    windows over the span they cover (as stored now) are built and added. Messages not
+    archived yet are left to the idle pass. Returns chunks added.
+    """
+    session = await db.load_session(session_key)
+    if session is None or session.guild_id is None:
+        return 0
+    wanted = set(message_ids)
+    positions = [i for i, m in enumerate(session.messages) if m.stored_id in wanted]
+    last_archived = session.last_archived_message_index
+    positions = [i for i in positions if i <= last_archived]
+    if not positions:
+        return 0
+    # Contiguous runs only: messages between two runs kept their own chunks.
+    runs: list[list[int]] = [[positions[0]]]
+    for i in positions[1:]:
+        if i == runs[-1][-1] + 1:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    spans = [
+        span
+        for run in runs
+        for span in span_windows(run[0], run[-1], size=window, overlap=min(overlap, window - 1))
+    ]
+    rows = await _window_chunks(embedder, session, spans, batch_size)
+    return await db.add_chunks(await _conversation_source(db, session), rows)
 
 
 async def archive_idle_sessions(

@@ -125,6 +125,9 @@ async def build_example_knowledge(
     added = 0
     for session in load_conversations(conversations):
         session.guild_id = guild_id
+        # Stored first, as the bot's sessions are: every archived chunk names its messages.
+        if await db.load_session(session.session_key) is None:
+            await db.save_session(session)
         added += await archive_session(db, embedder, session)
     return report.chunks + added
 

@@ -53,6 +53,11 @@ from kotonoha_bot.knowledge.chunking import (
 from kotonoha_bot.text import replace_nul
 
 TEXT_SUFFIXES = frozenset({".txt", ".md", ".markdown", ".text", ".rst"})
+PDF_SUFFIXES = frozenset({".pdf"})
+#: What ingest reads: text files by the encoding rule, PDFs by their text layer.
+DOCUMENT_SUFFIXES = TEXT_SUFFIXES | PDF_SUFFIXES
+#: A file on disk, or the bytes of one that arrived another way (a Discord attachment).
+Source = Path | bytes
 #: Bytes read per block when detecting and decoding.
 BLOCK_BYTES = 1 << 20
 #: Characters per segment (one segment is chunked, embedded and written at a time).
@@ -125,7 +130,7 @@ def _inside(target: Path, root: Path) -> bool:
 
 
 def discover(paths: Iterable[Path]) -> Discovery:
-    """Text/Markdown files under ``paths``; folders are walked without leaving them."""
+    """Text/Markdown/PDF files under ``paths``; folders are walked without leaving them."""
     found = Discovery()
     for path in paths:
         if path.is_dir():
@@ -162,9 +167,12 @@ def _walk(root: Path, found: Discovery) -> None:
             if name.startswith("."):
                 continue
             p = here / name
-            if p.suffix.lower() not in TEXT_SUFFIXES:
+            if p.suffix.lower() not in DOCUMENT_SUFFIXES:
                 found.skipped.append(
-                    (display_path(p), f"not a text or Markdown file ({p.suffix or 'no suffix'})")
+                    (
+                        display_path(p),
+                        f"not a text, Markdown or PDF file ({p.suffix or 'no suffix'})",
+                    )
                 )
                 continue
             if p.is_symlink():
@@ -191,13 +199,17 @@ def _walk(root: Path, found: Discovery) -> None:
 # --- encodings -------------------------------------------------------------------------
 
 
-def _blocks(path: Path) -> Iterator[bytes]:
-    with path.open("rb") as f:
+def _blocks(source: Source) -> Iterator[bytes]:
+    if isinstance(source, bytes):
+        for start in range(0, len(source), BLOCK_BYTES):
+            yield source[start : start + BLOCK_BYTES]
+        return
+    with source.open("rb") as f:
         while block := f.read(BLOCK_BYTES):
             yield block
 
 
-def _decodes(path: Path, encoding: str) -> bool:
+def _decodes(path: Source, encoding: str) -> bool:
     """The whole file decodes strictly (read in blocks; nothing kept)."""
     decoder = codecs.getincrementaldecoder(encoding)("strict")
     try:
@@ -209,7 +221,7 @@ def _decodes(path: Path, encoding: str) -> bool:
     return True
 
 
-def _broken_utf8_share(path: Path) -> float:
+def _broken_utf8_share(path: Source) -> float:
     """Broken bytes per non-ASCII byte when read as UTF-8."""
     broken = 0
 
@@ -240,13 +252,16 @@ def _japanese_score(text: str) -> int:
     return score
 
 
-def _sample(path: Path, size: int = 256 * 1024) -> bytes:
+def _sample(path: Source, size: int = 256 * 1024) -> bytes:
+    if isinstance(path, bytes):
+        return path[:size]
     with path.open("rb") as f:
         return f.read(size)
 
 
-def detect_encoding(path: Path) -> Decoding:
-    """The encoding of ``path`` by the rule in the module docstring, or UnreadableFileError."""
+def detect_encoding(path: Source) -> Decoding:
+    """The encoding of a file (or its bytes) by the rule in the module docstring, or
+    UnreadableFileError."""
     head = _sample(path)
     if not head:
         return Decoding("utf-8")
@@ -313,7 +328,7 @@ class Segment:
 class TextStream:
     """Segments of one file, and what reading it found (NULs, control characters)."""
 
-    path: Path
+    path: Source
     decoding: Decoding
     nul_replaced: int = 0
     segment_chars: int = SEGMENT_CHARS
@@ -346,7 +361,7 @@ class TextStream:
     def _lines(self) -> Iterator[str]:
         """Decoded lines with universal newlines, never longer than :data:`MAX_LINE_CHARS`."""
         with (
-            self.path.open("rb") as raw,
+            io.BytesIO(self.path) if isinstance(self.path, bytes) else self.path.open("rb") as raw,
             io.TextIOWrapper(
                 raw, encoding=self.decoding.encoding, errors=self.decoding.errors, newline=None
             ) as text,
@@ -395,6 +410,6 @@ def _refuse_control(text: str) -> None:
         )
 
 
-def open_text(path: Path, *, segment_chars: int = SEGMENT_CHARS) -> TextStream:
-    """Detect the encoding of ``path``; the stream's segments decode it lazily."""
+def open_text(path: Source, *, segment_chars: int = SEGMENT_CHARS) -> TextStream:
+    """Detect the encoding of a file (or its bytes); the stream's segments decode it lazily."""
     return TextStream(path, detect_encoding(path), segment_chars=segment_chars)

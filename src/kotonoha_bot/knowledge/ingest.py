@@ -1,8 +1,10 @@
-"""Ingest text and Markdown files into one guild's knowledge base.
+"""Ingest text, Markdown and PDF files into one guild's knowledge base.
 
 Which files, how they are decoded and streamed is :mod:`kotonoha_bot.knowledge.files`
 (stay inside the given folders, detect encodings, refuse binary, bounded memory);
-every problem is reported per file and the other files go on. A file is
+PDF text comes from :mod:`kotonoha_bot.knowledge.pdf`. :func:`ingest_bytes` takes a
+file's bytes that arrived another way (``/kb add`` on Discord) through the same rules
+as a file on disk. Every problem is reported per file and the other files go on. A file is
 NUL-cleaned (the NUL rule in ``kotonoha_bot.text``), normalised and hashed.
 Unchanged content (same hash, already embedded) is skipped without calling the
 embedder. A file of one segment replaces its old chunks in one transaction; a
@@ -20,7 +22,7 @@ import dataclasses
 import hashlib
 import logging
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,21 +38,36 @@ from kotonoha_bot.knowledge.chunking import (
 )
 from kotonoha_bot.knowledge.embeddings.base import EmbeddingProvider, embedding_config
 from kotonoha_bot.knowledge.files import (
+    DOCUMENT_SUFFIXES,
+    PDF_SUFFIXES,
     SEGMENT_CHARS,
     TEXT_SUFFIXES,
     Segment,
+    Source,
     discover,
     display_path,
     open_text,
 )
+from kotonoha_bot.knowledge.pdf import pdf_text
 from kotonoha_bot.models import KnowledgeChunk, KnowledgeSource, Vector
 from kotonoha_bot.text import replace_nul
 
 log = logging.getLogger("kotonoha_bot.knowledge")
 
-__all__ = ["TEXT_SUFFIXES", "IngestReport", "find_files", "ingest_paths", "ingest_text"]
+__all__ = [
+    "DOCUMENT_SUFFIXES",
+    "PDF_SUFFIXES",
+    "TEXT_SUFFIXES",
+    "IngestReport",
+    "find_files",
+    "ingest_bytes",
+    "ingest_paths",
+    "ingest_text",
+]
 
 Progress = Callable[[int], None]
+#: Called after each embedded batch with (chunks embedded so far, chunks in total).
+BatchProgress = Callable[[int, int], Awaitable[None]]
 
 
 @dataclass
@@ -107,14 +124,54 @@ def _title(text: str, path: Path) -> str:
 
 
 async def embed_texts(
-    embedder: EmbeddingProvider, texts: Sequence[str], batch_size: int
+    embedder: EmbeddingProvider,
+    texts: Sequence[str],
+    batch_size: int,
+    on_batch: BatchProgress | None = None,
 ) -> list[Vector]:
     """Embed in batches (the provider may batch further)."""
     vectors: list[Vector] = []
     for start in range(0, len(texts), batch_size):
         batch = await embedder.embed(list(texts[start : start + batch_size]))
         vectors.extend(batch[i] for i in range(batch.shape[0]))
+        if on_batch is not None:
+            await on_batch(len(vectors), len(texts))
     return vectors
+
+
+async def ingest_bytes(
+    db: DatabaseProtocol,
+    embedder: EmbeddingProvider | None,
+    *,
+    uri: str,
+    data: bytes,
+    guild_id: int,
+    channel_id: int | None = None,
+    metadata: dict[str, Any] | None = None,
+    max_chars: int = 800,
+    overlap_chars: int = 100,
+    batch_size: int = 64,
+    report: IngestReport | None = None,
+    on_batch: BatchProgress | None = None,
+    segment_chars: int = SEGMENT_CHARS,
+) -> str:
+    """Store one file's bytes by the rules of a file on disk (see :func:`ingest_text`)."""
+    check_ids("ingest", guild_id, channel_id)
+    return await _ingest_file(
+        db,
+        embedder,
+        data,
+        uri=uri,
+        guild_id=guild_id,
+        channel_id=channel_id,
+        metadata=metadata,
+        max_chars=max_chars,
+        overlap_chars=overlap_chars,
+        batch_size=batch_size,
+        report=report if report is not None else IngestReport(),
+        on_batch=on_batch,
+        segment_chars=segment_chars,
+    )
 
 
 async def ingest_text(
@@ -131,6 +188,7 @@ async def ingest_text(
     overlap_chars: int = 100,
     batch_size: int = 64,
     report: IngestReport | None = None,
+    on_batch: BatchProgress | None = None,
 ) -> str:
     """Store one document; returns 'added', 'updated', 'unchanged' or 'pending'."""
     report = report if report is not None else IngestReport()
@@ -146,7 +204,7 @@ async def ingest_text(
     vectors: list[Vector] | None = None
     if embedder is not None and chunks:
         try:
-            vectors = await embed_texts(embedder, [c.content for c in chunks], batch_size)
+            vectors = await embed_texts(embedder, [c.content for c in chunks], batch_size, on_batch)
         except EmbeddingError as exc:
             log.warning("embedding %s failed, stored as pending: %s", uri, exc)
     rows = [
@@ -210,10 +268,12 @@ async def ingest_paths(
                 uri=uri,
                 guild_id=guild_id,
                 channel_id=channel_id,
+                metadata=None,
                 max_chars=max_chars,
                 overlap_chars=overlap_chars,
                 batch_size=batch_size,
                 report=report,
+                on_batch=None,
                 segment_chars=segment_chars,
             )
         except (OSError, InvalidInputError, UnicodeError) as exc:
@@ -233,17 +293,37 @@ async def ingest_paths(
 async def _ingest_file(
     db: DatabaseProtocol,
     embedder: EmbeddingProvider | None,
-    path: Path,
+    path: Source,
     *,
     uri: str,
     guild_id: int,
     channel_id: int | None,
+    metadata: dict[str, Any] | None,
     max_chars: int,
     overlap_chars: int,
     batch_size: int,
     report: IngestReport,
+    on_batch: BatchProgress | None,
     segment_chars: int,
 ) -> str:
+    """One file (on disk or as bytes): a PDF by its text layer, text by the encoding rule."""
+    metadata = {"path": uri, "kind": "document", **(metadata or {})}
+    if Path(uri).suffix.lower() in PDF_SUFFIXES:
+        data = path if isinstance(path, bytes) else path.read_bytes()
+        return await ingest_text(
+            db,
+            embedder,
+            uri=uri,
+            text=pdf_text(data, uri),
+            guild_id=guild_id,
+            channel_id=channel_id,
+            metadata=metadata,
+            max_chars=max_chars,
+            overlap_chars=overlap_chars,
+            batch_size=batch_size,
+            report=report,
+            on_batch=on_batch,
+        )
     stream = open_text(path, segment_chars=segment_chars)
     if stream.decoding.note:
         report.notes.append((uri, stream.decoding.note))
@@ -252,7 +332,6 @@ async def _ingest_file(
     segments = stream.segments()
     first = next(segments, None)
     second = next(segments, None)
-    metadata = {"path": uri, "kind": "document"}
     if second is None:  # the whole file is one segment: one transaction, as for any text
         report.nul_replaced += stream.nul_replaced
         return await ingest_text(
@@ -267,6 +346,7 @@ async def _ingest_file(
             overlap_chars=overlap_chars,
             batch_size=batch_size,
             report=report,
+            on_batch=on_batch,
         )
     assert first is not None
     segments.close()
@@ -275,7 +355,7 @@ async def _ingest_file(
         embedder,
         path,
         uri=uri,
-        title=_title(first.text, path),
+        title=_title(first.text, Path(uri)),
         guild_id=guild_id,
         channel_id=channel_id,
         metadata=metadata,
@@ -290,7 +370,7 @@ async def _ingest_file(
 async def _ingest_large(
     db: DatabaseProtocol,
     embedder: EmbeddingProvider | None,
-    path: Path,
+    path: Source,
     *,
     uri: str,
     title: str,
