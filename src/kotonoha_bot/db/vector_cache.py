@@ -105,7 +105,8 @@ class _Float32(_Codec):
     def score(
         self, codes: npt.NDArray[np.generic], scales: F32 | None, query: npt.NDArray[np.generic]
     ) -> F64:
-        return np.asarray(codes @ query, dtype=np.float64)
+        scores = np.asarray(codes, dtype=np.float32) @ np.asarray(query, dtype=np.float32)
+        return np.asarray(scores, dtype=np.float64)
 
 
 class _Int8(_Codec):
@@ -122,7 +123,7 @@ class _Int8(_Codec):
 
     def prepare(self, unit_query: F32) -> npt.NDArray[np.generic]:
         peak = float(np.abs(unit_query).max()) or 1.0
-        return np.rint(unit_query * (127.0 / peak)).astype(np.int8)
+        return np.asarray(np.rint(unit_query * (127.0 / peak)), dtype=np.int8)
 
     def score(
         self, codes: npt.NDArray[np.generic], scales: F32 | None, query: npt.NDArray[np.generic]

@@ -52,34 +52,39 @@ def _warn_fallback() -> None:
 def int8_dots(codes: I8, query: I8) -> F64:
     """``codes @ query`` for int8 rows and an int8 query, as float64 (exact)."""
     n = codes.shape[0]
-    out = np.empty((1, n), dtype=np.float64)
+    out = np.empty(n, dtype=np.float64)
     if n == 0:
-        return out[0]
+        return out
     if _nk is not None:
-        _nk.cdist(query[None, :], codes, metric="dot", out_dtype="float64", out=out)
-        return out[0]
+        _nk.cdist(query[None, :], codes, metric="dot", out_dtype="float64", out=out[None, :])
+        return out
     _warn_fallback()
     q = query.astype(np.float64)
     for start in range(0, n, _FALLBACK_BLOCK):
         block = codes[start : start + _FALLBACK_BLOCK]
-        out[0, start : start + block.shape[0]] = block.astype(np.float64) @ q
-    return out[0]
+        out[start : start + block.shape[0]] = block.astype(np.float64) @ q
+    return out
 
 
 def hamming_distances(bits: U8, query: U8) -> F64:
     """Hamming distance of each packed-bit row to the packed-bit query, as float64."""
     n = bits.shape[0]
-    out = np.empty((1, n), dtype=np.float64)
+    out = np.empty(n, dtype=np.float64)
     if n == 0:
-        return out[0]
+        return out
     if _nk is not None:
         _nk.cdist(
-            query[None, :], bits, metric="hamming", dtype="uint1", out_dtype="float64", out=out
+            query[None, :],
+            bits,
+            metric="hamming",
+            dtype="uint1",
+            out_dtype="float64",
+            out=out[None, :],
         )
-        return out[0]
+        return out
     _warn_fallback()
     for start in range(0, n, _FALLBACK_BLOCK):
         block = bits[start : start + _FALLBACK_BLOCK] ^ query
         counts = np.unpackbits(block, axis=1).sum(axis=1, dtype=np.int64)
-        out[0, start : start + block.shape[0]] = counts
-    return out[0]
+        out[start : start + block.shape[0]] = counts
+    return out
