@@ -111,21 +111,34 @@ class NumpyExact(System):
 
 
 class OursSQLite(System):
-    """kotonoha's SQLiteDatabase through the public contract."""
+    """kotonoha's SQLiteDatabase through the public contract, with one vector cache kind.
 
-    name = "ours SQLite (exact)"
+    Several instances may share one database file (``shared``): the file is filled once
+    and each instance opens it with its own ``SQLITE_VECTOR_CACHE``.
+    """
+
     blocking = False
+
+    def __init__(self, kind: str | None = None, shared: OursSQLite | None = None) -> None:
+        super().__init__()
+        self.kind = kind or str(Settings.model_fields["sqlite_vector_cache"].default)
+        self.shared = shared
+        self.name = sqlite_name(self.kind)
+        self.db: Any = None
 
     async def build(self, ds: Dataset, workdir: Path) -> None:
         from kotonoha_bot.db import open_database
 
-        self.path = workdir / "ours.db"
-        url = f"sqlite:///{self.path}"
-        async with open_database(url, settings=settings()) as db:
-            self.info.insert_s = await fill(db, ds, BATCH)
+        if self.shared is None:
+            self.path = workdir / "ours.db"
+            async with open_database(self.url, settings=settings()) as db:
+                self.info.insert_s = await fill(db, ds, BATCH)
+        else:
+            self.path = self.shared.path
+            self.info.insert_s = self.shared.info.insert_s
         gc.collect()
         rss0 = rss_bytes()
-        self.db = open_database(url, settings=settings())
+        self.db = open_database(self.url, settings=settings(sqlite_vector_cache=self.kind))
         await self.db.initialize()
         t = time.perf_counter()
         await self.search(ds.queries[0], None)
@@ -133,8 +146,14 @@ class OursSQLite(System):
         gc.collect()
         stats = await self.db.stats()
         self.info.memory_bytes = stats.details.get("vector_cache_bytes")
-        self.info.memory_note = f"cache; RSS Δ {(rss_bytes() - rss0) / 2**20:.0f} MiB"
+        self.info.memory_note = f"cache; RSS Δ {(rss_bytes() - rss0) / 2**20:,.0f} MiB"
+        self.info.extra["rss_delta_bytes"] = rss_bytes() - rss0
+        self.info.extra["vector_search"] = stats.details.get("vector_search")
         self.info.disk_bytes = files_bytes(workdir, "ours.db*")
+
+    @property
+    def url(self) -> str:
+        return f"sqlite:///{self.path}"
 
     async def search(self, q: np.ndarray, channel: int | None) -> list[int]:
         hits = await self.db.similarity_search(
@@ -143,7 +162,14 @@ class OursSQLite(System):
         return [row_of(h.content) for h in hits]
 
     async def close(self) -> None:
-        await self.db.close()
+        if self.db is not None:
+            await self.db.close()
+            self.db = None
+
+
+def sqlite_name(kind: str) -> str:
+    """The report's name of our SQLite backend with one cache kind."""
+    return "ours SQLite (float32, exact)" if kind == "float32" else f"ours SQLite ({kind})"
 
 
 class OursPostgres(System):

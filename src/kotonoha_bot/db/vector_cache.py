@@ -23,7 +23,9 @@ what the process really holds.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -49,7 +51,15 @@ RERANK_MIN: dict[CacheKind, int] = {"int8": 40, "binary": 200, "float32": 0}
 _GROWTH = 1.25
 _MIN_CAPACITY = 16
 
+#: A scan of at least this many rows is split over two threads (the kernels release the
+#: GIL; on 2 cores a 100k x 1536 int8 scan goes from ~5.0 to ~3.8 ms). float32 scans
+#: use BLAS, which has threads of its own.
+PARALLEL_MIN_ROWS = 50_000
+_SCAN_THREADS = min(2, os.cpu_count() or 1)
+_scan_pool: ThreadPoolExecutor | None = None
+
 ScopeKey = tuple[int, int | None]
+Part = tuple[npt.NDArray[np.generic], F32 | None]
 
 
 def candidate_count(kind: CacheKind, top_k: int) -> int:
@@ -347,7 +357,7 @@ class VectorCache:
         if allowed_ids is not None:
             allowed = np.fromiter(allowed_ids, dtype=np.int64, count=len(allowed_ids))
             allowed.sort()
-        score_parts: list[F64] = []
+        parts: list[Part] = []
         id_parts: list[IntArray] = []
         for b in buckets:
             n = b.size
@@ -358,14 +368,38 @@ class VectorCache:
                     continue
                 codes, ids = codes[rows], ids[rows]
                 scales = None if scales is None else scales[rows]
-            score_parts.append(self._codec.score(codes, scales, q))
+            parts.append((codes, scales))
             id_parts.append(ids)
-        if not score_parts:
+        if not parts:
             return Shortlist([], self.exact)
+        score_parts = self._scan(parts, q)
         scores = score_parts[0] if len(score_parts) == 1 else np.concatenate(score_parts)
         ids = id_parts[0] if len(id_parts) == 1 else np.concatenate(id_parts)
         want = top_k if self.exact else candidate_count(self.kind, top_k)
         return Shortlist(_top(scores, ids, want, keep_ties=not self.exact), self.exact)
+
+    def _scan(self, parts: list[Part], q: npt.NDArray[np.generic]) -> list[F64]:
+        """Scores of every part, in order; large scans split over two threads."""
+        codec = self._codec
+        rows = sum(codes.shape[0] for codes, _ in parts)
+        if rows < PARALLEL_MIN_ROWS or _SCAN_THREADS < 2 or self.exact:
+            return [codec.score(codes, scales, q) for codes, scales in parts]
+        global _scan_pool
+        if _scan_pool is None:
+            _scan_pool = ThreadPoolExecutor(1, thread_name_prefix="kotonoha-scan")
+        halves: list[tuple[Part, Part]] = []
+        for codes, scales in parts:
+            h = codes.shape[0] // 2
+            halves.append(
+                (
+                    (codes[:h], None if scales is None else scales[:h]),
+                    (codes[h:], None if scales is None else scales[h:]),
+                )
+            )
+        later = _scan_pool.submit(lambda: [codec.score(c, s, q) for _, (c, s) in halves])
+        first = [codec.score(c, s, q) for (c, s), _ in halves]
+        second = later.result()
+        return [np.concatenate(pair) for pair in zip(first, second, strict=True)]
 
 
 def _top(scores: F64, ids: IntArray, k: int, *, keep_ties: bool) -> list[tuple[int, float]]:
