@@ -76,7 +76,8 @@ def _variants(sysres: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
 
     def key(v: str) -> tuple[str, int]:
         kind, _, value = v.partition(" ")
-        return kind, int(value.split("=")[1]) if "=" in value else 0
+        number = value.split("=")[1] if "=" in value else "0"
+        return kind, int(number) if number.isdigit() else -1
 
     return sorted(sysres.get("variants", {}).items(), key=lambda kv: key(kv[0]))
 

@@ -176,14 +176,14 @@ class OursPostgres(System):
     """kotonoha's PostgreSQLDatabase (HNSW, then IVFFlat) through the public contract."""
 
     blocking = False
-    HNSW_EF = (20, 40, 100, 200)
+    HNSW_EF = (16, 24, 40, 64, 100)
 
     def default_variant(self) -> str:
-        """Our settings' defaults (HNSW with HNSW_EF_SEARCH), read from the code."""
+        """Our settings' defaults (HNSW_EF_SEARCH unset = chosen by the index's size)."""
         ef = Settings.model_fields["hnsw_ef_search"].default
-        return f"hnsw ef_search={ef}"
+        return f"hnsw ef_search={'auto' if ef is None else ef}"
 
-    IVF_PROBES = (1, 3, 10, 30)
+    IVF_PROBES = (3, 10, 30)
 
     def __init__(self, server: Any, raw: bool = False) -> None:
         super().__init__()
@@ -193,10 +193,11 @@ class OursPostgres(System):
         self.name = "ours PostgreSQL"
 
     def variants(self) -> list[str]:
-        efs = sorted({*self.HNSW_EF, int(self.default_variant().split("=")[1])})
-        return [f"hnsw ef_search={e}" for e in efs] + [
-            f"ivfflat probes={p}" for p in self.IVF_PROBES
-        ]
+        return (
+            [self.default_variant()]
+            + [f"hnsw ef_search={e}" for e in self.HNSW_EF]
+            + [f"ivfflat probes={p}" for p in self.IVF_PROBES]
+        )
 
     def _settings(self, variant: str) -> Any:
         return self._settings_for(self.url, variant)
@@ -204,7 +205,7 @@ class OursPostgres(System):
     @staticmethod
     def _settings_for(url: str, variant: str) -> Any:
         kind, _, value = variant.partition(" ")
-        number = int(value.split("=")[1]) if value else None
+        number = int(value.split("=")[1]) if value and not value.endswith("auto") else None
         extra: dict[str, Any] = {"vector_index_type": kind}
         if kind == "hnsw" and number:
             extra["hnsw_ef_search"] = number
@@ -219,6 +220,7 @@ class OursPostgres(System):
         # embedding config on, so every insert also goes into the graph. Measured on the
         # first HNSW_INSERT_ROWS rows in a database of their own (at 100k it would take
         # longer than everything else together).
+        self.rows = ds.n
         n_hnsw = min(HNSW_INSERT_ROWS, ds.n)
         url = await self.server.create_database("bench_ins")
         try:
@@ -341,6 +343,10 @@ class RawPostgres(System):
             await self.pool.close()
         kind, _, value = variant.partition(" ")
         number = value.split("=")[1]
+        if number == "auto":  # what ours chose for this graph
+            from kotonoha_bot.db.pg_search_plan import ef_search_for
+
+            number = str(ef_search_for(self.ours.rows))
         # Startup parameters, not SET: the pool's RESET ALL on release keeps these.
         gucs = (
             {"hnsw.ef_search": number, "hnsw.iterative_scan": "relaxed_order"}

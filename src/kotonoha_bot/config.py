@@ -58,17 +58,29 @@ class Settings(BaseSettings):
     vector_index_type: Literal["hnsw", "ivfflat"] = Field(
         "hnsw", description="Approximate index on PostgreSQL: hnsw or ivfflat."
     )
-    hnsw_m: int = Field(16, ge=2, le=100, description="HNSW: links per node.")
-    hnsw_ef_construction: int = Field(64, ge=4, le=1000, description="HNSW: build-time list.")
-    hnsw_ef_search: int = Field(200, ge=1, le=1000, description="HNSW: query-time list.")
+    vector_index_precision: Literal["halfvec", "float32"] = Field(
+        "halfvec",
+        description="PostgreSQL index precision: halfvec (half the memory; scores stay exact"
+        " float32) or float32 (up to 2000 dims).",
+    )
+    hnsw_m: int = Field(24, ge=2, le=100, description="HNSW: links per node.")
+    hnsw_ef_construction: int = Field(128, ge=4, le=1000, description="HNSW: build-time list.")
+    hnsw_ef_search: int | None = Field(
+        None,
+        ge=1,
+        le=1000,
+        description="HNSW: query-time list; empty = by the index's size (40 up to 200k rows,"
+        " 64 up to 2M, then 100).",
+    )
     ivfflat_lists: int = Field(
         0, ge=0, description="IVFFlat lists; 0 = rows/1000 (min 10) at build time."
     )
     ivfflat_probes: int = Field(10, ge=1, description="IVFFlat: lists probed per query.")
-    exact_search_max_rows: int = Field(
-        20000,
+    exact_search_max_rows: int | None = Field(
+        None,
         ge=0,
-        description="PostgreSQL: scopes with at most this many rows are searched exactly.",
+        description="PostgreSQL: scopes with at most this many rows are searched exactly;"
+        " empty = 4,000,000 / dimensions (2,604 rows at 1536 dims).",
     )
 
     # --- embeddings ----------------------------------------------------------------

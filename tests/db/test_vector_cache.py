@@ -53,9 +53,7 @@ def test_int8_cache_finds_the_exact_top_10_in_every_scope(dim: int) -> None:
     vectors = clustered(n, dim)
     channels = np.where(np.arange(n) % 10 == 0, 10, 100 + np.arange(n) % 7)
     cache = VectorCache(dim, "int8")
-    cache.put_many(
-        np.arange(n), np.full(n, GUILD), [int(c) for c in channels], vectors, new=True
-    )
+    cache.put_many(np.arange(n), np.full(n, GUILD), [int(c) for c in channels], vectors, new=True)
     queries = clustered(40, dim, seed=1)
     for channel in (None, 10, 103):
         rows = np.arange(n) if channel is None else np.flatnonzero(channels == channel)

@@ -1,0 +1,134 @@
+"""How the PostgreSQL backend searches vectors: exact scan or index, and with what.
+
+The rules below were chosen with ``python -m benchmarks`` (docs/PERFORMANCE.md) on a
+2-core host, and each can be overridden by a setting:
+
+- **Exact or index.** An exact scan costs about 1.5 ns per stored float32 component
+  (2.4 µs per 1536-dim row: the rows are inline in the heap, ``toast_tuple_target`` keeps
+  them out of TOAST up to ~2000 dims, so this is reading and comparing, not
+  de-TOASTing). The HNSW index answers a whole-guild top 10 in a few milliseconds at any
+  size measured, so a scope is scanned exactly only while that scan stays within
+  ``EXACT_SCAN_VALUES`` components (about 4 ms): 2,600 rows at 1536 dims, 10,000 at 384
+  (``EXACT_SEARCH_MAX_ROWS`` overrides). Small channels stay exact (recall 1); a filtered
+  index scan would have to walk the graph far to find their rows.
+- **ef_search by graph size.** The candidate list the HNSW scan keeps grows with the
+  number of vectors in the graph (``ef_search_for``); ``HNSW_EF_SEARCH`` pins it.
+- **What is indexed.** ``IndexPlan`` renders the DDL: HNSW (``m``, ``ef_construction``)
+  or IVFFlat, over the stored column or, for halfvec precision, over
+  ``l2_normalize(embedding)::halfvec(N)`` — half the index's memory, the same recall
+  after the exact re-rank — and the matching ORDER BY expression.
+
+The stored column stays ``vector`` (float32): similarities are computed from it, so they
+are exact, and the transfer tool moves and verifies the vectors bit for bit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+IndexType = Literal["hnsw", "ivfflat"]
+IndexPrecision = Literal["halfvec", "float32"]
+
+#: pgvector indexes ``vector`` up to 2000 dimensions and ``halfvec`` up to 4000.
+VECTOR_INDEX_MAX_DIM = 2000
+HALFVEC_INDEX_MAX_DIM = 4000
+
+#: Scopes whose rows x dimensions stay within this are scanned exactly (~4 ms).
+EXACT_SCAN_VALUES = 4_000_000
+
+#: (largest graph size, ef_search): the HNSW candidate list by vectors in the index.
+EF_SEARCH_BY_ROWS: tuple[tuple[int, int], ...] = ((200_000, 40), (2_000_000, 64))
+EF_SEARCH_LARGEST = 100
+
+#: Candidates taken from a halfvec index per result, before the exact re-sort.
+HALFVEC_OVERFETCH = 2
+
+
+def exact_max_rows(dimension: int, setting: int | None = None) -> int:
+    """Largest scope searched exactly (``EXACT_SEARCH_MAX_ROWS`` when set)."""
+    if setting is not None:
+        return setting
+    return EXACT_SCAN_VALUES // max(dimension, 1)
+
+
+def ef_search_for(index_rows: int, setting: int | None = None) -> int:
+    """The HNSW ef_search for a graph of ``index_rows`` vectors (``HNSW_EF_SEARCH`` pins it)."""
+    if setting is not None:
+        return setting
+    for rows, ef in EF_SEARCH_BY_ROWS:
+        if index_rows <= rows:
+            return ef
+    return EF_SEARCH_LARGEST
+
+
+@dataclass(frozen=True)
+class IndexPlan:
+    """The approximate index: its kind, precision and build parameters, and its SQL."""
+
+    index_type: IndexType
+    precision: IndexPrecision
+    dimension: int
+    m: int = 24
+    ef_construction: int = 128
+    lists: int = 100
+
+    @classmethod
+    def for_dimension(
+        cls,
+        dimension: int,
+        index_type: IndexType,
+        precision: IndexPrecision,
+        *,
+        m: int = 24,
+        ef_construction: int = 128,
+        lists: int = 100,
+    ) -> IndexPlan:
+        """Above 2000 dimensions only a halfvec index exists, whatever the setting."""
+        if dimension > VECTOR_INDEX_MAX_DIM:
+            precision = "halfvec"
+        return cls(index_type, precision, dimension, m, ef_construction, lists)
+
+    @property
+    def halfvec(self) -> bool:
+        return self.precision == "halfvec"
+
+    def key_sql(self, column: str = "embedding") -> str:
+        """The indexed expression; queries must order by exactly this to use the index.
+
+        halfvec: normalising first keeps every component inside halfvec's range (cosine
+        distance ignores length anyway).
+        """
+        if self.halfvec:
+            return f"(l2_normalize({column})::halfvec({int(self.dimension)}))"
+        return column
+
+    def query_sql(self, param: str) -> str:
+        """The query side of the indexed ``<=>`` for a vector parameter."""
+        if self.halfvec:
+            return f"(l2_normalize({param}::vector)::halfvec({int(self.dimension)}))"
+        return f"{param}::vector"
+
+    def candidates(self, top_k: int) -> int:
+        """Rows taken from the index before the exact re-sort."""
+        return top_k * HALFVEC_OVERFETCH if self.halfvec else top_k
+
+    def ddl(self, name: str, *, concurrently: bool = False, lists: int | None = None) -> str:
+        """CREATE INDEX for this plan on knowledge_chunks."""
+        ops = "halfvec_cosine_ops" if self.halfvec else "vector_cosine_ops"
+        conc = "CONCURRENTLY " if concurrently else ""
+        if self.index_type == "hnsw":
+            options = f"m = {int(self.m)}, ef_construction = {int(self.ef_construction)}"
+        else:
+            options = f"lists = {int(lists if lists is not None else self.lists)}"
+        return (
+            f"CREATE INDEX {conc}{name} ON knowledge_chunks USING {self.index_type}"
+            f" ({self.key_sql()} {ops}) WITH ({options})"
+        )
+
+    @staticmethod
+    def precision_of(indexdef: str | None) -> IndexPrecision | None:
+        """The precision of an existing index from its definition (``pg_get_indexdef``)."""
+        if not indexdef:
+            return None
+        return "halfvec" if "halfvec" in indexdef else "float32"
