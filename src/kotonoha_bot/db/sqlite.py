@@ -1048,28 +1048,19 @@ class SQLiteDatabase(AsyncLifecycle):
             )
             if shortlist.exact:
                 ranked = shortlist.ranked
+                rows = await self._hit_rows(conn, [cid for cid, _ in ranked])
             else:
-                ranked = rerank(query, await self._blobs(conn, shortlist.ranked), top_k)
+                # One read for the shortlist: its stored vectors for the exact re-rank and
+                # the columns of the hits that survive it.
+                rows = await self._hit_rows(
+                    conn, [cid for cid, _ in shortlist.ranked], with_embedding=True
+                )
+                ranked = rerank(
+                    query, [(cid, r[9]) for cid, r in rows.items() if r[9] is not None], top_k
+                )
             if min_similarity is not None:
                 ranked = [(cid, s) for cid, s in ranked if s >= min_similarity]
-            return await self._hits(conn, ranked, similarity=True)
-
-    @staticmethod
-    async def _blobs(
-        conn: aiosqlite.Connection, ranked: list[tuple[int, float]]
-    ) -> list[tuple[int, bytes]]:
-        """The stored float32 vectors of a shortlist, for the exact re-rank."""
-        if not ranked:
-            return []
-        ids = [cid for cid, _ in ranked]
-        rows = await (
-            await conn.execute(
-                "SELECT id, embedding FROM knowledge_chunks"
-                f" WHERE id IN ({','.join('?' * len(ids))}) AND embedding IS NOT NULL",
-                ids,
-            )
-        ).fetchall()
-        return [(int(r[0]), bytes(r[1])) for r in rows]
+            return self._make_hits(rows, ranked, similarity=True)
 
     async def keyword_search(
         self,
@@ -1112,19 +1103,32 @@ class SQLiteDatabase(AsyncLifecycle):
     async def _hits(
         self, conn: aiosqlite.Connection, ranked: list[tuple[int, float]], *, similarity: bool
     ) -> list[SearchHit]:
-        if not ranked:
-            return []
-        ids = [cid for cid, _ in ranked]
+        rows = await self._hit_rows(conn, [cid for cid, _ in ranked])
+        return self._make_hits(rows, ranked, similarity=similarity)
+
+    @staticmethod
+    async def _hit_rows(
+        conn: aiosqlite.Connection, ids: list[int], *, with_embedding: bool = False
+    ) -> dict[int, Sequence[Any]]:
+        """The hit columns of these chunks by id (and, last, the stored vector)."""
+        if not ids:
+            return {}
         rows = await (
             await conn.execute(
                 "SELECT c.id, c.source_id, c.content, c.guild_id, c.channel_id, c.metadata,"
-                " c.chunk_index, s.title, s.uri FROM knowledge_chunks c"
-                " JOIN knowledge_sources s ON s.id = c.source_id"
+                " c.chunk_index, s.title, s.uri"
+                + (", c.embedding" if with_embedding else "")
+                + " FROM knowledge_chunks c JOIN knowledge_sources s ON s.id = c.source_id"
                 f" WHERE c.id IN ({','.join('?' * len(ids))})",
                 ids,
             )
         ).fetchall()
-        by_id = {r[0]: r for r in rows}
+        return {int(r[0]): r for r in rows}
+
+    @staticmethod
+    def _make_hits(
+        by_id: Mapping[int, Sequence[Any]], ranked: list[tuple[int, float]], *, similarity: bool
+    ) -> list[SearchHit]:
         hits = []
         for cid, score in ranked:
             r = by_id.get(cid)
