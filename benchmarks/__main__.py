@@ -361,8 +361,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--pg-max-n",
         type=int,
-        default=10**9,
-        help="skip PostgreSQL above this N (its HNSW build is the slowest step)",
+        default=BIG_N,
+        help="skip PostgreSQL above this N (its HNSW build is the slowest step; at 1M x 1536"
+        " the graph outgrows maintenance_work_mem)",
     )
     p.add_argument("--report-only", action="store_true", help="rewrite the report from JSON")
     p.add_argument(
@@ -454,6 +455,16 @@ def versions() -> dict[str, str]:
         import apsw
 
         out["sqlite (apsw)"] = apsw.sqlite_lib_version()
+    # OPENBLAS_CORETYPE pins an older kernel on some hosts; say which one numpy ran.
+    out["OPENBLAS_CORETYPE"] = os.environ.get("OPENBLAS_CORETYPE", "unset")
+    with contextlib.suppress(Exception):
+        from threadpoolctl import threadpool_info
+
+        blas = [i for i in threadpool_info() if i.get("internal_api") == "openblas"]
+        if blas:
+            out["OpenBLAS kernel"] = (
+                f"{blas[0].get('architecture')}, {blas[0].get('num_threads')} threads"
+            )
     return out
 
 
