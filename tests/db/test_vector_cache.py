@@ -16,7 +16,13 @@ import pytest
 
 from kotonoha_bot.config import Settings
 from kotonoha_bot.db import open_database
-from kotonoha_bot.db.vector_cache import CACHE_KINDS, VectorCache, candidate_count, rerank
+from kotonoha_bot.db.vector_cache import (
+    CACHE_KINDS,
+    SHORTLIST_MAX,
+    VectorCache,
+    candidate_count,
+    rerank,
+)
 from kotonoha_bot.models import EmbeddingConfig, KnowledgeChunk, KnowledgeSource
 
 GUILD = 7
@@ -93,6 +99,11 @@ def test_a_compact_shortlist_is_larger_than_top_k_and_keeps_boundary_ties() -> N
     assert len(sl.ranked) == 300  # every tied row, so the re-rank breaks ties by id
     assert candidate_count("int8", 3) >= 12
     assert [cid for cid, _ in sl.ranked[:3]] == [0, 1, 2]
+    many = VectorCache(16, "int8")
+    n = SHORTLIST_MAX + 500
+    many.put_many(np.arange(n), np.full(n, GUILD), [None] * n, np.ones((n, 16), np.float32))
+    capped = many.shortlist(np.ones(16, dtype=np.float32), GUILD, None, 3).ranked
+    assert [cid for cid, _ in capped] == list(range(SHORTLIST_MAX))  # lowest ids kept
 
 
 def test_scopes_never_mix_and_removed_or_moved_rows_follow() -> None:

@@ -47,6 +47,9 @@ F64 = npt.NDArray[np.float64]
 #: (1536 and 384 dims), so 4x leaves headroom; sign bits need far more.
 RERANK_FACTOR: dict[CacheKind, int] = {"int8": 4, "binary": 20, "float32": 1}
 RERANK_MIN: dict[CacheKind, int] = {"int8": 40, "binary": 200, "float32": 0}
+#: A shortlist keeps at most this many rows tied at its boundary (lowest ids first), so
+#: its read stays far below SQLite's limit of bound parameters.
+SHORTLIST_MAX = 4096
 #: Buckets grow by this factor (at least _MIN_CAPACITY rows) when full.
 _GROWTH = 1.25
 _MIN_CAPACITY = 16
@@ -413,8 +416,7 @@ def _top(scores: F64, ids: IntArray, k: int, *, keep_ties: bool) -> list[tuple[i
     else:
         part = np.arange(n)
     order = np.lexsort((ids[part], -scores[part]))
-    if not keep_ties:
-        order = order[:k]
+    order = order[: max(k, SHORTLIST_MAX)] if keep_ties else order[:k]
     chosen = part[order]
     return list(zip(ids[chosen].tolist(), scores[chosen].tolist(), strict=True))
 
