@@ -215,10 +215,8 @@ async def run_size(
                     systems += [ours, raw]
                 else:
                     ours = None
-        await measure_all(systems, ds, truth, outs, ours, raw)
         turn_systems = [s for s in (ours_sqlite, ours) if s is not None and s in systems]
-        if args.turns and turn_systems:
-            outs["turns"] = await measure_turns(turn_systems, ds)
+        await measure_all(systems, ds, truth, outs, ours, raw, turn_systems if args.turns else [])
     finally:
         for system in reversed(systems):
             with contextlib.suppress(Exception):
@@ -254,8 +252,9 @@ async def measure_all(
     outs: dict[str, dict[str, Any]],
     ours: OursPostgres | None,
     raw: RawPostgres | None,
+    turn_systems: list[Any],
 ) -> None:
-    """Defaults side by side, throughput, then the ef_search / probes sweeps."""
+    """Defaults side by side, throughput, bot turns, then the ef_search / probes sweeps."""
     for s in systems:
         await s.use(default_variant(s))
         outs[s.name]["default"] = default_variant(s)
@@ -274,6 +273,8 @@ async def measure_all(
         out["qps1"] = 1.0 / out["variants"][out["default"]]["100%"]["mean"]
         out["qps8"] = await run_concurrent(s, list(ds.queries) * 2, None, CLIENTS)
         log(f"  {s.name}: QPS 1 client {out['qps1']:.1f}, {CLIENTS} clients {out['qps8']:.1f}")
+    if turn_systems:  # with the default settings, before the sweeps change them
+        outs["turns"] = await measure_turns(turn_systems, ds)
     chroma = next((s for s in systems if isinstance(s, Chroma)), None)
     # HNSW sweep: ours, the raw SQL and Chroma at the same ef_search, taking turns.
     for ef in sorted(set(OursPostgres.HNSW_EF) | set(Chroma.EF)):

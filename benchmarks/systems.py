@@ -220,7 +220,7 @@ class OursPostgres(System):
         # embedding config on, so every insert also goes into the graph. Measured on the
         # first HNSW_INSERT_ROWS rows in a database of their own (at 100k it would take
         # longer than everything else together).
-        self.rows = ds.n
+        self.rows, self.dim = ds.n, ds.dim
         n_hnsw = min(HNSW_INSERT_ROWS, ds.n)
         url = await self.server.create_database("bench_ins")
         try:
@@ -356,13 +356,27 @@ class RawPostgres(System):
         self.pool = await asyncpg.create_pool(
             self.ours.url, min_size=8, max_size=8, init=register_vector, server_settings=gucs
         )
+        # ORDER BY what the index holds (a halfvec index needs its own expression), as
+        # anyone writing the query by hand against this schema would.
+        from kotonoha_bot.db.pg_schema import ANN_INDEX_NAME
+        from kotonoha_bot.db.pg_search_plan import IndexPlan
+
+        indexdef = await self.pool.fetchval(
+            "SELECT pg_get_indexdef(to_regclass($1))", ANN_INDEX_NAME
+        )
+        plan = IndexPlan.for_dimension(
+            self.ours.dim,
+            kind,
+            IndexPlan.precision_of(indexdef) or "float32",  # type: ignore[arg-type]
+        )
+        self.order = f"{plan.key_sql('embedding')} <=> {plan.query_sql('$1')}"
         self.variant = variant
 
     async def search(self, q: np.ndarray, channel: int | None) -> list[int]:
         if channel is None:
             rows = await self.pool.fetch(
                 "SELECT content, 1 - (embedding <=> $1) AS similarity FROM knowledge_chunks"
-                " WHERE guild_id = $2 ORDER BY embedding <=> $1 LIMIT $3",
+                f" WHERE guild_id = $2 ORDER BY {self.order} LIMIT $3",
                 q,
                 GUILD_ID,
                 TOP_K,
@@ -370,7 +384,7 @@ class RawPostgres(System):
         else:
             rows = await self.pool.fetch(
                 "SELECT content, 1 - (embedding <=> $1) AS similarity FROM knowledge_chunks"
-                " WHERE guild_id = $2 AND channel_id = $3 ORDER BY embedding <=> $1 LIMIT $4",
+                f" WHERE guild_id = $2 AND channel_id = $3 ORDER BY {self.order} LIMIT $4",
                 q,
                 GUILD_ID,
                 channel,

@@ -28,7 +28,7 @@ from kotonoha_bot.cli import app as cli_app
 from kotonoha_bot.config import Settings
 from kotonoha_bot.db.base import CAP_ANN_INDEX, CAP_READ_REPLICA, CAP_SERVER, check_filters
 from kotonoha_bot.db.pg_schema import ANN_INDEX_NAME, LATEST_SCHEMA_VERSION
-from kotonoha_bot.db.pg_search_plan import IndexPlan
+from kotonoha_bot.db.pg_search_plan import IndexPlan, ef_search_for
 from kotonoha_bot.db.postgres import PostgreSQLDatabase, _filter_sql
 from kotonoha_bot.errors import (
     DatabaseUnavailableError,
@@ -117,15 +117,16 @@ async def test_search_settings_are_connection_defaults(pg_url: str, settings: Se
                 await conn.execute("SET hnsw.ef_search = 5")
         assert db._needs_local_settings(10) is False
         assert db._needs_local_settings(500) is True  # top_k above ef_search
-    # Unpinned, the connections carry the smallest graphs' ef_search; a larger graph
-    # (the table's row estimate) is searched with a larger one through SET LOCAL.
+    # Unpinned, the connections carry the ef_search for the table's size at start-up
+    # (empty here); a table that grew past a step is searched with its own (SET LOCAL).
     async with PostgreSQLDatabase(pg_url, settings=settings) as db:
         async with db._pool.acquire() as conn:
-            assert await conn.fetchval("SHOW hnsw.ef_search") == "40"
+            assert await conn.fetchval("SHOW hnsw.ef_search") == str(ef_search_for(0))
         assert db._needs_local_settings(20) is False
-        db._table_rows = 1_000_000
+        db._table_rows = 100_000
         assert db._needs_local_settings(20) is True
-        assert "hnsw.ef_search = 64" in db.ann_statements(8, "c.guild_id = $2", 2, 10)[0]
+        statements = db.ann_statements(8, "c.guild_id = $2", 2, 10)[0]
+        assert f"hnsw.ef_search = {ef_search_for(100_000)}" in statements
 
 
 async def test_vectors_use_the_binary_codec(pg: PostgreSQLDatabase, pg_url: str) -> None:
@@ -254,13 +255,13 @@ async def test_index_precision_setting_and_searches_follow_the_index_that_exists
 
 
 def test_exact_scan_threshold_and_ef_search_follow_the_measured_rules() -> None:
-    from kotonoha_bot.db.pg_search_plan import ef_search_for, exact_max_rows
+    from kotonoha_bot.db.pg_search_plan import exact_max_rows
 
     assert exact_max_rows(1536) == 2604
     assert exact_max_rows(384) == 10416
     assert exact_max_rows(384, 50) == 50  # EXACT_SEARCH_MAX_ROWS wins
-    assert ef_search_for(10_000) == 40
-    assert ef_search_for(1_000_000) == 64
+    assert ef_search_for(10_000) == 100  # small graphs: neighbours stand out less
+    assert ef_search_for(100_000) == 48
     assert ef_search_for(10_000_000) == 100
     assert ef_search_for(10_000_000, 123) == 123  # HNSW_EF_SEARCH pins it
 

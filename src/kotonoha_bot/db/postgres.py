@@ -66,7 +66,6 @@ from kotonoha_bot.db.pg_schema import (
     IndexType,
 )
 from kotonoha_bot.db.pg_search_plan import (
-    EF_SEARCH_BY_ROWS,
     IndexPlan,
     IndexPrecision,
     ef_search_for,
@@ -233,6 +232,7 @@ class PostgreSQLDatabase(AsyncLifecycle):
         #: table's row estimate, refreshed with the scope sizes.
         self._live_precision: IndexPrecision | None = None
         self._table_rows = 0
+        self._pool_ef = ef_search_for(0, settings.hnsw_ef_search)
         self._pool: Any = None
         self._read_pool: Any = None
         self._config: EmbeddingConfig | None = None
@@ -260,6 +260,12 @@ class PostgreSQLDatabase(AsyncLifecycle):
                 "SELECT extversion FROM pg_extension WHERE extname = 'vector'"
             )
             self._pgvector_version = tuple(int(p) for p in str(version).split(".")[:3])
+            # The pooled connections' ef_search follows the table's size at start-up.
+            rows = await conn.fetchval(
+                "SELECT reltuples FROM pg_class WHERE oid = 'knowledge_chunks'::regclass"
+            )
+            self._table_rows = max(int(rows or 0), 0)
+            self._pool_ef = ef_search_for(self._table_rows, self._settings.hnsw_ef_search)
         finally:
             await conn.close()
         self._pool = await self._create_pool(self._dsn)
@@ -1286,9 +1292,8 @@ class PostgreSQLDatabase(AsyncLifecycle):
         return await self._run("searching knowledge", body, read_replica=True)
 
     def _default_ef_search(self) -> int:
-        """The pooled connections' ef_search: the setting, else the smallest graphs' rule."""
-        pinned = self._settings.hnsw_ef_search
-        return pinned if pinned is not None else EF_SEARCH_BY_ROWS[0][1]
+        """The pooled connections' ef_search: the setting, else by the size at start-up."""
+        return self._pool_ef
 
     def _ef_search(self, limit: int) -> int:
         """This search's ef_search: by the graph's size, never below the candidates wanted."""
