@@ -80,7 +80,8 @@ class Settings(BaseSettings):
         None,
         ge=0,
         description="PostgreSQL: scopes with at most this many rows are searched exactly;"
-        " empty = 4,000,000 / dimensions (2,604 rows at 1536 dims).",
+        " empty = by dimension (1536: 2,604 rows, or 20,000 for a scope of <= 1/4 of the"
+        " table).",
     )
 
     # --- embeddings ----------------------------------------------------------------

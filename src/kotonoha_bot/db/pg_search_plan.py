@@ -9,8 +9,11 @@ The rules below were chosen with ``python -m benchmarks`` (docs/PERFORMANCE.md) 
   de-TOASTing). The HNSW index answers a whole-guild top 10 in a few milliseconds at any
   size measured, so a scope is scanned exactly only while that scan stays within
   ``EXACT_SCAN_VALUES`` components (about 4 ms): 2,600 rows at 1536 dims, 10,000 at 384
-  (``EXACT_SEARCH_MAX_ROWS`` overrides). Small channels stay exact (recall 1); a filtered
-  index scan would have to walk the graph far to find their rows.
+  (``EXACT_SEARCH_MAX_ROWS`` overrides). A *filtered* scope (a channel, a small guild:
+  at most ``FILTERED_MAX_SHARE`` of the table) is scanned exactly up to
+  ``FILTERED_EXACT_SCAN_VALUES`` (20,000 rows at 1536 dims): for it the iterative index
+  scan walks far through other scopes' rows and loses recall (a 10 % channel of 100k x
+  1536: 0.90 through the index in about the time of the exact scan).
 - **ef_search by graph size** (``ef_search_for``; ``HNSW_EF_SEARCH`` pins it). Measured
   with the m=24 / ef_construction=128 graph at 1536 dims: 10k rows need ef_search 100
   for recall ~0.97 (their neighbours stand out less from the rest), 100k rows reach
@@ -39,6 +42,9 @@ HALFVEC_INDEX_MAX_DIM = 4000
 
 #: Scopes whose rows x dimensions stay within this are scanned exactly (~4 ms).
 EXACT_SCAN_VALUES = 4_000_000
+#: Scopes holding at most this share of the table are "filtered": exact up to the next.
+FILTERED_MAX_SHARE = 0.25
+FILTERED_EXACT_SCAN_VALUES = 20_000 * 1536
 
 #: (largest graph size, ef_search): the HNSW candidate list by vectors in the index.
 EF_SEARCH_BY_ROWS: tuple[tuple[int, int], ...] = ((30_000, 100), (300_000, 48))
@@ -49,10 +55,25 @@ HALFVEC_OVERFETCH = 2
 
 
 def exact_max_rows(dimension: int, setting: int | None = None) -> int:
-    """Largest scope searched exactly (``EXACT_SEARCH_MAX_ROWS`` when set)."""
+    """Largest unfiltered scope searched exactly (``EXACT_SEARCH_MAX_ROWS`` when set)."""
     if setting is not None:
         return setting
     return EXACT_SCAN_VALUES // max(dimension, 1)
+
+
+def filtered_exact_max_rows(dimension: int, setting: int | None = None) -> int:
+    """Largest filtered scope searched exactly (``EXACT_SEARCH_MAX_ROWS`` when set)."""
+    if setting is not None:
+        return setting
+    return FILTERED_EXACT_SCAN_VALUES // max(dimension, 1)
+
+
+def use_exact(scope_rows: int, table_rows: int, dimension: int, setting: int | None = None) -> bool:
+    """True when a scope of ``scope_rows`` (of ``table_rows``) is scanned exactly."""
+    if scope_rows <= exact_max_rows(dimension, setting):
+        return True
+    filtered = scope_rows <= FILTERED_MAX_SHARE * max(table_rows, scope_rows)
+    return filtered and scope_rows <= filtered_exact_max_rows(dimension, setting)
 
 
 def ef_search_for(index_rows: int, setting: int | None = None) -> int:

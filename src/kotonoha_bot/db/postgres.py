@@ -70,6 +70,8 @@ from kotonoha_bot.db.pg_search_plan import (
     IndexPrecision,
     ef_search_for,
     exact_max_rows,
+    filtered_exact_max_rows,
+    use_exact,
 )
 from kotonoha_bot.errors import (
     DatabaseError,
@@ -1249,7 +1251,10 @@ class PostgreSQLDatabase(AsyncLifecycle):
         scope, params = vector_scope(query, guild_id, channel_id, wanted)
         scope_params = params[1:]
         size_key = (guild_id, channel_id, _json(wanted))
-        bound = max(exact_max_rows(config.dimension, self._settings.exact_search_max_rows), top_k)
+        setting = self._settings.exact_search_max_rows
+        dim = config.dimension
+        # Counted up to the larger (filtered) threshold; which one applies is decided below.
+        bound = max(filtered_exact_max_rows(dim, setting), exact_max_rows(dim, setting), top_k)
 
         async def body(conn: Conn) -> list[Any]:
             size = self._cached_scope_size(size_key, bound)
@@ -1273,7 +1278,7 @@ class PostgreSQLDatabase(AsyncLifecycle):
                 self._remember_scope_size(size_key, bound, size)
             if size == 0:
                 return []
-            if size > bound:
+            if size > top_k and not use_exact(size, self._table_rows, dim, setting):
                 guc, sql, limit = self.ann_statements(config.dimension, scope, len(params), top_k)
                 if self._needs_local_settings(limit):
                     async with conn.transaction(readonly=True):
