@@ -80,7 +80,7 @@ class Settings(BaseSettings):
         None,
         ge=0,
         description="PostgreSQL: scopes with at most this many rows are searched exactly;"
-        " empty = by dimension (1536: 2,604 rows, or 20,000 for a scope of <= 1/4 of the"
+        " empty = by dimension (1536: 1,527 rows, or 19,089 for a scope of <= 1/4 of the"
         " table).",
     )
 

@@ -257,15 +257,16 @@ async def test_index_precision_setting_and_searches_follow_the_index_that_exists
 def test_exact_scan_threshold_and_ef_search_follow_the_measured_rules() -> None:
     from kotonoha_bot.db.pg_search_plan import exact_max_rows, use_exact
 
-    assert exact_max_rows(1536) == 2604
-    assert exact_max_rows(384) == 10416
+    assert exact_max_rows(1536) == 1527  # ~4 ms of exact scan (2.6 µs per row)
+    assert exact_max_rows(384) == 3326
     assert exact_max_rows(384, 50) == 50  # EXACT_SEARCH_MAX_ROWS wins
     # A channel holding 10 % of a 100k table stays exact up to 20,000 rows at 1536 dims;
     # the same 10,000 rows as a whole guild (the whole table) go through the index.
     assert use_exact(10_000, 100_000, 1536) is True
     assert use_exact(10_000, 10_000, 1536) is False
     assert use_exact(30_000, 300_000, 1536) is False
-    assert use_exact(2_000, 2_000, 1536) is True
+    assert use_exact(1_500, 1_500, 1536) is True
+    assert use_exact(10_000, 10_000, 384) is False  # the index: 10k x 384 exact took 12 ms
     assert use_exact(10_000, 100_000, 1536, setting=0) is False
     assert ef_search_for(10_000) == 100  # small graphs: neighbours stand out less
     assert ef_search_for(100_000) == 48

@@ -3,17 +3,17 @@
 The rules below were chosen with ``python -m benchmarks`` (docs/PERFORMANCE.md) on a
 2-core host, and each can be overridden by a setting:
 
-- **Exact or index.** An exact scan costs about 1.5 ns per stored float32 component
-  (2.4 µs per 1536-dim row: the rows are inline in the heap, ``toast_tuple_target`` keeps
-  them out of TOAST up to ~2000 dims, so this is reading and comparing, not
-  de-TOASTing). The HNSW index answers a whole-guild top 10 in a few milliseconds at any
-  size measured, so a scope is scanned exactly only while that scan stays within
-  ``EXACT_SCAN_VALUES`` components (about 4 ms): 2,600 rows at 1536 dims, 10,000 at 384
-  (``EXACT_SEARCH_MAX_ROWS`` overrides). A *filtered* scope (a channel, a small guild:
-  at most ``FILTERED_MAX_SHARE`` of the table) is scanned exactly up to
-  ``FILTERED_EXACT_SCAN_VALUES`` (20,000 rows at 1536 dims): for it the iterative index
-  scan walks far through other scopes' rows and loses recall (a 10 % channel of 100k x
-  1536: 0.90 through the index in about the time of the exact scan).
+- **Exact or index.** An exact scan costs about ``ROW_COST_S + DIM_COST_S x dims`` per
+  row (2.6 µs at 1536 dims, 1.2 µs at 384: the rows are inline in the heap,
+  ``toast_tuple_target`` keeps them out of TOAST up to ~2000 dims, so this is the tuple
+  and the distance, not de-TOASTing). The HNSW index answers a whole-guild top 10 in a
+  few milliseconds at any size measured, so a scope is scanned exactly only while that
+  stays within ``EXACT_SCAN_BUDGET_S`` (4 ms): about 1,500 rows at 1536 dims, 3,300 at
+  384 (``EXACT_SEARCH_MAX_ROWS`` overrides). A *filtered* scope (a channel, a small
+  guild: at most ``FILTERED_MAX_SHARE`` of the table) is scanned exactly within
+  ``FILTERED_EXACT_SCAN_BUDGET_S`` (about 19,000 rows at 1536 dims): for it the
+  iterative index scan walks far through other scopes' rows and loses recall (a 10 %
+  channel of 100k x 1536: 0.90 through the index in about the time of the exact scan).
 - **ef_search by graph size** (``ef_search_for``; ``HNSW_EF_SEARCH`` pins it). Measured
   with the m=24 / ef_construction=128 graph at 1536 dims: 10k rows need ef_search 100
   for recall ~0.97 (their neighbours stand out less from the rest), 100k rows reach
@@ -40,11 +40,15 @@ IndexPrecision = Literal["halfvec", "float32"]
 VECTOR_INDEX_MAX_DIM = 2000
 HALFVEC_INDEX_MAX_DIM = 4000
 
-#: Scopes whose rows x dimensions stay within this are scanned exactly (~4 ms).
-EXACT_SCAN_VALUES = 4_000_000
-#: Scopes holding at most this share of the table are "filtered": exact up to the next.
+#: The exact scan's cost per row: fixed (tuple) plus per dimension (fitted to 100k x 1536:
+#: 2.6 µs per row, and 10k x 384: 1.2 µs per row, on the benchmark's 2-core host).
+ROW_COST_S = 0.73e-6
+DIM_COST_S = 1.23e-9
+#: Scopes whose exact scan stays within this are scanned exactly.
+EXACT_SCAN_BUDGET_S = 0.004
+#: Scopes holding at most this share of the table are "filtered": exact within the next.
 FILTERED_MAX_SHARE = 0.25
-FILTERED_EXACT_SCAN_VALUES = 20_000 * 1536
+FILTERED_EXACT_SCAN_BUDGET_S = 0.05
 
 #: (largest graph size, ef_search): the HNSW candidate list by vectors in the index.
 EF_SEARCH_BY_ROWS: tuple[tuple[int, int], ...] = ((30_000, 100), (300_000, 48))
@@ -58,14 +62,18 @@ def exact_max_rows(dimension: int, setting: int | None = None) -> int:
     """Largest unfiltered scope searched exactly (``EXACT_SEARCH_MAX_ROWS`` when set)."""
     if setting is not None:
         return setting
-    return EXACT_SCAN_VALUES // max(dimension, 1)
+    return int(EXACT_SCAN_BUDGET_S / _row_cost(dimension))
+
+
+def _row_cost(dimension: int) -> float:
+    return ROW_COST_S + DIM_COST_S * max(dimension, 1)
 
 
 def filtered_exact_max_rows(dimension: int, setting: int | None = None) -> int:
     """Largest filtered scope searched exactly (``EXACT_SEARCH_MAX_ROWS`` when set)."""
     if setting is not None:
         return setting
-    return FILTERED_EXACT_SCAN_VALUES // max(dimension, 1)
+    return int(FILTERED_EXACT_SCAN_BUDGET_S / _row_cost(dimension))
 
 
 def use_exact(scope_rows: int, table_rows: int, dimension: int, setting: int | None = None) -> bool:
