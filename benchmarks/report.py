@@ -292,7 +292,7 @@ def _verdict(ok: bool) -> str:
 def goals(results: dict[str, Any]) -> list[str]:
     """Issue 16's "Show" list (and issue 8's goals), computed from this run."""
     out = []
-    bw = results["bandwidth"]["best"]
+    bw = results.get("bandwidth", {}).get("best")
     for key, n, dim in _runs(results):
         per_n = results["runs"][key]
         lab = _label(n, dim)
@@ -322,7 +322,7 @@ def goals(results: dict[str, Any]) -> list[str]:
                 f" ms, recall@10 {new['recall']:.3f}, cache {mib(mem)} MiB"
                 f" ({(mem or 0) / n:,.0f} bytes/chunk)."
             )
-        if new:
+        if new and bw:
             bound = n * dim / bw  # int8: one byte per dimension
             out.append(
                 f"{lab}: our SQLite p50 {_ms(new['p50'])} ms = {new['p50'] / bound:.1f}x the"
@@ -626,8 +626,7 @@ def write_report(results: dict[str, Any]) -> None:
         " it replaced, *binary* the sign-bit codes. The compact kinds shortlist by code score"
         " and re-rank by exact float32 cosine read from the stored BLOBs, so every"
         " similarity they return is exact.",
-        f"- numpy read bandwidth in this run: {results['bandwidth']['best'] / 1e9:.1f} GB/s"
-        " (best of a measurement at the start and one at the end).",
+        f"- numpy read bandwidth in this run: {_bandwidth(results)}.",
         "- Every system is filled in batches of 1,000 rows (ours through `save_source`, one"
         " transaction per batch). Our PostgreSQL's data set is bulk-loaded with the IVFFlat"
         " setting (that index is cheap to maintain) and then `rebuild_vector_index()` (CREATE"
@@ -702,6 +701,13 @@ def write_report(results: dict[str, Any]) -> None:
     DOC.parent.mkdir(parents=True, exist_ok=True)
     DOC.write_text("\n".join(lines))
     del made
+
+
+def _bandwidth(results: dict[str, Any]) -> str:
+    bw = results.get("bandwidth", {}).get("best")
+    if not bw:
+        return "not measured (the run was stopped before its end)"
+    return f"{bw / 1e9:.1f} GB/s (best of a measurement at the start and one at the end)"
 
 
 def _setting(results: dict[str, Any], name: str) -> str:
