@@ -70,7 +70,7 @@ class Settings(BaseSettings):
         ge=1,
         le=1000,
         description="HNSW: query-time list; empty = by the table's size (100 up to 30k rows,"
-        " 48 up to 300k, then 100).",
+        " 64 up to 300k, then 100).",
     )
     ivfflat_lists: int = Field(
         0, ge=0, description="IVFFlat lists; 0 = rows/1000 (min 10) at build time."
