@@ -337,8 +337,8 @@ async def measure_turns(systems: list[Any], ds: Dataset) -> dict[str, Any]:
 def save(results: dict[str, Any], args: argparse.Namespace) -> None:
     if not args.write:
         return
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=1, default=str))
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    args.results.write_text(json.dumps(results, indent=1, default=str))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -368,6 +368,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--report-only", action="store_true", help="rewrite the report from JSON")
     p.add_argument(
+        "--results",
+        type=Path,
+        default=RESULTS,
+        help="where the raw numbers go (the report is written only for the default)",
+    )
+    p.add_argument(
+        "--merge",
+        type=Path,
+        action="append",
+        default=[],
+        help="with --report-only: add the data sets of another results file",
+    )
+    p.add_argument(
         "--no-write",
         dest="write",
         action="store_false",
@@ -391,7 +404,14 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     args = parse_args(argv)
     if args.report_only:
-        results = json.loads(RESULTS.read_text())
+        results = json.loads(args.results.read_text())
+        for other in args.merge:
+            extra = json.loads(other.read_text())
+            for key, run in extra["runs"].items():
+                results["runs"].setdefault(key, run)
+            results.setdefault("merged", []).append(
+                {k: extra.get(k) for k in ("command", "started", "loadavg_start", "loadavg_end")}
+            )
         write_report(results)
         return
     command = " ".join(["python -m benchmarks", *map(shlex.quote, sys.argv[1:])]).strip()
@@ -411,7 +431,7 @@ def main(argv: list[str] | None = None) -> None:
     results["loadavg_end"] = os.getloadavg()
     save(results, args)
     print(latency_table(results))
-    if args.write:
+    if args.write and args.results == RESULTS:
         write_report(results)
     wrote = "; wrote docs/PERFORMANCE.md" if args.write else ""
     log(f"done in {results['elapsed_s'] / 60:.1f} min{wrote}")

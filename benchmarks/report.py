@@ -641,6 +641,12 @@ def write_report(results: dict[str, Any]) -> None:
     ]
     if results.get("skipped"):
         lines.append("- Skipped: " + "; ".join(results["skipped"]) + ".")
+    for m in results.get("merged", []):
+        lines.append(
+            f"- Data sets from a second command, run at the same time on the same host:"
+            f" `.venv/bin/{m.get('command')}` (started {m.get('started')}, `uptime` load"
+            f" average {_load(m)})."
+        )
     lines += [
         "",
         "## Goals",
