@@ -407,8 +407,8 @@ def main(argv: list[str] | None = None) -> None:
         results = json.loads(args.results.read_text())
         for other in args.merge:
             extra = json.loads(other.read_text())
-            for key, run in extra["runs"].items():
-                results["runs"].setdefault(key, run)
+            for key, data_set in extra["runs"].items():
+                results["runs"].setdefault(key, data_set)
             results.setdefault("merged", []).append(
                 {k: extra.get(k) for k in ("command", "started", "loadavg_start", "loadavg_end")}
             )
