@@ -595,8 +595,13 @@ def write_report(results: dict[str, Any]) -> None:
         f" Shared with other jobs (`uptime` load average {_load(results)}), so absolute"
         " times are noisy; every system ran in the same run on the same data and queries,"
         " taking turns, so compare ratios.",
-        f"- Started {results.get('started', '?')}, took"
-        f" {results.get('elapsed_s', math.nan) / 60:.0f} min.",
+        f"- Started {results.get('started', '?')}, "
+        + (
+            f"took {results['elapsed_s'] / 60:.0f} min."
+            if "elapsed_s" in results
+            else "stopped by hand after its last data set above (its 1M part ran as the"
+            " second command below instead, to keep the two 1M copies out of memory at once)."
+        ),
         "- Versions: " + ", ".join(f"{k} {val}" for k, val in v.items()) + ".",
         f"- PostgreSQL: {pg_settings.get('server_version', '—')}, pgvector"
         f" {pg_settings.get('pgvector', '—')}; "
