@@ -755,7 +755,7 @@ def recommendation(results: dict[str, Any]) -> list[str]:
         out.append(
             f"- **{dim} dims: our SQLite answers within {P99_BUDGET_S * 1e3:.0f} ms p99 up to"
             f" about {_round(n_x):,} chunks** in one guild on this 2-core host (p99 over a whole"
-            f" guild: {pts}; linear in N beyond). Its {SQLITE} cache holds"
+            f" guild: {pts}; linear in N beyond). Its default cache (int8 codes) holds"
             f" {per_chunk:,.0f} bytes per chunk, 1 GiB at about {_round(cache_1g):,} chunks."
         )
     if _busy(results):
