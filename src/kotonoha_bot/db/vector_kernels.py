@@ -1,0 +1,90 @@
+"""Scoring kernels of the SQLite vector cache: int8 dot products and bit Hamming distances.
+
+numpy has no fast int8 matrix-vector product (it widens every element first) and no
+fused popcount over rows, so a compact cache scored with numpy alone would be slower
+than the float32 matrix it replaces. ``numkong`` (SIMD kernels for x86 AVX2/AVX-512
+and Arm NEON/SVE, wheels for x86_64 and aarch64) does both at memory speed; it is a
+regular dependency. Where it cannot be imported (an exotic platform) the same
+results come from numpy, several times slower, and one warning line says so. Every
+kernel returns exact integers (as float64), so both paths rank identically.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+log = logging.getLogger(__name__)
+
+F64 = npt.NDArray[np.float64]
+I8 = npt.NDArray[np.int8]
+U8 = npt.NDArray[np.uint8]
+
+#: Rows widened per numpy block in the fallback (bounds its temporary memory).
+_FALLBACK_BLOCK = 8192
+
+_nk: Any
+try:
+    import numkong as _nk_module
+
+    _nk = _nk_module
+    SIMD_BACKEND = f"numkong {getattr(_nk_module, '__version__', '')}".strip()
+except ImportError:  # pragma: no cover - exercised only where numkong has no wheel
+    _nk = None
+    SIMD_BACKEND = "numpy (numkong not installed)"
+
+_warned = False
+
+
+def _warn_fallback() -> None:
+    global _warned
+    if not _warned:
+        _warned = True
+        log.warning(
+            "numkong is not installed: the vector cache scores int8/binary codes with numpy,"
+            " several times slower (pip install numkong)"
+        )
+
+
+def int8_dots(codes: I8, query: I8) -> F64:
+    """``codes @ query`` for int8 rows and an int8 query, as float64 (exact)."""
+    n = codes.shape[0]
+    out = np.empty(n, dtype=np.float64)
+    if n == 0:
+        return out
+    if _nk is not None:
+        _nk.cdist(query[None, :], codes, metric="dot", out_dtype="float64", out=out[None, :])
+        return out
+    _warn_fallback()
+    q = query.astype(np.float64)
+    for start in range(0, n, _FALLBACK_BLOCK):
+        block = codes[start : start + _FALLBACK_BLOCK]
+        out[start : start + block.shape[0]] = block.astype(np.float64) @ q
+    return out
+
+
+def hamming_distances(bits: U8, query: U8) -> F64:
+    """Hamming distance of each packed-bit row to the packed-bit query, as float64."""
+    n = bits.shape[0]
+    out = np.empty(n, dtype=np.float64)
+    if n == 0:
+        return out
+    if _nk is not None:
+        _nk.cdist(
+            query[None, :],
+            bits,
+            metric="hamming",
+            dtype="uint1",
+            out_dtype="float64",
+            out=out[None, :],
+        )
+        return out
+    _warn_fallback()
+    for start in range(0, n, _FALLBACK_BLOCK):
+        block = bits[start : start + _FALLBACK_BLOCK] ^ query
+        counts = np.unpackbits(block, axis=1).sum(axis=1, dtype=np.int64)
+        out[start : start + block.shape[0]] = counts
+    return out
