@@ -285,7 +285,7 @@ def _v2_rows(
 
 
 def build_v2_sqlite(path: Path, sessions: int) -> None:
-    from kotonoha_bot.db.sqlite import MIGRATIONS, _split_sql
+    from kotonoha_bot.db.sqlite.database import MIGRATIONS, _split_sql
 
     conn = sqlite3.connect(path, isolation_level=None)
     conn.execute(
@@ -325,7 +325,7 @@ def build_v2_sqlite(path: Path, sessions: int) -> None:
 async def build_v2_postgres(url: str, sessions: int) -> None:
     import asyncpg
 
-    from kotonoha_bot.db.pg_schema import CREATE_MIGRATIONS_TABLE, MIGRATIONS
+    from kotonoha_bot.db.postgres.schema import CREATE_MIGRATIONS_TABLE, MIGRATIONS
 
     def when(text: str) -> datetime:
         return datetime.fromisoformat(text)

@@ -358,8 +358,8 @@ class RawPostgres(System):
         )
         # ORDER BY what the index holds (a halfvec index needs its own expression), as
         # anyone writing the query by hand against this schema would.
-        from kotonoha_bot.db.pg_schema import ANN_INDEX_NAME
         from kotonoha_bot.db.pg_search_plan import IndexPlan
+        from kotonoha_bot.db.postgres.schema import ANN_INDEX_NAME
 
         indexdef = await self.pool.fetchval(
             "SELECT pg_get_indexdef(to_regclass($1))", ANN_INDEX_NAME

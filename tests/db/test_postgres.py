@@ -27,9 +27,9 @@ from typer.testing import CliRunner
 from kotonoha_bot.cli import app as cli_app
 from kotonoha_bot.config import Settings
 from kotonoha_bot.db.base import CAP_ANN_INDEX, CAP_READ_REPLICA, CAP_SERVER, check_filters
-from kotonoha_bot.db.pg_schema import ANN_INDEX_NAME, LATEST_SCHEMA_VERSION
 from kotonoha_bot.db.pg_search_plan import IndexPlan, ef_search_for
-from kotonoha_bot.db.postgres import PostgreSQLDatabase, _filter_sql
+from kotonoha_bot.db.postgres.database import PostgreSQLDatabase, _filter_sql
+from kotonoha_bot.db.postgres.schema import ANN_INDEX_NAME, LATEST_SCHEMA_VERSION
 from kotonoha_bot.errors import (
     DatabaseUnavailableError,
     PoolTimeoutError,

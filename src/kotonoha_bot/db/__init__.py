@@ -26,8 +26,8 @@ __all__ = [
 
 #: Backend (DatabaseURL.backend) -> "module:Class" (imported lazily).
 BACKENDS: dict[str, str] = {
-    "sqlite": "kotonoha_bot.db.sqlite:SQLiteDatabase",
-    "postgresql": "kotonoha_bot.db.postgres:PostgreSQLDatabase",
+    "sqlite": "kotonoha_bot.db.sqlite.database:SQLiteDatabase",
+    "postgresql": "kotonoha_bot.db.postgres.database:PostgreSQLDatabase",
 }
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 from kotonoha_bot.db import DatabaseURL, open_database, parse_database_url, sqlite_path_from_url
-from kotonoha_bot.db.sqlite_files import create_private
+from kotonoha_bot.db.sqlite.files import create_private
 from kotonoha_bot.db.transfer import (
     MigrationReport,
     TransferProgress,
@@ -46,7 +46,7 @@ from kotonoha_bot.redact import redact
 
 if TYPE_CHECKING:
     from kotonoha_bot.config import Settings
-    from kotonoha_bot.db.postgres import PostgreSQLDatabase
+    from kotonoha_bot.db.postgres.database import PostgreSQLDatabase
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
 PGDUMP_MAGIC = b"PGDMP"
@@ -186,7 +186,7 @@ def _small(settings: Settings) -> Settings:
 
 
 async def _server_major(url: str, settings: Settings) -> int:
-    from kotonoha_bot.db.postgres_rows import inspect_database
+    from kotonoha_bot.db.postgres.rows import inspect_database
 
     db = cast("PostgreSQLDatabase", open_database(url, settings=_small(settings)))
     info = await inspect_database(db)
@@ -239,7 +239,7 @@ async def run_backup(settings: Settings, db_url: str | None = None) -> Path:
 async def _backup_sqlite(
     settings: Settings, url: str, label: str, output: str | Path | None
 ) -> BackupResult:
-    from kotonoha_bot.db.sqlite_rows import integrity_check, online_backup
+    from kotonoha_bot.db.sqlite.rows import integrity_check, online_backup
 
     source = sqlite_path_from_url(url)
     if not source.is_file():
@@ -260,7 +260,7 @@ async def _backup_sqlite(
 async def _backup_pg_dump(
     settings: Settings, url: str, label: str, output: str | Path | None, pg_dump: str
 ) -> BackupResult:
-    from kotonoha_bot.db.postgres_rows import PostgresRows
+    from kotonoha_bot.db.postgres.rows import PostgresRows
 
     dest, rotate_dir = _destination(settings, label, output, ".dump")
     _make_dir(dest.parent)
@@ -323,7 +323,7 @@ async def _backup_logical(
     output: str | Path | None,
     progress: TransferProgress | None,
 ) -> BackupResult:
-    from kotonoha_bot.db.sqlite_rows import finalize_file
+    from kotonoha_bot.db.sqlite.rows import finalize_file
 
     dest, rotate_dir = _destination(settings, label, output, ".db")
     _make_dir(dest.parent)
@@ -487,7 +487,7 @@ async def check_pg_dump_backup(path: Path, url: str, settings: Settings) -> None
 
 
 async def _server_major_any(url: str, settings: Settings) -> int:
-    from kotonoha_bot.db.postgres_rows import inspect_database
+    from kotonoha_bot.db.postgres.rows import inspect_database
 
     db = cast("PostgreSQLDatabase", open_database(url, settings=_small(settings)))
     return (await inspect_database(db)).server_version_num // 10000
@@ -532,7 +532,7 @@ async def _restore_sqlite(
 async def _restore_pg_dump(
     path: Path, url: str, settings: Settings, started: float, wiped: bool
 ) -> RestoreResult:
-    from kotonoha_bot.db.postgres_rows import PostgresRows, inspect_database
+    from kotonoha_bot.db.postgres.rows import PostgresRows, inspect_database
 
     db = cast("PostgreSQLDatabase", open_database(url, settings=_small(settings)))
     major = (await inspect_database(db)).server_version_num // 10000

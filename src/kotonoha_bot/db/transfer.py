@@ -72,8 +72,8 @@ from kotonoha_bot.models import EmbeddingConfig
 
 if TYPE_CHECKING:
     from kotonoha_bot.config import Settings
-    from kotonoha_bot.db.postgres import PostgreSQLDatabase
-    from kotonoha_bot.db.sqlite_legacy import LegacyReport
+    from kotonoha_bot.db.postgres.database import PostgreSQLDatabase
+    from kotonoha_bot.db.sqlite.legacy import LegacyReport
 
 T = TypeVar("T")
 
@@ -397,8 +397,8 @@ async def _open_source(
             yield _Source(store, "postgresql", identity)
         return
 
-    from kotonoha_bot.db.sqlite import LATEST_SCHEMA_VERSION
-    from kotonoha_bot.db.sqlite_rows import (
+    from kotonoha_bot.db.sqlite.database import LATEST_SCHEMA_VERSION
+    from kotonoha_bot.db.sqlite.rows import (
         SQLiteRows,
         check_columns,
         check_schema_version,
@@ -488,7 +488,7 @@ async def _convert_legacy(
     progress: TransferProgress,
     total: int | None,
 ) -> Path:
-    from kotonoha_bot.db.sqlite_legacy import legacy_to_file
+    from kotonoha_bot.db.sqlite.legacy import legacy_to_file
 
     progress.begin("convert legacy sessions", total)
     result = await asyncio.to_thread(
@@ -533,7 +533,7 @@ def _legacy_summary(result: LegacyReport) -> dict[str, Any]:
 
 @contextlib.asynccontextmanager
 async def _open_pg_reader(url: str, settings: Settings, role: str) -> AsyncIterator[RowStore]:
-    from kotonoha_bot.db.postgres_rows import PostgresRows, inspect_database
+    from kotonoha_bot.db.postgres.rows import PostgresRows, inspect_database
 
     db: Any = open_database(url, settings=_small_pool(settings))
     info = await inspect_database(db)
@@ -556,13 +556,13 @@ async def _open_pg_reader(url: str, settings: Settings, role: str) -> AsyncItera
 async def _inspect_target(url: str, settings: Settings) -> _TargetInfo:
     """What the target holds, read without creating or migrating anything."""
     if parse_database_url(url) == "sqlite":
-        from kotonoha_bot.db.sqlite_rows import inspect_file
+        from kotonoha_bot.db.sqlite.rows import inspect_file
 
         info = await asyncio.to_thread(inspect_file, sqlite_path_from_url(url))
         return _TargetInfo(
             info.kind, info.kind == "current", info.counts, info.meta, info.schema_version
         )
-    from kotonoha_bot.db.postgres_rows import inspect_database
+    from kotonoha_bot.db.postgres.rows import inspect_database
 
     db = cast("PostgreSQLDatabase", open_database(url, settings=_small_pool(settings)))
     pg = await inspect_database(db)
@@ -609,7 +609,7 @@ def _plan(info: _TargetInfo, target: str, identity: str, restart: bool) -> str:
 
 def check_target_can_index(target_url: str, embedding: EmbeddingConfig | None) -> None:
     """pgvector indexes at most 4000 dimensions: say so before anything is written."""
-    from kotonoha_bot.db.pg_schema import HALFVEC_INDEX_MAX_DIM
+    from kotonoha_bot.db.postgres.schema import HALFVEC_INDEX_MAX_DIM
 
     if (
         embedding is not None
@@ -882,7 +882,7 @@ async def _open_target(
     None on SQLite.
     """
     if parse_database_url(url) == "sqlite":
-        from kotonoha_bot.db.sqlite_rows import SQLiteRows
+        from kotonoha_bot.db.sqlite.rows import SQLiteRows
 
         path = sqlite_path_from_url(url)
         async with open_database(url, settings=settings):
@@ -902,7 +902,7 @@ async def _open_target(
             await writer.close()
         return
 
-    from kotonoha_bot.db.postgres_rows import PostgresRows
+    from kotonoha_bot.db.postgres.rows import PostgresRows
 
     async with open_database(url, settings=_small_pool(settings)) as opened:
         pg = cast("PostgreSQLDatabase", opened)
@@ -1311,7 +1311,7 @@ async def _open_reader(url: str, settings: Settings, role: str) -> AsyncIterator
         async with _open_pg_reader(url, settings, role) as store:
             yield store
         return
-    from kotonoha_bot.db.sqlite_rows import SQLiteRows, check_schema_version, inspect_file
+    from kotonoha_bot.db.sqlite.rows import SQLiteRows, check_schema_version, inspect_file
 
     path = sqlite_path_from_url(url)
     info = await asyncio.to_thread(inspect_file, path)
@@ -1469,8 +1469,8 @@ async def upgrade(
     The conversion is one transaction in the file itself; afterwards the upgraded file
     is verified against the backup (converted by the same rules).
     """
-    from kotonoha_bot.db.sqlite_legacy import upgrade_in_place
-    from kotonoha_bot.db.sqlite_rows import inspect_file, integrity_check, online_backup
+    from kotonoha_bot.db.sqlite.legacy import upgrade_in_place
+    from kotonoha_bot.db.sqlite.rows import inspect_file, integrity_check, online_backup
 
     progress = progress or TransferProgress()
     if parse_database_url(url) != "sqlite":
@@ -1545,7 +1545,7 @@ async def upgrade(
 async def wipe(url: str, settings: Settings) -> None:
     """Delete every row of a kotonoha database (the schema stays)."""
     if parse_database_url(url) == "sqlite":
-        from kotonoha_bot.db.sqlite_rows import SQLiteRows
+        from kotonoha_bot.db.sqlite.rows import SQLiteRows
 
         async with open_database(url, settings=settings):
             pass
@@ -1556,7 +1556,7 @@ async def wipe(url: str, settings: Settings) -> None:
         finally:
             await store.close()
         return
-    from kotonoha_bot.db.postgres_rows import PostgresRows
+    from kotonoha_bot.db.postgres.rows import PostgresRows
 
     async with open_database(url, settings=_small_pool(settings)) as opened:
         writer = PostgresRows(cast("PostgreSQLDatabase", opened), snapshot=False)

@@ -56,15 +56,6 @@ from kotonoha_bot.db.base import (
     check_vector,
     config_from_meta,
 )
-from kotonoha_bot.db.pg_schema import (
-    ANN_INDEX_NAME,
-    CREATE_MIGRATIONS_TABLE,
-    HALFVEC_INDEX_MAX_DIM,
-    LATEST_SCHEMA_VERSION,
-    MIGRATIONS,
-    SCHEMA_LOCK_KEY,
-    IndexType,
-)
 from kotonoha_bot.db.pg_search_plan import (
     IndexPlan,
     IndexPrecision,
@@ -73,8 +64,17 @@ from kotonoha_bot.db.pg_search_plan import (
     filtered_exact_max_rows,
     use_exact,
 )
-from kotonoha_bot.db.postgres_memories import PostgresMemories
-from kotonoha_bot.db.postgres_provenance import PostgresProvenance
+from kotonoha_bot.db.postgres.memories import PostgresMemories
+from kotonoha_bot.db.postgres.provenance import PostgresProvenance
+from kotonoha_bot.db.postgres.schema import (
+    ANN_INDEX_NAME,
+    CREATE_MIGRATIONS_TABLE,
+    HALFVEC_INDEX_MAX_DIM,
+    LATEST_SCHEMA_VERSION,
+    MIGRATIONS,
+    SCHEMA_LOCK_KEY,
+    IndexType,
+)
 from kotonoha_bot.db.url import DatabaseURL
 from kotonoha_bot.errors import (
     DatabaseError,

@@ -1,6 +1,6 @@
 """PostgreSQL: what follows Discord — forget, edits, deletes, reply links and chunk provenance.
 
-The same rules as the SQLite backend (see :mod:`kotonoha_bot.db.sqlite_provenance`):
+The same rules as the SQLite backend (see :mod:`kotonoha_bot.db.sqlite.provenance`):
 stored messages and every chunk whose ``chunk_messages`` rows name one of them are
 removed in one transaction; touched sessions get a new ``version`` and correct
 counters, the archived boundary kept by ``seq``. The sessions are locked first

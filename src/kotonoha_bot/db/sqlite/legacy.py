@@ -46,7 +46,7 @@ from kotonoha_bot.db.rowconv import (
     TableSpec,
     jsonable,
 )
-from kotonoha_bot.db.sqlite_rows import _translate, create_schema, insert_rows
+from kotonoha_bot.db.sqlite.rows import _translate, create_schema, insert_rows
 from kotonoha_bot.errors import DatabaseError
 from kotonoha_bot.models import ROLES, SESSION_TYPES
 
@@ -330,7 +330,7 @@ def legacy_to_file(
     on_session: Callable[[], None] | None = None,
 ) -> LegacyReport:
     """Convert a legacy file into a new current-schema file ``out`` (must not exist)."""
-    from kotonoha_bot.db.sqlite_rows import _connect
+    from kotonoha_bot.db.sqlite.rows import _connect
 
     try:
         src = _connect(legacy, readonly=True)

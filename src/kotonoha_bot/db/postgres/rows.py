@@ -19,8 +19,8 @@ import asyncpg
 import asyncpg.exceptions as pgerr
 import numpy as np
 
-from kotonoha_bot.db.pg_schema import ANN_INDEX_NAME
-from kotonoha_bot.db.postgres import PostgreSQLDatabase
+from kotonoha_bot.db.postgres.database import PostgreSQLDatabase
+from kotonoha_bot.db.postgres.schema import ANN_INDEX_NAME
 from kotonoha_bot.db.rowconv import (
     PROVENANCE_CHECKS,
     REEMBED,

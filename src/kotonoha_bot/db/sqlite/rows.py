@@ -32,8 +32,8 @@ from kotonoha_bot.db.rowconv import (
     Row,
     TableSpec,
 )
-from kotonoha_bot.db.sqlite import LATEST_SCHEMA_VERSION, MIGRATIONS, _split_sql
-from kotonoha_bot.db.sqlite_files import OURS, create_private, translate
+from kotonoha_bot.db.sqlite.database import LATEST_SCHEMA_VERSION, MIGRATIONS, _split_sql
+from kotonoha_bot.db.sqlite.files import OURS, create_private, translate
 from kotonoha_bot.errors import (
     CorruptDatabaseError,
     DatabaseError,

@@ -1,6 +1,6 @@
 """PostgreSQL: explicit memories (``/memory``) and LLM usage records.
 
-The same rules as :mod:`kotonoha_bot.db.sqlite_memories`. The per-user limit is
+The same rules as :mod:`kotonoha_bot.db.sqlite.memories`. The per-user limit is
 checked under a transaction-scoped advisory lock on (scope, user), so two
 ``/memory add`` at once cannot both pass the count; usage is one upsert per call.
 """

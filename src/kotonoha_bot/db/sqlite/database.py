@@ -39,11 +39,11 @@ from kotonoha_bot.db.base import (
     check_vector,
     config_from_meta,
 )
-from kotonoha_bot.db.sqlite_files import OURS, check_openable, create_private, translate
-from kotonoha_bot.db.sqlite_memories import SQLiteMemories
-from kotonoha_bot.db.sqlite_provenance import SQLiteProvenance
-from kotonoha_bot.db.sqlite_values import dt as _dt
-from kotonoha_bot.db.sqlite_values import ts as _ts
+from kotonoha_bot.db.sqlite.files import OURS, check_openable, create_private, translate
+from kotonoha_bot.db.sqlite.memories import SQLiteMemories
+from kotonoha_bot.db.sqlite.provenance import SQLiteProvenance
+from kotonoha_bot.db.sqlite.values import dt as _dt
+from kotonoha_bot.db.sqlite.values import ts as _ts
 from kotonoha_bot.db.url import DatabaseURL
 from kotonoha_bot.db.vector_cache import CacheKind, VectorCache, rerank
 from kotonoha_bot.db.vector_kernels import SIMD_BACKEND
