@@ -27,9 +27,9 @@ from typer.testing import CliRunner
 from kotonoha_bot.cli import app as cli_app
 from kotonoha_bot.config import Settings
 from kotonoha_bot.db.base import CAP_ANN_INDEX, CAP_READ_REPLICA, CAP_SERVER, check_filters
-from kotonoha_bot.db.pg_search_plan import IndexPlan, ef_search_for
 from kotonoha_bot.db.postgres.database import PostgreSQLDatabase, _filter_sql
 from kotonoha_bot.db.postgres.schema import ANN_INDEX_NAME, LATEST_SCHEMA_VERSION
+from kotonoha_bot.db.postgres.search_plan import IndexPlan, ef_search_for
 from kotonoha_bot.errors import (
     DatabaseUnavailableError,
     PoolTimeoutError,
@@ -255,7 +255,7 @@ async def test_index_precision_setting_and_searches_follow_the_index_that_exists
 
 
 def test_exact_scan_threshold_and_ef_search_follow_the_measured_rules() -> None:
-    from kotonoha_bot.db.pg_search_plan import exact_max_rows, use_exact
+    from kotonoha_bot.db.postgres.search_plan import exact_max_rows, use_exact
 
     assert exact_max_rows(1536) == 1527  # ~4 ms of exact scan (2.6 µs per row)
     assert exact_max_rows(384) == 3326

@@ -56,14 +56,6 @@ from kotonoha_bot.db.base import (
     check_vector,
     config_from_meta,
 )
-from kotonoha_bot.db.pg_search_plan import (
-    IndexPlan,
-    IndexPrecision,
-    ef_search_for,
-    exact_max_rows,
-    filtered_exact_max_rows,
-    use_exact,
-)
 from kotonoha_bot.db.postgres.memories import PostgresMemories
 from kotonoha_bot.db.postgres.provenance import PostgresProvenance
 from kotonoha_bot.db.postgres.schema import (
@@ -74,6 +66,14 @@ from kotonoha_bot.db.postgres.schema import (
     MIGRATIONS,
     SCHEMA_LOCK_KEY,
     IndexType,
+)
+from kotonoha_bot.db.postgres.search_plan import (
+    IndexPlan,
+    IndexPrecision,
+    ef_search_for,
+    exact_max_rows,
+    filtered_exact_max_rows,
+    use_exact,
 )
 from kotonoha_bot.db.url import DatabaseURL
 from kotonoha_bot.errors import (

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from kotonoha_bot.db.pg_search_plan import HALFVEC_INDEX_MAX_DIM, VECTOR_INDEX_MAX_DIM
+from kotonoha_bot.db.postgres.search_plan import HALFVEC_INDEX_MAX_DIM, VECTOR_INDEX_MAX_DIM
 
 #: Advisory lock key ("kotonoha" in ASCII) held while the schema or the index changes.
 SCHEMA_LOCK_KEY = 0x6B6F746F6E6F6861

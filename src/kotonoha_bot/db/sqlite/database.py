@@ -44,9 +44,9 @@ from kotonoha_bot.db.sqlite.memories import SQLiteMemories
 from kotonoha_bot.db.sqlite.provenance import SQLiteProvenance
 from kotonoha_bot.db.sqlite.values import dt as _dt
 from kotonoha_bot.db.sqlite.values import ts as _ts
+from kotonoha_bot.db.sqlite.vector_cache import CacheKind, VectorCache, rerank
+from kotonoha_bot.db.sqlite.vector_kernels import SIMD_BACKEND
 from kotonoha_bot.db.url import DatabaseURL
-from kotonoha_bot.db.vector_cache import CacheKind, VectorCache, rerank
-from kotonoha_bot.db.vector_kernels import SIMD_BACKEND
 from kotonoha_bot.errors import (
     DatabaseError,
     ForeignDatabaseError,

@@ -32,7 +32,7 @@ from typing import Literal
 import numpy as np
 import numpy.typing as npt
 
-from kotonoha_bot.db.vector_kernels import hamming_distances, int8_dots
+from kotonoha_bot.db.sqlite.vector_kernels import hamming_distances, int8_dots
 from kotonoha_bot.models import Vector
 
 CacheKind = Literal["int8", "binary", "float32"]
