@@ -38,7 +38,7 @@ from benchmarks.data import exact_top_k, make_dataset
 from benchmarks.pgserver import bench_server
 from benchmarks.util import pct, table
 from kotonoha_bot.config import Settings
-from kotonoha_bot.db.base import check_filters
+from kotonoha_bot.db.checks import check_filters
 from kotonoha_bot.db.postgres.database import (
     PostgreSQLDatabase,
     exact_search_sql,

@@ -26,7 +26,8 @@ from typer.testing import CliRunner
 
 from kotonoha_bot.cli import app as cli_app
 from kotonoha_bot.config import Settings
-from kotonoha_bot.db.base import CAP_ANN_INDEX, CAP_READ_REPLICA, CAP_SERVER, check_filters
+from kotonoha_bot.db.checks import check_filters
+from kotonoha_bot.db.contract import CAP_ANN_INDEX, CAP_READ_REPLICA, CAP_SERVER
 from kotonoha_bot.db.postgres.database import PostgreSQLDatabase, _filter_sql
 from kotonoha_bot.db.postgres.schema import ANN_INDEX_NAME, LATEST_SCHEMA_VERSION
 from kotonoha_bot.db.postgres.search_plan import IndexPlan, ef_search_for

@@ -983,7 +983,7 @@ async def test_older_schema_transient_and_unknown_tables(
     new_database_url: Any, settings: Settings
 ) -> None:
     """Job leases are never moved and a table we do not know is reported."""
-    from kotonoha_bot.db.rowconv import TRANSIENT_TABLES
+    from kotonoha_bot.db.tables import TRANSIENT_TABLES
 
     src = await new_database_url("sqlite")
     target = await new_database_url("sqlite")

@@ -44,7 +44,7 @@ from kotonoha_bot.chat.sessions import SessionManager
 from kotonoha_bot.chat.usage import UsageMeter
 from kotonoha_bot.chat.why import Explanation, TraceBook, answer_trace, explain, format_citations
 from kotonoha_bot.config import Settings
-from kotonoha_bot.db.base import DatabaseProtocol, ForgetResult
+from kotonoha_bot.db.contract import DatabaseProtocol, ForgetResult
 from kotonoha_bot.errors import EmbeddingModelMismatchError, KotonohaError, LLMError
 from kotonoha_bot.knowledge.archive import (
     ArchiveReport,

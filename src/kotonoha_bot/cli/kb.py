@@ -24,7 +24,7 @@ from kotonoha_bot.cli.common import (
 )
 from kotonoha_bot.config import Settings
 from kotonoha_bot.db import open_database
-from kotonoha_bot.db.base import DatabaseProtocol
+from kotonoha_bot.db.contract import DatabaseProtocol
 from kotonoha_bot.knowledge.archive import archive_idle_sessions
 from kotonoha_bot.knowledge.embeddings import EmbeddingProvider, create_embedding_provider
 from kotonoha_bot.knowledge.ingest import embed_pending, find_files, ingest_paths, reembed
@@ -209,7 +209,7 @@ async def search(
 
 async def _check_model(db: DatabaseProtocol, embedder: EmbeddingProvider) -> None:
     """Refuse to mix vectors of two models (the database names both)."""
-    from kotonoha_bot.db.base import check_embedding_config
+    from kotonoha_bot.db.checks import check_embedding_config
     from kotonoha_bot.knowledge.embeddings import embedding_config
 
     check_embedding_config(await db.get_embedding_config(), embedding_config(embedder))

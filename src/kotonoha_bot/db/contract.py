@@ -37,6 +37,7 @@ CAP_MULTI_PROCESS = "multi_process"  # several bot processes may share the datab
 CAP_READ_REPLICA = "read_replica"  # searches may go to a read replica
 CAP_SERVER = "server"  # a network server (restart/pool faults apply)
 
+
 @dataclass(frozen=True, slots=True)
 class ForgetResult:
     """What ``forget`` deleted.

@@ -39,13 +39,37 @@ import math
 import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, tzinfo
 from decimal import Decimal
 from typing import Any
 
 import numpy as np
 
+from kotonoha_bot.db.tables import (
+    CHUNK_MESSAGES,
+    CHUNKS,
+    COUNT,
+    DAY,
+    INT32,
+    JSON_OBJ,
+    MESSAGE_REFS,
+    MESSAGES,
+    REEMBED,
+    ROW_ID,
+    SESSIONS,
+    SNOWFLAKE,
+    SNOWFLAKE_OPT,
+    SOURCES,
+    TEXT,
+    TEXT_OPT,
+    TIME,
+    VECTOR,
+    VECTOR_OPT,
+    RawText,
+    Row,
+    TableSpec,
+    canonical_json,
+)
 from kotonoha_bot.models import (
     ROLES,
     SESSION_STATUSES,
@@ -60,220 +84,15 @@ MIGRATION_MARKER = "migration_in_progress"
 #: Meta keys the transfer records through the contract (set_embedding_config).
 EMBEDDING_KEYS = ("embedding_model", "embedding_dimension")
 
-Row = tuple[Any, ...]
-
-# Column kinds.
-TEXT = "text"  # required text
-TEXT_OPT = "text?"  # optional text
-ROW_ID = "rowid"  # 1 .. 2**63-1, required
-SNOWFLAKE = "snowflake"  # Discord id 0 .. 2**63-1, required
-SNOWFLAKE_OPT = "snowflake?"
-INT32 = "int32"  # required, PostgreSQL INT
-TIME = "time"  # required timestamp
-JSON_OBJ = "json"  # required JSON object (metadata)
-VECTOR = "vector"  # required float32 vector
-VECTOR_OPT = "vector?"
-DAY = "day"  # required calendar day (UTC), canonical ``date``
-COUNT = "count"  # required non-negative 64-bit counter
-
 _INT32 = (-(2**31), 2**31 - 1)
 _INT64_ID = (0, 2**63 - 1)
 _INT_TEXT_RE = re.compile(r"^\s*[+-]?[0-9]+\s*$")  # ASCII digits only
 _DAY_RE = re.compile(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$")
 
 
-class RawText(bytes):
-    """A SQLite TEXT value fetched undecoded (``text_factory``), so bad UTF-8 is ours to report."""
-
-    __slots__ = ()
-
-
 class Reject(Exception):
     """This row cannot be moved faithfully; ``str(self)`` is the reason."""
 
-
-@dataclass(frozen=True, slots=True)
-class TableSpec:
-    """A table the transfer moves: its key, its columns and their kinds.
-
-    ``large`` tables have integer keys and are copied in key-ordered batches that a
-    rerun resumes after the target's highest key; the others are small, read whole,
-    and a rerun skips the keys the target already holds.
-    """
-
-    name: str
-    key: str
-    columns: tuple[tuple[str, str], ...]
-    large: bool
-    names: tuple[str, ...] = field(init=False)
-    key_index: int = field(init=False)
-
-    def __post_init__(self) -> None:
-        names = tuple(c for c, _ in self.columns)
-        object.__setattr__(self, "names", names)
-        object.__setattr__(self, "key_index", names.index(self.key))
-
-
-META = TableSpec("kotonoha_meta", "key", (("key", TEXT), ("value", TEXT)), large=False)
-SESSIONS = TableSpec(
-    "sessions",
-    "session_key",
-    (
-        ("session_key", TEXT),
-        ("session_type", TEXT),
-        ("status", TEXT),
-        ("guild_id", SNOWFLAKE_OPT),
-        ("channel_id", SNOWFLAKE_OPT),
-        ("thread_id", SNOWFLAKE_OPT),
-        ("user_id", SNOWFLAKE_OPT),
-        ("version", INT32),
-        ("message_count", INT32),
-        ("last_archived_message_index", INT32),
-        ("created_at", TIME),
-        ("last_active_at", TIME),
-    ),
-    large=False,
-)
-MESSAGES = TableSpec(
-    "messages",
-    "id",
-    (
-        ("id", ROW_ID),
-        ("session_key", TEXT),
-        ("seq", INT32),
-        ("role", TEXT),
-        ("content", TEXT),
-        ("author_id", SNOWFLAKE_OPT),
-        ("author_name", TEXT_OPT),
-        ("discord_message_id", SNOWFLAKE_OPT),
-        ("created_at", TIME),
-        ("channel_id", SNOWFLAKE_OPT),
-        ("turn_id", SNOWFLAKE_OPT),
-    ),
-    large=True,
-)
-MESSAGE_REFS = TableSpec(
-    "message_refs",
-    "discord_message_id",
-    (("discord_message_id", SNOWFLAKE), ("message_id", ROW_ID), ("channel_id", SNOWFLAKE)),
-    large=True,
-)
-SOURCES = TableSpec(
-    "knowledge_sources",
-    "id",
-    (
-        ("id", ROW_ID),
-        ("guild_id", SNOWFLAKE),
-        ("channel_id", SNOWFLAKE_OPT),
-        ("source_type", TEXT),
-        ("uri", TEXT),
-        ("title", TEXT),
-        ("content_hash", TEXT),
-        ("status", TEXT),
-        ("metadata", JSON_OBJ),
-        ("session_key", TEXT_OPT),
-        ("created_at", TIME),
-        ("updated_at", TIME),
-    ),
-    large=False,
-)
-CHUNKS = TableSpec(
-    "knowledge_chunks",
-    "id",
-    (
-        ("id", ROW_ID),
-        ("source_id", ROW_ID),
-        ("guild_id", SNOWFLAKE),
-        ("channel_id", SNOWFLAKE_OPT),
-        ("chunk_index", INT32),
-        ("chunk_key", TEXT),
-        ("content", TEXT),
-        ("search_text", TEXT_OPT),
-        ("metadata", JSON_OBJ),
-        ("embedding", VECTOR_OPT),
-        ("created_at", TIME),
-    ),
-    large=True,
-)
-CHUNK_MESSAGES = TableSpec(
-    "chunk_messages",
-    "id",
-    (("id", ROW_ID), ("chunk_id", ROW_ID), ("message_id", ROW_ID)),
-    large=True,
-)
-REEMBED = TableSpec(
-    "reembed_vectors", "chunk_id", (("chunk_id", ROW_ID), ("embedding", VECTOR)), large=True
-)
-MEMORIES = TableSpec(
-    "memories",
-    "id",
-    (
-        ("id", ROW_ID),
-        ("guild_id", SNOWFLAKE_OPT),
-        ("user_id", SNOWFLAKE),
-        ("content", TEXT),
-        ("created_at", TIME),
-    ),
-    large=True,
-)
-USAGE = TableSpec(
-    "llm_usage",
-    "id",
-    (
-        ("id", ROW_ID),
-        ("day", DAY),
-        ("guild_id", SNOWFLAKE),
-        ("user_id", SNOWFLAKE),
-        ("model", TEXT),
-        ("calls", COUNT),
-        ("input_tokens", COUNT),
-        ("output_tokens", COUNT),
-    ),
-    large=True,
-)
-
-#: Copy order (parents before children).
-TABLES: tuple[TableSpec, ...] = (
-    META,
-    SESSIONS,
-    MESSAGES,
-    MESSAGE_REFS,
-    SOURCES,
-    CHUNKS,
-    CHUNK_MESSAGES,
-    REEMBED,
-    MEMORIES,
-    USAGE,
-)
-#: The tables whose rows point at rows of another large table, and which ones: a
-#: child row whose parent was not moved is rejected (never written, never dropped).
-PARENTS: dict[str, tuple[str, ...]] = {
-    "message_refs": ("messages",),
-    "chunk_messages": ("knowledge_chunks", "messages"),
-    "reembed_vectors": ("knowledge_chunks",),
-}
-#: Schema tables that are never moved: short-lived locks of the running bot's jobs,
-#: meaningless in another database (a wipe empties them).
-TRANSIENT_TABLES: tuple[str, ...] = ("job_leases",)
-TABLE_BY_NAME = {t.name: t for t in TABLES}
-
-#: Reference checks of the provenance tables (the same SQL on both backends).
-PROVENANCE_CHECKS = {
-    "reply links without a message": (
-        "SELECT count(*) FROM message_refs r WHERE NOT EXISTS"
-        " (SELECT 1 FROM messages m WHERE m.id = r.message_id)"
-    ),
-    "provenance rows without a chunk or message": (
-        "SELECT count(*) FROM chunk_messages p WHERE NOT EXISTS"
-        " (SELECT 1 FROM knowledge_chunks c WHERE c.id = p.chunk_id) OR NOT EXISTS"
-        " (SELECT 1 FROM messages m WHERE m.id = p.message_id)"
-    ),
-    "provenance across sessions of another guild": (
-        "SELECT count(*) FROM chunk_messages p JOIN knowledge_chunks c ON c.id = p.chunk_id"
-        " JOIN messages m ON m.id = p.message_id JOIN sessions s"
-        " ON s.session_key = m.session_key WHERE s.guild_id IS NULL OR s.guild_id <> c.guild_id"
-    ),
-}
 
 _ENUMS: dict[tuple[str, str], tuple[str, ...]] = {
     ("sessions", "session_type"): SESSION_TYPES,
@@ -289,11 +108,6 @@ _NON_EMPTY = {
     ("memories", "content"),
     ("llm_usage", "model"),
 }
-
-
-def canonical_json(value: Any) -> str:
-    """The JSON text both backends store (compact, sorted keys, UTF-8)."""
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), sort_keys=True)
 
 
 def _reject_constant(name: str) -> Any:

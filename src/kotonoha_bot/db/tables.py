@@ -31,11 +31,6 @@ VECTOR_OPT = "vector?"
 DAY = "day"  # required calendar day (UTC), canonical ``date``
 COUNT = "count"  # required non-negative 64-bit counter
 
-_INT32 = (-(2**31), 2**31 - 1)
-_INT64_ID = (0, 2**63 - 1)
-_INT_TEXT_RE = re.compile(r"^\s*[+-]?[0-9]+\s*$")  # ASCII digits only
-_DAY_RE = re.compile(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$")
-
 
 @dataclass(frozen=True, slots=True)
 class TableSpec:

@@ -40,27 +40,29 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from kotonoha_bot.db import DatabaseURL, open_database, parse_database_url, sqlite_path_from_url
 from kotonoha_bot.db.rowconv import (
+    EMBEDDING_KEYS,
+    MIGRATION_MARKER,
+    Reject,
+    RowConverter,
+    comparable,
+    jsonable,
+    row_digest,
+)
+from kotonoha_bot.db.tables import (
     CHUNK_MESSAGES,
     CHUNKS,
-    EMBEDDING_KEYS,
     MEMORIES,
     MESSAGE_REFS,
     MESSAGES,
     META,
-    MIGRATION_MARKER,
     PARENTS,
     REEMBED,
     SESSIONS,
     SOURCES,
     TABLES,
     USAGE,
-    Reject,
     Row,
-    RowConverter,
     TableSpec,
-    comparable,
-    jsonable,
-    row_digest,
 )
 from kotonoha_bot.errors import (
     ConfigError,

@@ -34,7 +34,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal
 
-from kotonoha_bot.db.base import DatabaseProtocol
+from kotonoha_bot.db.contract import DatabaseProtocol
 from kotonoha_bot.errors import EmbeddingError
 from kotonoha_bot.knowledge.chunking import normalize_for_query
 from kotonoha_bot.knowledge.embeddings.base import EmbeddingProvider

@@ -39,13 +39,7 @@ import numpy as np
 from pgvector import Vector as PgVector
 from pgvector.asyncpg import register_vector
 
-from kotonoha_bot.db.base import (
-    CAP_ANN_INDEX,
-    CAP_MULTI_PROCESS,
-    CAP_READ_REPLICA,
-    CAP_SERVER,
-    AsyncLifecycle,
-    ReembedStatus,
+from kotonoha_bot.db.checks import (
     check_chunks,
     check_embedding_config,
     check_filters,
@@ -55,6 +49,14 @@ from kotonoha_bot.db.base import (
     check_top_k,
     check_vector,
     config_from_meta,
+)
+from kotonoha_bot.db.contract import (
+    CAP_ANN_INDEX,
+    CAP_MULTI_PROCESS,
+    CAP_READ_REPLICA,
+    CAP_SERVER,
+    AsyncLifecycle,
+    ReembedStatus,
 )
 from kotonoha_bot.db.postgres.memories import PostgresMemories
 from kotonoha_bot.db.postgres.provenance import PostgresProvenance

@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 from datetime import date
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from kotonoha_bot.db.base import check_ids, check_memory, check_memory_page, check_usage
+from kotonoha_bot.db.checks import check_ids, check_memory, check_memory_page, check_usage
 from kotonoha_bot.errors import MemoryLimitError
 from kotonoha_bot.models import Memory, UsageRecord, utcnow
 

@@ -18,7 +18,8 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from kotonoha_bot.db.base import ForgetResult, check_discord_id, check_ids
+from kotonoha_bot.db.checks import check_discord_id, check_ids
+from kotonoha_bot.db.contract import ForgetResult
 from kotonoha_bot.models import ChunkOrigin, KnowledgeChunk, MessageChange, MessageLink
 from kotonoha_bot.text import check_text
 

@@ -21,9 +21,9 @@ import numpy as np
 
 from kotonoha_bot.db.postgres.database import PostgreSQLDatabase
 from kotonoha_bot.db.postgres.schema import ANN_INDEX_NAME
-from kotonoha_bot.db.rowconv import (
-    PROVENANCE_CHECKS,
-    REEMBED,
+from kotonoha_bot.db.tables import (
+    INTEGRITY_CHECKS,
+    SEQUENCED,
     TABLES,
     TRANSIENT_TABLES,
     Row,
@@ -31,15 +31,6 @@ from kotonoha_bot.db.rowconv import (
 )
 from kotonoha_bot.errors import DatabaseError, KotonohaError
 
-#: Tables whose ``id`` is an identity column.
-SEQUENCED = (
-    "messages",
-    "knowledge_sources",
-    "knowledge_chunks",
-    "chunk_messages",
-    "memories",
-    "llm_usage",
-)
 _DATA_ERRORS = (pgerr.DataError, pgerr.IntegrityConstraintViolationError)
 
 
@@ -357,29 +348,7 @@ class PostgresRows:
         await self._do("analysing", self._c().execute(f"ANALYZE {names}"))
 
     async def integrity(self) -> dict[str, int]:
-        checks = {
-            "messages without a session": (
-                "SELECT count(*) FROM messages m WHERE NOT EXISTS"
-                " (SELECT 1 FROM sessions s WHERE s.session_key = m.session_key)"
-            ),
-            "chunks without a source": (
-                "SELECT count(*) FROM knowledge_chunks c WHERE NOT EXISTS"
-                " (SELECT 1 FROM knowledge_sources s WHERE s.id = c.source_id)"
-            ),
-            "chunks in another guild than their source": (
-                "SELECT count(*) FROM knowledge_chunks c JOIN knowledge_sources s"
-                " ON s.id = c.source_id WHERE s.guild_id <> c.guild_id"
-            ),
-            "re-embed vectors without a chunk": (
-                f"SELECT count(*) FROM {REEMBED.name} r WHERE NOT EXISTS"
-                " (SELECT 1 FROM knowledge_chunks c WHERE c.id = r.chunk_id)"
-            ),
-            "sessions whose message_count is wrong": (
-                "SELECT count(*) FROM sessions s WHERE s.message_count <>"
-                " (SELECT count(*) FROM messages m WHERE m.session_key = s.session_key)"
-            ),
-            **PROVENANCE_CHECKS,
-        }
+        checks = INTEGRITY_CHECKS
         return {
             name: int(await self._do("checking references", self._c().fetchval(sql)))
             for name, sql in checks.items()

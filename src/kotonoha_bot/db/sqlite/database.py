@@ -26,9 +26,7 @@ import aiosqlite
 import numpy as np
 
 from kotonoha_bot.db import sqlite_path_from_url
-from kotonoha_bot.db.base import (
-    AsyncLifecycle,
-    ReembedStatus,
+from kotonoha_bot.db.checks import (
     check_chunks,
     check_embedding_config,
     check_filters,
@@ -39,6 +37,7 @@ from kotonoha_bot.db.base import (
     check_vector,
     config_from_meta,
 )
+from kotonoha_bot.db.contract import AsyncLifecycle, ReembedStatus
 from kotonoha_bot.db.sqlite.files import OURS, check_openable, create_private, translate
 from kotonoha_bot.db.sqlite.memories import SQLiteMemories
 from kotonoha_bot.db.sqlite.provenance import SQLiteProvenance

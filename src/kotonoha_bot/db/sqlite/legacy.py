@@ -36,17 +36,9 @@ from datetime import datetime, tzinfo
 from pathlib import Path
 from typing import Any
 
-from kotonoha_bot.db.rowconv import (
-    MESSAGES,
-    SESSIONS,
-    RawText,
-    Reject,
-    Row,
-    RowConverter,
-    TableSpec,
-    jsonable,
-)
+from kotonoha_bot.db.rowconv import Reject, RowConverter, jsonable
 from kotonoha_bot.db.sqlite.rows import _translate, create_schema, insert_rows
+from kotonoha_bot.db.tables import MESSAGES, SESSIONS, RawText, Row, TableSpec
 from kotonoha_bot.errors import DatabaseError
 from kotonoha_bot.models import ROLES, SESSION_TYPES
 

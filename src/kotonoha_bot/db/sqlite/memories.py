@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import aiosqlite
 
-from kotonoha_bot.db.base import check_ids, check_memory, check_memory_page, check_usage
+from kotonoha_bot.db.checks import check_ids, check_memory, check_memory_page, check_usage
 from kotonoha_bot.db.sqlite.values import dt, ts
 from kotonoha_bot.errors import MemoryLimitError
 from kotonoha_bot.models import Memory, UsageRecord, utcnow

@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING, Any
 
 import aiosqlite
 
-from kotonoha_bot.db.base import ForgetResult, check_discord_id, check_ids
+from kotonoha_bot.db.checks import check_discord_id, check_ids
+from kotonoha_bot.db.contract import ForgetResult
 from kotonoha_bot.models import ChunkOrigin, KnowledgeChunk, MessageChange, MessageLink
 from kotonoha_bot.text import check_text
 

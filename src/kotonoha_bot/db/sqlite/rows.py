@@ -18,22 +18,17 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
-from kotonoha_bot.db.rowconv import (
-    CHUNK_MESSAGES,
-    CHUNKS,
-    MEMORIES,
-    MESSAGES,
-    PROVENANCE_CHECKS,
-    SOURCES,
+from kotonoha_bot.db.sqlite.database import LATEST_SCHEMA_VERSION, MIGRATIONS, _split_sql
+from kotonoha_bot.db.sqlite.files import OURS, create_private, translate
+from kotonoha_bot.db.tables import (
+    INTEGRITY_CHECKS,
+    SEQUENCED,
     TABLES,
     TRANSIENT_TABLES,
-    USAGE,
     RawText,
     Row,
     TableSpec,
 )
-from kotonoha_bot.db.sqlite.database import LATEST_SCHEMA_VERSION, MIGRATIONS, _split_sql
-from kotonoha_bot.db.sqlite.files import OURS, create_private, translate
 from kotonoha_bot.errors import (
     CorruptDatabaseError,
     DatabaseError,
@@ -56,15 +51,6 @@ KNOWN_TABLES = frozenset(
         "knowledge_chunks_fts_config",
         "knowledge_chunks_fts_content",
     }
-)
-#: Tables whose ``id`` is AUTOINCREMENT (their high-water mark is in sqlite_sequence).
-SEQUENCED = (
-    MESSAGES.name,
-    SOURCES.name,
-    CHUNKS.name,
-    CHUNK_MESSAGES.name,
-    MEMORIES.name,
-    USAGE.name,
 )
 
 
@@ -521,29 +507,7 @@ class SQLiteRows:
 
     async def integrity(self) -> dict[str, int]:
         """Rows that point nowhere or disagree with their parent (all 0 when sound)."""
-        checks = {
-            "messages without a session": (
-                "SELECT count(*) FROM messages m WHERE NOT EXISTS"
-                " (SELECT 1 FROM sessions s WHERE s.session_key = m.session_key)"
-            ),
-            "chunks without a source": (
-                "SELECT count(*) FROM knowledge_chunks c WHERE NOT EXISTS"
-                " (SELECT 1 FROM knowledge_sources s WHERE s.id = c.source_id)"
-            ),
-            "chunks in another guild than their source": (
-                "SELECT count(*) FROM knowledge_chunks c JOIN knowledge_sources s"
-                " ON s.id = c.source_id WHERE s.guild_id <> c.guild_id"
-            ),
-            "re-embed vectors without a chunk": (
-                "SELECT count(*) FROM reembed_vectors r WHERE NOT EXISTS"
-                " (SELECT 1 FROM knowledge_chunks c WHERE c.id = r.chunk_id)"
-            ),
-            "sessions whose message_count is wrong": (
-                "SELECT count(*) FROM sessions s WHERE s.message_count <>"
-                " (SELECT count(*) FROM messages m WHERE m.session_key = s.session_key)"
-            ),
-            **PROVENANCE_CHECKS,
-        }
+        checks = INTEGRITY_CHECKS
 
         def read(c: sqlite3.Connection) -> dict[str, int]:
             return {name: int(c.execute(sql).fetchone()[0]) for name, sql in checks.items()}
