@@ -26,7 +26,6 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from pathlib import Path
 
 from kotonoha_bot.chat.changes import DiscordChanges
 from kotonoha_bot.chat.conversation import Conversation, Incoming
@@ -55,7 +54,7 @@ from kotonoha_bot.knowledge.archive import (
 from kotonoha_bot.knowledge.embeddings import create_embedding_provider
 from kotonoha_bot.knowledge.embeddings.base import EmbeddingProvider, embedding_config
 from kotonoha_bot.knowledge.ingest import BatchProgress, IngestReport, embed_pending, ingest_bytes
-from kotonoha_bot.knowledge.search import RankedHit, search_knowledge, search_tuning
+from kotonoha_bot.knowledge.search import RankedHit, SearchTuning, search_knowledge
 from kotonoha_bot.llm.base import ChatTurn, LLMProvider
 from kotonoha_bot.models import Message, MessageChange, MessageLink, utcnow
 from kotonoha_bot.text import replace_nul
@@ -316,7 +315,7 @@ class ChatService:
             channel_id=channel_id,
             mode="hybrid",
             top_k=top_k,
-            **search_tuning(s),
+            tuning=SearchTuning.from_settings(s),
         )
         return list(result.hits)
 
@@ -602,14 +601,6 @@ class ChatService:
         return await embed_pending(
             self.db, self.embedder, batch_size=self.settings.embedding_batch_size
         )
-
-    async def backup(self) -> Path:
-        """Back up the configured database and rotate (``BACKUP_INTERVAL_HOURS`` in the bot)."""
-        from kotonoha_bot.db.backup import run_backup
-
-        path = await run_backup(self.settings)
-        log.info("database backup written: %s", path)
-        return path
 
     async def sweep_retention(self, member_guild_ids: set[int]) -> dict[int, ForgetResult]:
         """Apply ``DATA_RETENTION_DAYS`` given every guild the bot is in."""

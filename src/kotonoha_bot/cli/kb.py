@@ -31,8 +31,8 @@ from kotonoha_bot.knowledge.ingest import embed_pending, find_files, ingest_path
 from kotonoha_bot.knowledge.search import (
     SEARCH_MODES,
     SearchResult,
+    SearchTuning,
     search_knowledge,
-    search_tuning,
 )
 
 app = typer.Typer(help="Build and search the knowledge base.", no_args_is_help=True)
@@ -185,7 +185,7 @@ async def search(
             channel_id=channel,
             mode=mode,
             top_k=top_k,
-            **search_tuning(settings),
+            tuning=SearchTuning.from_settings(settings),
         )
         # Provenance: a conversation hit links to its first message on Discord.
         origins = await db.chunk_origins([r.hit.chunk_id for r in result.hits])

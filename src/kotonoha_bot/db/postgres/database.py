@@ -40,15 +40,19 @@ from pgvector import Vector as PgVector
 from pgvector.asyncpg import register_vector
 
 from kotonoha_bot.db.checks import (
+    check_chunk_scope,
     check_chunks,
     check_embedding_config,
     check_filters,
     check_ids,
+    check_limit,
     check_session,
     check_source,
     check_top_k,
     check_vector,
     config_from_meta,
+    require_config,
+    source_status,
 )
 from kotonoha_bot.db.contract import (
     CAP_ANN_INDEX,
@@ -77,6 +81,8 @@ from kotonoha_bot.db.postgres.search_plan import (
     filtered_exact_max_rows,
     use_exact,
 )
+from kotonoha_bot.db.postgres.sql import HIT_COLS, Params, exact_search_sql, scope_sql, vector_scope
+from kotonoha_bot.db.tables import SOURCE_STATUS_SQL, canonical_json
 from kotonoha_bot.db.url import DatabaseURL
 from kotonoha_bot.errors import (
     DatabaseError,
@@ -180,14 +186,6 @@ _CHUNK_COPY_COLS = [
     "embedding",
     "created_at",
 ]
-_HIT_COLS = (
-    "c.id, c.source_id, c.content, c.guild_id, c.channel_id, c.metadata, c.chunk_index,"
-    " k.title, k.uri"
-)
-
-
-def _json(value: Mapping[str, Any]) -> str:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), sort_keys=True)
 
 
 def _pgvec(vector: Vector) -> PgVector:
@@ -421,6 +419,26 @@ class PostgreSQLDatabase(PostgresProvenance, PostgresMemories, AsyncLifecycle):
         if isinstance(exc, pgerr.PostgresError | pgerr.InterfaceError | pgerr.InternalClientError):
             return DatabaseError(f"{what}: {detail}")
         return None
+
+    # --- for the raw-row module beside this one (db/postgres/rows.py) -------------------
+
+    def translate_error(self, what: str, exc: BaseException) -> KotonohaError | None:
+        """The typed error for a driver exception on this database (None: not ours)."""
+        return self._translate(what, exc)
+
+    def require_pool(self) -> Any:
+        """The write pool of an open database (DatabaseError when it is not open)."""
+        return self._require_pool()
+
+    @property
+    def connect_dsn(self) -> str:
+        """The asyncpg DSN, password included: pass it to a driver, never print it."""
+        return self._dsn
+
+    @property
+    def acquire_timeout(self) -> float:
+        """Seconds to wait for a connection (DATABASE_ACQUIRE_TIMEOUT)."""
+        return self._acquire_timeout
 
     def _require_pool(self, read: bool = False) -> Any:
         if self._pool is None:
@@ -685,6 +703,8 @@ class PostgreSQLDatabase(PostgresProvenance, PostgresMemories, AsyncLifecycle):
         limit: int | None = None,
     ) -> list[SessionInfo]:
         check_ids("list_sessions", guild_id)
+        if limit is not None:
+            check_limit(limit, "list_sessions")
         where: list[str] = []
         params: list[Any] = []
         if guild_id is not None:
@@ -701,7 +721,7 @@ class PostgreSQLDatabase(PostgresProvenance, PostgresMemories, AsyncLifecycle):
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY last_active_at, session_key"
         if limit is not None:
-            params.append(max(int(limit), 0))
+            params.append(limit)
             sql += f" LIMIT ${len(params)}"
 
         async def body(conn: Conn) -> list[SessionInfo]:
@@ -798,16 +818,6 @@ class PostgreSQLDatabase(PostgresProvenance, PostgresMemories, AsyncLifecycle):
             self._config = await self._read_config(conn)
         return self._config
 
-    @staticmethod
-    def _require_config(
-        chunks: Sequence[KnowledgeChunk], config: EmbeddingConfig | None, where: str
-    ) -> None:
-        if config is None and any(c.embedding is not None for c in chunks):
-            raise InvalidInputError(
-                f"{where}: no embedding model recorded in this database yet;"
-                " call set_embedding_config before writing vectors"
-            )
-
     # --- knowledge ------------------------------------------------------------------
 
     async def save_source(
@@ -820,9 +830,9 @@ class PostgreSQLDatabase(PostgresProvenance, PostgresMemories, AsyncLifecycle):
             # The source now; its chunks while they stream to the server (one bad chunk
             # aborts the COPY and the transaction: nothing is kept).
             check_source(source, [], None)
-            self._require_config(chunks, config, where)
-            _check_chunk_scope(source.guild_id, chunks, where)
-            status = "ready" if all(c.embedding is not None for c in chunks) else "pending"
+            require_config(config, any(c.embedding is not None for c in chunks), where)
+            check_chunk_scope(source.guild_id, chunks, where)
+            status = source_status(chunks)
             row = await conn.fetchrow(
                 "INSERT INTO knowledge_sources AS s (guild_id, channel_id, source_type, uri,"
                 " title, content_hash, status, metadata, session_key, created_at, updated_at)"
@@ -840,7 +850,7 @@ class PostgreSQLDatabase(PostgresProvenance, PostgresMemories, AsyncLifecycle):
                 source.title,
                 source.content_hash,
                 status,
-                _json(source.metadata),
+                canonical_json(source.metadata),
                 source.session_key,
             )
             source_id = int(row["id"])
@@ -872,7 +882,7 @@ class PostgreSQLDatabase(PostgresProvenance, PostgresMemories, AsyncLifecycle):
                 source.uri,
                 source.title,
                 source.content_hash,
-                _json(source.metadata),
+                canonical_json(source.metadata),
                 source.session_key,
             )
             if row is None:
@@ -931,7 +941,7 @@ class PostgreSQLDatabase(PostgresProvenance, PostgresMemories, AsyncLifecycle):
                     c.chunk_key,
                     c.content,
                     keyword_document(c.content),
-                    _json(c.metadata),
+                    canonical_json(c.metadata),
                     None if c.embedding is None else np.asarray(c.embedding, dtype=np.float32),
                     now,
                 )
@@ -989,8 +999,8 @@ class PostgreSQLDatabase(PostgresProvenance, PostgresMemories, AsyncLifecycle):
             where = f"source {row['uri']!r}"
             config = await self._read_config(conn)
             check_chunks(chunks, config.dimension if config else None, where)
-            self._require_config(chunks, config, where)
-            _check_chunk_scope(row["guild_id"], chunks, where)
+            require_config(config, any(c.embedding is not None for c in chunks), where)
+            check_chunk_scope(row["guild_id"], chunks, where)
             existing = {
                 r["chunk_key"]
                 for r in await conn.fetch(
@@ -1033,10 +1043,9 @@ class PostgreSQLDatabase(PostgresProvenance, PostgresMemories, AsyncLifecycle):
         if not source_ids:
             return
         await conn.execute(
-            "UPDATE knowledge_sources s SET updated_at = now(), status = CASE WHEN EXISTS"
-            " (SELECT 1 FROM knowledge_chunks c WHERE c.source_id = s.id"
-            "  AND c.embedding IS NULL) THEN 'pending' ELSE 'ready' END"
-            " WHERE s.id = ANY($1::bigint[])",
+            "UPDATE knowledge_sources s SET updated_at = now(), status = "
+            + SOURCE_STATUS_SQL.format(source="s.id")
+            + " WHERE s.id = ANY($1::bigint[])",
             list(source_ids),
         )
 
@@ -1127,7 +1136,7 @@ class PostgreSQLDatabase(PostgresProvenance, PostgresMemories, AsyncLifecycle):
         return await self._run(f"listing chunks of source {source_id}", body)
 
     async def pending_chunks(self, limit: int = 100) -> list[PendingChunk]:
-        if limit < 1:
+        if check_limit(limit, "pending_chunks") == 0:
             return []
 
         async def body(conn: Conn) -> list[PendingChunk]:
@@ -1219,11 +1228,15 @@ class PostgreSQLDatabase(PostgresProvenance, PostgresMemories, AsyncLifecycle):
             try:
                 rows = await self._search_rows(config, query, guild_id, channel_id, top_k, wanted)
                 break
-            except DatabaseError as exc:
-                # Another process switched models (finish_reembed): reload and check again.
-                if attempt == 2 or "different vector dimensions" not in str(exc):
+            except DatabaseError:
+                # Another process may have switched models (finish_reembed). The recorded
+                # config, not the driver's wording, decides: when it changed, the query is
+                # checked against it again (a query of the old size is then a typed
+                # DimensionMismatchError); when it did not, the error stands.
+                fresh = await self._run("reading the embedding configuration", self._read_config)
+                if attempt == 2 or fresh == config:
                     raise
-                self._config = None
+                self._config = fresh
         hits = [_hit(r, 1.0 - float(r["dist"]), similarity=True) for r in rows]
         if min_similarity is not None:
             hits = [h for h in hits if h.score >= min_similarity]
@@ -1239,28 +1252,30 @@ class PostgreSQLDatabase(PostgresProvenance, PostgresMemories, AsyncLifecycle):
         wanted: Mapping[str, list[Any]],
     ) -> list[Any]:
         scope, params = vector_scope(query, guild_id, channel_id, wanted)
-        scope_params = params[1:]
-        size_key = (guild_id, channel_id, _json(wanted))
+        # The count takes the same scope without the query vector: built again with its
+        # own parameters (never renumbered).
+        count_params = Params()
+        count_scope = scope_sql(count_params, guild_id, channel_id, wanted, vectors=True)
+        size_key = (guild_id, channel_id, canonical_json(wanted))
         setting = self._settings.exact_search_max_rows
         dim = config.dimension
         # Counted up to the larger (filtered) threshold; which one applies is decided below.
         bound = max(filtered_exact_max_rows(dim, setting), exact_max_rows(dim, setting), top_k)
+        limit_ref = count_params.add(bound + 1)
+        index_ref = count_params.add(ANN_INDEX_NAME)
 
         async def body(conn: Conn) -> list[Any]:
             size = self._cached_scope_size(size_key, bound)
             if size is None:
-                n = len(scope_params)
                 # The index's definition and the table's size ride along: searches follow
                 # the index that exists, and ef_search follows the graph's size.
                 row = await conn.fetchrow(
                     "SELECT (SELECT count(*) FROM (SELECT 1 FROM knowledge_chunks c WHERE"
-                    f" {_renumber(scope, 1)} LIMIT ${n + 1}) AS s) AS size,"
+                    f" {count_scope} LIMIT {limit_ref}) AS s) AS size,"
                     " (SELECT reltuples FROM pg_class"
                     "  WHERE oid = 'knowledge_chunks'::regclass) AS table_rows,"
-                    f" pg_get_indexdef(to_regclass(${n + 2})) AS indexdef",
-                    *scope_params,
-                    bound + 1,
-                    ANN_INDEX_NAME,
+                    f" pg_get_indexdef(to_regclass({index_ref})) AS indexdef",
+                    *count_params,
                 )
                 size = int(row["size"])
                 self._table_rows = max(int(row["table_rows"] or 0), size)
@@ -1339,7 +1354,7 @@ class PostgreSQLDatabase(PostgresProvenance, PostgresMemories, AsyncLifecycle):
                 guc.append("SET LOCAL ivfflat.iterative_scan = relaxed_order")
         order = f"{plan.key_sql('c.embedding')} <=> {plan.query_sql('$1')}"
         sql = (
-            f"SELECT r.dist, {_HIT_COLS} FROM ("
+            f"SELECT r.dist, {HIT_COLS} FROM ("
             "  SELECT c.id, c.embedding <=> $1::vector AS dist FROM knowledge_chunks c"
             f"  WHERE {scope}"
             f"  ORDER BY {order}"
@@ -1381,12 +1396,8 @@ class PostgreSQLDatabase(PostgresProvenance, PostgresMemories, AsyncLifecycle):
         terms = [t for t in query_terms(query) if len(t.encode("utf-8")) < 2048]
         if not terms:
             return []
-        params: list[Any] = [guild_id]
-        scope = "c.guild_id = $1"
-        if channel_id is not None:
-            params.append(channel_id)
-            scope += f" AND c.channel_id = ${len(params)}"
-        scope += _filter_sql(wanted, params)
+        params = Params()
+        scope = scope_sql(params, guild_id, channel_id, wanted)
         n = len(params)
         # The scope's statistics (the same numbers SQLite computes): its chunk count and
         # each term's document frequency (GIN index), then the shared plan in Python.
@@ -1422,7 +1433,7 @@ class PostgreSQLDatabase(PostgresProvenance, PostgresMemories, AsyncLifecycle):
             f"   sum(CASE WHEN tf.tf > 0 THEN tf.w ELSE 0 END) / ${n + 7}::float8 AS coverage"
             "   FROM tf CROSS JOIN avgdl GROUP BY tf.id HAVING sum(tf.tf) > 0"
             f"   ORDER BY score DESC, tf.id LIMIT ${n + 8})"
-            f" SELECT r.score, r.coverage, {_HIT_COLS} FROM ranked r"
+            f" SELECT r.score, r.coverage, {HIT_COLS} FROM ranked r"
             " JOIN knowledge_chunks c ON c.id = r.id"
             " JOIN knowledge_sources k ON k.id = c.source_id ORDER BY r.score DESC, r.id"
         )
@@ -1488,12 +1499,14 @@ class PostgreSQLDatabase(PostgresProvenance, PostgresMemories, AsyncLifecycle):
         await self._run("starting a re-embedding", body, write=True)
 
     async def reembed_todo(self, limit: int = 100) -> list[PendingChunk]:
+        check_limit(limit, "reembed_todo")
+
         async def body(conn: Conn) -> list[PendingChunk]:
             rows = await conn.fetch(
                 "SELECT c.id, c.source_id, c.content FROM knowledge_chunks c"
                 " WHERE NOT EXISTS (SELECT 1 FROM reembed_vectors r WHERE r.chunk_id = c.id)"
                 " ORDER BY c.id LIMIT $1",
-                max(int(limit), 0),
+                limit,
             )
             return [
                 PendingChunk(chunk_id=r["id"], source_id=r["source_id"], content=r["content"])
@@ -1580,9 +1593,7 @@ class PostgreSQLDatabase(PostgresProvenance, PostgresMemories, AsyncLifecycle):
                 },
             )
             await conn.execute(
-                "UPDATE knowledge_sources s SET status = CASE WHEN EXISTS (SELECT 1 FROM"
-                " knowledge_chunks c WHERE c.source_id = s.id AND c.embedding IS NULL)"
-                " THEN 'pending' ELSE 'ready' END"
+                "UPDATE knowledge_sources s SET status = " + SOURCE_STATUS_SQL.format(source="s.id")
             )
             await self._create_ann_index(conn, target.dimension)
             return target
@@ -1757,75 +1768,6 @@ class PostgreSQLDatabase(PostgresProvenance, PostgresMemories, AsyncLifecycle):
 
 
 # --- helpers -------------------------------------------------------------------------
-
-
-def _check_chunk_scope(guild_id: int, chunks: Sequence[KnowledgeChunk], where: str) -> None:
-    for c in chunks:
-        if c.guild_id is not None and c.guild_id != guild_id:
-            raise InvalidInputError(
-                f"{where} chunk {c.chunk_key!r}: guild_id {c.guild_id} differs from the"
-                f" source's {guild_id}"
-            )
-
-
-def _filter_sql(wanted: Mapping[str, list[Any]], params: list[Any]) -> str:
-    """Metadata filters as JSONB containment (served by the jsonb_path_ops GIN index).
-
-    Containment compares JSON types: 1 matches 1 and 1.0 but not "1" or true.
-    Single-valued keys share one containment; a list becomes an OR of containments.
-    """
-    if not wanted:
-        return ""
-    clauses: list[str] = []
-    equal = {k: v[0] for k, v in wanted.items() if len(v) == 1}
-    if equal:
-        params.append(json.dumps(equal, ensure_ascii=False))
-        clauses.append(f"c.metadata @> ${len(params)}::jsonb")
-    for key, values in wanted.items():
-        if len(values) == 1:
-            continue
-        alts = []
-        for v in values:
-            params.append(json.dumps({key: v}, ensure_ascii=False))
-            alts.append(f"c.metadata @> ${len(params)}::jsonb")
-        clauses.append("(" + " OR ".join(alts) + ")")
-    return " AND " + " AND ".join(clauses)
-
-
-def _renumber(sql: str, shift: int) -> str:
-    """Shift $n placeholders down by ``shift`` (to reuse a clause without $1)."""
-    import re
-
-    return re.sub(r"\$(\d+)", lambda m: f"${int(m[1]) - shift}", sql)
-
-
-def vector_scope(
-    query: Vector, guild_id: int, channel_id: int | None, wanted: Mapping[str, list[Any]]
-) -> tuple[str, list[Any]]:
-    """WHERE clause and parameters of a vector search ($1 is the query vector)."""
-    params: list[Any] = [query, guild_id]
-    scope = "c.guild_id = $2"
-    if channel_id is not None:
-        params.append(channel_id)
-        scope += f" AND c.channel_id = ${len(params)}"
-    scope += " AND c.embedding IS NOT NULL" + _filter_sql(wanted, params)
-    return scope, params
-
-
-def exact_search_sql(scope: str, limit_param: int) -> str:
-    """Exact search of a scope: distances for every row, then a top-k sort.
-
-    MATERIALIZED keeps the planner from turning this into an (approximate) index scan.
-    """
-    return (
-        "WITH s AS MATERIALIZED ("
-        "  SELECT c.id, c.embedding <=> $1::vector AS dist FROM knowledge_chunks c"
-        f"  WHERE {scope})"
-        f" SELECT r.dist, {_HIT_COLS} FROM"
-        f" (SELECT id, dist FROM s ORDER BY dist, id LIMIT ${limit_param}) AS r"
-        " JOIN knowledge_chunks c ON c.id = r.id JOIN knowledge_sources k ON k.id = c.source_id"
-        " ORDER BY r.dist, r.id"
-    )
 
 
 def _hit(r: Any, score: float, *, similarity: bool) -> SearchHit:

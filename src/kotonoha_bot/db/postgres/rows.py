@@ -37,7 +37,7 @@ _DATA_ERRORS = (pgerr.DataError, pgerr.IntegrityConstraintViolationError)
 def _translate(db: PostgreSQLDatabase, what: str, exc: BaseException) -> BaseException:
     if isinstance(exc, KotonohaError):
         return exc
-    translated = db._translate(what, exc)
+    translated = db.translate_error(what, exc)
     return translated if translated is not None else exc
 
 
@@ -72,7 +72,7 @@ async def inspect_database(db: PostgreSQLDatabase) -> PgInfo:
     """Classify the (not yet initialised) database without migrating it."""
     what = f"inspecting {db.location}"
     try:
-        conn = await asyncpg.connect(db._dsn, timeout=db._acquire_timeout)
+        conn = await asyncpg.connect(db.connect_dsn, timeout=db.acquire_timeout)
     except BaseException as exc:
         raise _translate(db, what, exc) from None
     try:
@@ -132,8 +132,8 @@ class PostgresRows:
         return self._conn
 
     async def open(self) -> None:
-        pool = self.db._require_pool()
-        self._conn = await self._do("connecting", pool.acquire(timeout=self.db._acquire_timeout))
+        pool = self.db.require_pool()
+        self._conn = await self._do("connecting", pool.acquire(timeout=self.db.acquire_timeout))
         if self.snapshot:
             self._tx = self._conn.transaction(isolation="repeatable_read", readonly=True)
             await self._do("starting a snapshot", self._tx.start())
@@ -147,7 +147,7 @@ class PostgresRows:
                 await self._tx.rollback()
         self._tx = None
         with contextlib.suppress(Exception):
-            await self.db._require_pool().release(conn)
+            await self.db.require_pool().release(conn)
 
     async def export_snapshot(self) -> str:
         """The id of this reader's snapshot, for ``pg_dump --snapshot`` (same rows)."""

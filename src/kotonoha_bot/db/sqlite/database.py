@@ -27,15 +27,19 @@ import numpy as np
 
 from kotonoha_bot.db import sqlite_path_from_url
 from kotonoha_bot.db.checks import (
+    check_chunk_scope,
     check_chunks,
     check_embedding_config,
     check_filters,
     check_ids,
+    check_limit,
     check_session,
     check_source,
     check_top_k,
     check_vector,
     config_from_meta,
+    require_config,
+    source_status,
 )
 from kotonoha_bot.db.contract import AsyncLifecycle, ReembedStatus
 from kotonoha_bot.db.sqlite.files import OURS, check_openable, create_private, translate
@@ -45,6 +49,7 @@ from kotonoha_bot.db.sqlite.values import dt as _dt
 from kotonoha_bot.db.sqlite.values import ts as _ts
 from kotonoha_bot.db.sqlite.vector_cache import CacheKind, VectorCache, rerank
 from kotonoha_bot.db.sqlite.vector_kernels import SIMD_BACKEND
+from kotonoha_bot.db.tables import SOURCE_STATUS_SQL, canonical_json
 from kotonoha_bot.db.url import DatabaseURL
 from kotonoha_bot.errors import (
     DatabaseError,
@@ -288,10 +293,6 @@ def _vec(blob: bytes) -> Vector:
     return np.frombuffer(blob, dtype="<f4").astype(np.float32)
 
 
-def _json(value: Mapping[str, Any]) -> str:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), sort_keys=True)
-
-
 class SQLiteDatabase(SQLiteProvenance, SQLiteMemories, AsyncLifecycle):
     """The embedded backend: one file, one connection, exact vector search."""
 
@@ -369,7 +370,7 @@ class SQLiteDatabase(SQLiteProvenance, SQLiteMemories, AsyncLifecycle):
             for version, name, sql in MIGRATIONS:
                 if version <= current:
                     continue
-                for statement in _split_sql(sql):
+                for statement in split_sql(sql):
                     await conn.execute(statement)
                 await conn.execute(
                     "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)",
@@ -603,6 +604,8 @@ class SQLiteDatabase(SQLiteProvenance, SQLiteMemories, AsyncLifecycle):
         limit: int | None = None,
     ) -> list[SessionInfo]:
         check_ids("list_sessions", guild_id)
+        if limit is not None:
+            check_limit(limit, "list_sessions")
         where: list[str] = []
         params: list[Any] = []
         if guild_id is not None:
@@ -664,15 +667,6 @@ class SQLiteDatabase(SQLiteProvenance, SQLiteMemories, AsyncLifecycle):
                 )
             self._config = config
 
-    def _require_dim(
-        self, chunks: Iterable[KnowledgeChunk], config: EmbeddingConfig | None, where: str
-    ) -> None:
-        if config is None and any(c.embedding is not None for c in chunks):
-            raise InvalidInputError(
-                f"{where}: no embedding model recorded in this database yet;"
-                " call set_embedding_config before writing vectors"
-            )
-
     # --- knowledge ------------------------------------------------------------------
 
     async def save_source(
@@ -682,12 +676,10 @@ class SQLiteDatabase(SQLiteProvenance, SQLiteMemories, AsyncLifecycle):
         async with self._write(f"saving {where}") as conn:
             config = await self._read_config(conn)
             check_source(source, chunks, config.dimension if config else None)
-            self._require_dim(chunks, config, where)
-            self._check_chunk_scope(source.guild_id, chunks, where)
+            require_config(config, any(c.embedding is not None for c in chunks), where)
+            check_chunk_scope(source.guild_id, chunks, where)
             now = _ts(utcnow())
-            status: SourceStatus = (
-                "ready" if all(c.embedding is not None for c in chunks) else "pending"
-            )
+            status: SourceStatus = source_status(chunks)
             existing = await (
                 await conn.execute(
                     "SELECT id, created_at FROM knowledge_sources WHERE guild_id = ? AND uri = ?",
@@ -716,7 +708,7 @@ class SQLiteDatabase(SQLiteProvenance, SQLiteMemories, AsyncLifecycle):
                         source.title,
                         source.content_hash,
                         status,
-                        _json(source.metadata),
+                        canonical_json(source.metadata),
                         source.session_key,
                         now,
                         source_id,
@@ -736,7 +728,7 @@ class SQLiteDatabase(SQLiteProvenance, SQLiteMemories, AsyncLifecycle):
                         source.title,
                         source.content_hash,
                         status,
-                        _json(source.metadata),
+                        canonical_json(source.metadata),
                         source.session_key,
                         now,
                         now,
@@ -761,15 +753,6 @@ class SQLiteDatabase(SQLiteProvenance, SQLiteMemories, AsyncLifecycle):
             created_at=_dt(created),
             updated_at=_dt(now),
         )
-
-    @staticmethod
-    def _check_chunk_scope(guild_id: int, chunks: Sequence[KnowledgeChunk], where: str) -> None:
-        for c in chunks:
-            if c.guild_id is not None and c.guild_id != guild_id:
-                raise InvalidInputError(
-                    f"{where} chunk {c.chunk_key!r}: guild_id {c.guild_id} differs from the"
-                    f" source's {guild_id}"
-                )
 
     async def _insert_chunks(
         self,
@@ -800,7 +783,7 @@ class SQLiteDatabase(SQLiteProvenance, SQLiteMemories, AsyncLifecycle):
                     c.chunk_key,
                     c.content,
                     keyword_document(c.content),
-                    _json(c.metadata),
+                    canonical_json(c.metadata),
                     None if vec is None else _blob(vec),
                     now,
                 ),
@@ -831,7 +814,7 @@ class SQLiteDatabase(SQLiteProvenance, SQLiteMemories, AsyncLifecycle):
                     source.uri,
                     source.title,
                     source.content_hash,
-                    _json(source.metadata),
+                    canonical_json(source.metadata),
                     source.session_key,
                     now,
                     now,
@@ -862,8 +845,8 @@ class SQLiteDatabase(SQLiteProvenance, SQLiteMemories, AsyncLifecycle):
             where = f"source {source.uri!r}"
             config = await self._read_config(conn)
             check_chunks(chunks, config.dimension if config else None, where)
-            self._require_dim(chunks, config, where)
-            self._check_chunk_scope(source.guild_id, chunks, where)
+            require_config(config, any(c.embedding is not None for c in chunks), where)
+            check_chunk_scope(source.guild_id, chunks, where)
             now = _ts(utcnow())
             added = await self._insert_chunks(conn, source_id, source, chunks, now)
             if added:
@@ -886,9 +869,9 @@ class SQLiteDatabase(SQLiteProvenance, SQLiteMemories, AsyncLifecycle):
         conn: aiosqlite.Connection, source_ids: Iterable[int], now: str
     ) -> None:
         await conn.executemany(
-            "UPDATE knowledge_sources SET updated_at = ?, status = CASE WHEN EXISTS"
-            " (SELECT 1 FROM knowledge_chunks WHERE source_id = ? AND embedding IS NULL)"
-            " THEN 'pending' ELSE 'ready' END WHERE id = ?",
+            "UPDATE knowledge_sources SET updated_at = ?, status = "
+            + SOURCE_STATUS_SQL.format(source="?")
+            + " WHERE id = ?",
             [(now, sid, sid) for sid in source_ids],
         )
 
@@ -1014,6 +997,7 @@ class SQLiteDatabase(SQLiteProvenance, SQLiteMemories, AsyncLifecycle):
         return [PendingChunk(chunk_id=r[0], source_id=r[1], content=r[2]) for r in rows]
 
     async def pending_chunks(self, limit: int = 100) -> list[PendingChunk]:
+        check_limit(limit, "pending_chunks")
         return await self._chunks_to_embed(
             "listing chunks awaiting embeddings", "c.embedding IS NULL", limit
         )
@@ -1301,6 +1285,7 @@ class SQLiteDatabase(SQLiteProvenance, SQLiteMemories, AsyncLifecycle):
             )
 
     async def reembed_todo(self, limit: int = 100) -> list[PendingChunk]:
+        check_limit(limit, "reembed_todo")
         return await self._chunks_to_embed(
             "listing chunks to re-embed",
             "NOT EXISTS (SELECT 1 FROM reembed_vectors r WHERE r.chunk_id = c.id)",
@@ -1372,9 +1357,8 @@ class SQLiteDatabase(SQLiteProvenance, SQLiteMemories, AsyncLifecycle):
     @staticmethod
     async def _refresh_all_status(conn: aiosqlite.Connection) -> None:
         await conn.execute(
-            "UPDATE knowledge_sources SET status = CASE WHEN EXISTS (SELECT 1 FROM"
-            " knowledge_chunks c WHERE c.source_id = knowledge_sources.id AND c.embedding"
-            " IS NULL) THEN 'pending' ELSE 'ready' END"
+            "UPDATE knowledge_sources SET status = "
+            + SOURCE_STATUS_SQL.format(source="knowledge_sources.id")
         )
 
     async def abort_reembed(self) -> None:
@@ -1499,7 +1483,7 @@ def _fts_phrase(token: str) -> str:
     return '"' + token.replace('"', '""') + '"'
 
 
-def _split_sql(script: str) -> list[str]:
+def split_sql(script: str) -> list[str]:
     """Split a migration script into statements (triggers keep their inner semicolons)."""
     statements, buf = [], []
     for line in script.splitlines():

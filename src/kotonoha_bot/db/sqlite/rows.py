@@ -18,7 +18,7 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
-from kotonoha_bot.db.sqlite.database import LATEST_SCHEMA_VERSION, MIGRATIONS, _split_sql
+from kotonoha_bot.db.sqlite.database import LATEST_SCHEMA_VERSION, MIGRATIONS, split_sql
 from kotonoha_bot.db.sqlite.files import OURS, create_private, translate
 from kotonoha_bot.db.tables import (
     INTEGRITY_CHECKS,
@@ -58,11 +58,8 @@ def _ro_uri(path: Path) -> str:
     return path.resolve().as_uri() + "?mode=ro"
 
 
-def _translate(path: Path, what: str, exc: sqlite3.Error) -> Exception:
-    return translate(path, what, exc)
-
-
-def _connect(path: Path, *, readonly: bool) -> sqlite3.Connection:
+def connect(path: Path, *, readonly: bool) -> sqlite3.Connection:
+    """A sqlite3 connection for raw work: read-only by URI, or autocommit read-write."""
     if readonly:
         if not path.is_file():
             raise DatabaseUnavailableError(f"{path}: no such SQLite file")
@@ -79,7 +76,7 @@ def _connect(path: Path, *, readonly: bool) -> sqlite3.Connection:
 def integrity_check(path: Path) -> None:
     """``PRAGMA integrity_check`` on ``path`` (read-only); raise CorruptDatabaseError."""
     try:
-        conn = _connect(path, readonly=True)
+        conn = connect(path, readonly=True)
         try:
             rows = conn.execute("PRAGMA integrity_check").fetchall()
         finally:
@@ -102,7 +99,7 @@ def online_backup(source: Path, dest: Path) -> None:
     # Private from the first byte (a backup holds a community's conversations).
     create_private(partial)
     try:
-        src = _connect(source, readonly=True)
+        src = connect(source, readonly=True)
         try:
             out = sqlite3.connect(partial)
             try:
@@ -115,7 +112,7 @@ def online_backup(source: Path, dest: Path) -> None:
             src.close()
     except sqlite3.Error as exc:
         partial.unlink(missing_ok=True)
-        raise _translate(source, "backing up", exc) from None
+        raise translate(source, "backing up", exc) from None
     except OSError as exc:
         partial.unlink(missing_ok=True)
         raise DatabaseError(f"backing up {source} to {dest}: {exc.strerror}") from None
@@ -134,7 +131,7 @@ def finalize_file(path: Path) -> None:
         finally:
             conn.close()
     except sqlite3.Error as exc:
-        raise _translate(path, "finishing", exc) from None
+        raise translate(path, "finishing", exc) from None
 
 
 @dataclass(frozen=True)
@@ -157,7 +154,7 @@ def inspect_file(path: Path) -> FileInfo:
     if not path.exists():
         return FileInfo("missing")
     try:
-        conn = _connect(path, readonly=True)
+        conn = connect(path, readonly=True)
         try:
             tables = tuple(
                 r[0]
@@ -190,7 +187,7 @@ def inspect_file(path: Path) -> FileInfo:
         finally:
             conn.close()
     except sqlite3.Error as exc:
-        raise _translate(path, "inspecting", exc) from None
+        raise translate(path, "inspecting", exc) from None
 
 
 def create_schema(conn: sqlite3.Connection) -> None:
@@ -201,7 +198,7 @@ def create_schema(conn: sqlite3.Connection) -> None:
     )
     now = datetime.now(UTC).isoformat(timespec="microseconds")
     for version, name, sql in MIGRATIONS:
-        for statement in _split_sql(sql):
+        for statement in split_sql(sql):
             conn.execute(statement)
         conn.execute(
             "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)",
@@ -221,7 +218,7 @@ def check_schema_version(path: Path, version: int) -> None:
 def check_columns(path: Path) -> None:
     """Every column the transfer moves must exist (an older schema may lack one)."""
     try:
-        conn = _connect(path, readonly=True)
+        conn = connect(path, readonly=True)
         try:
             for spec in TABLES:
                 have = {str(r[1]) for r in conn.execute(f"PRAGMA table_info({spec.name})")}
@@ -235,7 +232,7 @@ def check_columns(path: Path) -> None:
         finally:
             conn.close()
     except sqlite3.Error as exc:
-        raise _translate(path, "inspecting", exc) from None
+        raise translate(path, "inspecting", exc) from None
 
 
 # --- rows -----------------------------------------------------------------------------
@@ -320,14 +317,14 @@ class SQLiteRows:
             except sqlite3.Error as exc:
                 if not self.readonly and conn.in_transaction:
                     conn.execute("ROLLBACK")
-                raise _translate(self.path, what, exc) from None
+                raise translate(self.path, what, exc) from None
 
         return await asyncio.to_thread(run)
 
     async def open(self) -> None:
-        def connect() -> sqlite3.Connection:
+        def open_connection() -> sqlite3.Connection:
             try:
-                conn = _connect(self.path, readonly=self.readonly)
+                conn = connect(self.path, readonly=self.readonly)
                 conn.text_factory = RawText
                 if not self.readonly:
                     conn.execute("PRAGMA journal_mode = WAL")
@@ -337,9 +334,9 @@ class SQLiteRows:
                     conn.execute("PRAGMA foreign_keys = ON")
                 return conn
             except sqlite3.Error as exc:
-                raise _translate(self.path, "opening", exc) from None
+                raise translate(self.path, "opening", exc) from None
 
-        self._conn = await asyncio.to_thread(connect)
+        self._conn = await asyncio.to_thread(open_connection)
 
     async def close(self) -> None:
         conn, self._conn = self._conn, None

@@ -19,15 +19,13 @@ from kotonoha_bot.config import Settings
 from kotonoha_bot.db import open_database, sqlite_path_from_url
 from kotonoha_bot.db.sqlite.database import LATEST_SCHEMA_VERSION
 from kotonoha_bot.db.sqlite.rows import inspect_file
-from kotonoha_bot.db.transfer import (
-    EXIT_QUARANTINED,
-    migrate,
-    migration_marker,
-    resolve_timezone,
-    verify,
-)
 from kotonoha_bot.errors import ConfigError
-from tests.db.test_transfer import files, run_cli
+from kotonoha_bot.transfer.common import resolve_timezone
+from kotonoha_bot.transfer.copy import migrate
+from kotonoha_bot.transfer.marker import migration_marker
+from kotonoha_bot.transfer.reports import EXIT_QUARANTINED
+from kotonoha_bot.transfer.verify import verify
+from tests.transfer.test_transfer import files, run_cli
 
 LEGACY_DDL = """
 CREATE TABLE sessions (

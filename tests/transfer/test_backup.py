@@ -17,17 +17,18 @@ import pytest
 
 from kotonoha_bot.config import Settings
 from kotonoha_bot.db import DatabaseURL
-from kotonoha_bot.db.backup import (
+from kotonoha_bot.errors import ConfigError, MigrationError
+from kotonoha_bot.transfer.backup import (
     backup_database,
     backup_kind,
-    find_pg_tool,
     restore_backup,
     rotate,
     run_backup,
 )
-from kotonoha_bot.db.transfer import table_counts, verify, wipe
-from kotonoha_bot.errors import ConfigError, MigrationError
-from tests.db.test_transfer import files, fill, run_cli, snapshot
+from kotonoha_bot.transfer.endpoints import table_counts, wipe
+from kotonoha_bot.transfer.postgres import find_pg_tool
+from kotonoha_bot.transfer.verify import verify
+from tests.transfer.test_transfer import files, fill, run_cli, snapshot
 
 
 def pg18_bin() -> Path:

@@ -13,7 +13,7 @@ one current ``sessions`` row per legacy row (``status='active'``, ``version=1``,
 ``messages`` row per element, with ids numbered 1.. in session_key order, so converting
 the same file twice gives the same rows (a rerun of an interrupted migration resumes).
 
-Rules beyond :mod:`kotonoha_bot.db.rowconv`'s (all counted in ``stats``):
+Rules beyond :mod:`kotonoha_bot.transfer.rowconv`'s (all counted in ``stats``):
 
 - ``session_type`` NULL -> taken from the key prefix (``mention:``, ``thread:``...),
   ``type_from_key``; an unknown type is quarantined.
@@ -27,6 +27,7 @@ Rules beyond :mod:`kotonoha_bot.db.rowconv`'s (all counted in ``stats``):
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
 from collections import Counter
@@ -34,13 +35,19 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, tzinfo
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from kotonoha_bot.db.rowconv import Reject, RowConverter, jsonable
-from kotonoha_bot.db.sqlite.rows import _translate, create_schema, insert_rows
+from kotonoha_bot.db.sqlite.files import translate
+from kotonoha_bot.db.sqlite.rows import connect, create_schema, insert_rows
 from kotonoha_bot.db.tables import MESSAGES, SESSIONS, RawText, Row, TableSpec
 from kotonoha_bot.errors import DatabaseError
 from kotonoha_bot.models import ROLES, SESSION_TYPES
+from kotonoha_bot.transfer.reports import TableReport
+from kotonoha_bot.transfer.rowconv import Reject, RowConverter, jsonable
+
+if TYPE_CHECKING:
+    from kotonoha_bot.transfer.quarantine import Quarantine
+    from kotonoha_bot.transfer.reports import MigrationReport, TransferProgress
 
 LEGACY_TABLE = "sessions"
 #: The legacy table is renamed to this while an in-place upgrade runs (one transaction).
@@ -322,10 +329,8 @@ def legacy_to_file(
     on_session: Callable[[], None] | None = None,
 ) -> LegacyReport:
     """Convert a legacy file into a new current-schema file ``out`` (must not exist)."""
-    from kotonoha_bot.db.sqlite.rows import _connect
-
     try:
-        src = _connect(legacy, readonly=True)
+        src = connect(legacy, readonly=True)
         try:
             dst = sqlite3.connect(out, isolation_level=None)
             try:
@@ -348,7 +353,7 @@ def legacy_to_file(
         finally:
             src.close()
     except sqlite3.Error as exc:
-        raise _translate(legacy, "converting the legacy database", exc) from None
+        raise translate(legacy, "converting the legacy database", exc) from None
     return report
 
 
@@ -399,5 +404,55 @@ def upgrade_in_place(
         finally:
             conn.close()
     except sqlite3.Error as exc:
-        raise _translate(path, "upgrading the legacy database", exc) from None
+        raise translate(path, "upgrading the legacy database", exc) from None
     return report
+
+
+async def convert_legacy_file(
+    legacy: Path,
+    out: Path,
+    timezone: tzinfo,
+    quarantine: Quarantine,
+    report: MigrationReport | None,
+    progress: TransferProgress,
+    total: int | None,
+) -> Path:
+    progress.begin("convert legacy sessions", total)
+    result = await asyncio.to_thread(
+        legacy_to_file,
+        legacy,
+        out,
+        timezone=timezone,
+        quarantine=quarantine.add,
+        on_session=lambda: progress.advance("convert legacy sessions", 1),
+    )
+    progress.end("convert legacy sessions")
+    if report is not None:
+        report.legacy = legacy_summary(result)
+        report.conversions.update(result.stats)
+        # Rows set aside while converting count against their tables like any other.
+        for spec, read, bad in (
+            (SESSIONS, result.sessions_read, result.quarantined_sessions),
+            (MESSAGES, result.messages + result.quarantined_messages, result.quarantined_messages),
+        ):
+            rep = report.tables.setdefault(spec.name, TableReport(spec.name))
+            rep.quarantined += bad
+            rep.legacy_rows = read
+        if result.ignored_fields:
+            report.warnings.append(
+                "legacy message fields not moved: "
+                + ", ".join(f"{k} ({n}x)" for k, n in sorted(result.ignored_fields.items()))
+            )
+        if result.ignored_columns:
+            report.warnings.append("legacy columns not moved: " + ", ".join(result.ignored_columns))
+    return out
+
+
+def legacy_summary(result: LegacyReport) -> dict[str, Any]:
+    return {
+        "sessions_read": result.sessions_read,
+        "sessions": result.sessions,
+        "messages": result.messages,
+        "quarantined_sessions": result.quarantined_sessions,
+        "quarantined_messages": result.quarantined_messages,
+    }

@@ -25,14 +25,6 @@ import pytest
 
 from kotonoha_bot.config import Settings
 from kotonoha_bot.db import open_database, sqlite_path_from_url
-from kotonoha_bot.db.transfer import (
-    EXIT_QUARANTINED,
-    MigrationReport,
-    migrate,
-    migration_marker,
-    table_counts,
-    verify,
-)
 from kotonoha_bot.errors import ConfigError, MigrationError
 from kotonoha_bot.models import (
     ChatSession,
@@ -43,6 +35,11 @@ from kotonoha_bot.models import (
     Message,
     UsageRecord,
 )
+from kotonoha_bot.transfer.copy import migrate
+from kotonoha_bot.transfer.endpoints import table_counts
+from kotonoha_bot.transfer.marker import migration_marker
+from kotonoha_bot.transfer.reports import EXIT_QUARANTINED, MigrationReport
+from kotonoha_bot.transfer.verify import verify
 from tests.db.old_schema import OLD_SCHEMA_WRITERS
 
 BIG = 1234567890123456789
@@ -970,7 +967,7 @@ async def test_too_many_dimensions_for_pgvector_is_refused_before_writing(
 def test_transfer_and_backup_import_no_postgres_driver() -> None:
     """SQLite users never load asyncpg: the drivers are imported only when needed."""
     code = (
-        "import sys, kotonoha_bot.db.transfer, kotonoha_bot.db.backup, kotonoha_bot.cli.db;"
+        "import sys, kotonoha_bot.transfer.copy, kotonoha_bot.transfer.backup, kotonoha_bot.cli.db;"
         " bad = [m for m in ('asyncpg', 'pgvector') if m in sys.modules];"
         " assert not bad, bad"
     )

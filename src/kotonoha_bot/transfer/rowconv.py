@@ -79,11 +79,6 @@ from kotonoha_bot.models import (
 )
 from kotonoha_bot.text import NUL, REPLACEMENT, keyword_document
 
-#: kotonoha_meta key set on a target while a migration writes to it (see transfer.py).
-MIGRATION_MARKER = "migration_in_progress"
-#: Meta keys the transfer records through the contract (set_embedding_config).
-EMBEDDING_KEYS = ("embedding_model", "embedding_dimension")
-
 _INT32 = (-(2**31), 2**31 - 1)
 _INT64_ID = (0, 2**63 - 1)
 _INT_TEXT_RE = re.compile(r"^\s*[+-]?[0-9]+\s*$")  # ASCII digits only
