@@ -285,7 +285,7 @@ def _v2_rows(
 
 
 def build_v2_sqlite(path: Path, sessions: int) -> None:
-    from kotonoha_bot.db.sqlite.database import MIGRATIONS, split_sql
+    from kotonoha_bot.db.sqlite.schema import MIGRATIONS, split_sql
 
     conn = sqlite3.connect(path, isolation_level=None)
     conn.execute(

@@ -39,7 +39,7 @@ async def _old_sqlite(url: str, guild: int, channel: int) -> None:
     import sqlite3
 
     from kotonoha_bot.db import sqlite_path_from_url
-    from kotonoha_bot.db.sqlite.database import MIGRATIONS, split_sql
+    from kotonoha_bot.db.sqlite.schema import MIGRATIONS, split_sql
 
     conn = sqlite3.connect(sqlite_path_from_url(url), isolation_level=None)
     conn.execute(

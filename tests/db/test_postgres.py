@@ -564,6 +564,15 @@ async def test_a_model_switched_by_another_process_is_a_typed_dimension_error(
         with pytest.raises(DimensionMismatchError):
             await a.similarity_search(old[1], guild_id=1)
         assert (await a.similarity_search(new[2], guild_id=1))[0].content == "text 2"
+        # And the other way round: a process whose cached model is stale takes a query
+        # of the new size (its model is read again before the query is refused).
+        async with PostgreSQLDatabase(pg_url, settings=settings) as c:
+            await c.similarity_search(new[0], guild_id=1)
+            await b.begin_reembed(EmbeddingConfig("newer", 8))
+            todo = await b.reembed_todo(10)
+            await b.store_reembed([(t.chunk_id, old[int(t.content[-1])]) for t in todo])
+            await b.finish_reembed()
+            assert (await c.similarity_search(old[0], guild_id=1))[0].content == "text 0"
 
 
 # --- faults ---------------------------------------------------------------------------

@@ -17,8 +17,8 @@ import pytest
 
 from kotonoha_bot.config import Settings
 from kotonoha_bot.db import open_database, sqlite_path_from_url
-from kotonoha_bot.db.sqlite.database import LATEST_SCHEMA_VERSION
 from kotonoha_bot.db.sqlite.rows import inspect_file
+from kotonoha_bot.db.sqlite.schema import LATEST_SCHEMA_VERSION
 from kotonoha_bot.errors import ConfigError
 from kotonoha_bot.transfer.common import resolve_timezone
 from kotonoha_bot.transfer.copy import migrate

@@ -25,11 +25,13 @@ _STAMP = r"\d{8}-\d{6}-\d{6}"
 
 
 def make_private(path: Path) -> None:
+    """Readable by its owner only (best effort: some file systems keep no modes)."""
     with contextlib.suppress(OSError):
         path.chmod(0o600)
 
 
 def make_dir(directory: Path) -> None:
+    """Create a backup directory (and its parents) readable by its owner only."""
     if not directory.exists():
         directory.mkdir(parents=True, mode=0o700)
 

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from kotonoha_bot.db import open_database
-from kotonoha_bot.db.sqlite.database import LATEST_SCHEMA_VERSION
 from kotonoha_bot.db.sqlite.rows import (
     SQLiteRows,
     check_columns,
@@ -27,6 +26,7 @@ from kotonoha_bot.db.sqlite.rows import (
     integrity_check,
     online_backup,
 )
+from kotonoha_bot.db.sqlite.schema import LATEST_SCHEMA_VERSION
 from kotonoha_bot.db.url import DatabaseURL
 from kotonoha_bot.errors import ConfigError, CorruptDatabaseError, MigrationError
 from kotonoha_bot.transfer.common import timestamped

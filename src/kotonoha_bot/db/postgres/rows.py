@@ -120,23 +120,27 @@ class PostgresRows:
     def location(self) -> str:
         return self.db.location
 
-    async def _do(self, what: str, coro: Any) -> Any:
+    async def _guarded(self, what: str, coro: Any) -> Any:
+        """Await ``coro``; a driver error becomes the database's typed error."""
         try:
             return await coro
         except BaseException as exc:
             raise _translate(self.db, what, exc) from None
 
-    def _c(self) -> Any:
+    def _connection(self) -> Any:
+        """The open connection (DatabaseError before ``open``)."""
         if self._conn is None:
             raise DatabaseError(f"{self.location} is not open")
         return self._conn
 
     async def open(self) -> None:
         pool = self.db.require_pool()
-        self._conn = await self._do("connecting", pool.acquire(timeout=self.db.acquire_timeout))
+        self._conn = await self._guarded(
+            "connecting", pool.acquire(timeout=self.db.acquire_timeout)
+        )
         if self.snapshot:
             self._tx = self._conn.transaction(isolation="repeatable_read", readonly=True)
-            await self._do("starting a snapshot", self._tx.start())
+            await self._guarded("starting a snapshot", self._tx.start())
 
     async def close(self) -> None:
         conn, self._conn = self._conn, None
@@ -154,8 +158,8 @@ class PostgresRows:
         if self._tx is None:
             raise DatabaseError("only a snapshot reader can export its snapshot")
         return str(
-            await self._do(
-                "exporting the snapshot", self._c().fetchval("SELECT pg_export_snapshot()")
+            await self._guarded(
+                "exporting the snapshot", self._connection().fetchval("SELECT pg_export_snapshot()")
             )
         )
 
@@ -176,7 +180,9 @@ class PostgresRows:
         return out
 
     async def read_all(self, spec: TableSpec) -> list[tuple[Any, ...]]:
-        records = await self._do(f"reading {spec.name}", self._c().fetch(self._select(spec)))
+        records = await self._guarded(
+            f"reading {spec.name}", self._connection().fetch(self._select(spec))
+        )
         return self._raw(spec, records)
 
     async def batches(
@@ -186,7 +192,9 @@ class PostgresRows:
         last = -(2**63) if after is None else after
         index = spec.key_index
         while True:
-            records = await self._do(f"reading {spec.name}", self._c().fetch(sql, last, size))
+            records = await self._guarded(
+                f"reading {spec.name}", self._connection().fetch(sql, last, size)
+            )
             if not records:
                 return
             rows = self._raw(spec, records)
@@ -202,38 +210,44 @@ class PostgresRows:
             sql += f" WHERE {spec.key} <= $1"
             args.append(upto)
         sql += f" ORDER BY {spec.key}"
-        records = await self._do(f"reading {spec.name} keys", self._c().fetch(sql, *args))
+        records = await self._guarded(
+            f"reading {spec.name} keys", self._connection().fetch(sql, *args)
+        )
         return [int(r[0]) for r in records]
 
     async def fetch(self, spec: TableSpec, keys: Sequence[int]) -> list[tuple[Any, ...]]:
         sql = f"{self._select(spec)} WHERE {spec.key} = ANY($1::bigint[]) ORDER BY {spec.key}"
-        records = await self._do(f"reading {spec.name}", self._c().fetch(sql, list(keys)))
+        records = await self._guarded(
+            f"reading {spec.name}", self._connection().fetch(sql, list(keys))
+        )
         return self._raw(spec, records)
 
     async def max_key(self, spec: TableSpec) -> int | None:
-        value = await self._do(
-            f"reading {spec.name}", self._c().fetchval(f"SELECT max({spec.key}) FROM {spec.name}")
+        value = await self._guarded(
+            f"reading {spec.name}",
+            self._connection().fetchval(f"SELECT max({spec.key}) FROM {spec.name}"),
         )
         return None if value is None else int(value)
 
     async def count(self, spec: TableSpec) -> int:
         return int(
-            await self._do(
-                f"counting {spec.name}", self._c().fetchval(f"SELECT count(*) FROM {spec.name}")
+            await self._guarded(
+                f"counting {spec.name}",
+                self._connection().fetchval(f"SELECT count(*) FROM {spec.name}"),
             )
         )
 
     async def sequence_marks(self) -> dict[str, int]:
         """The identity sequences' high-water marks (ids never handed out twice)."""
         marks: dict[str, int] = {}
-        conn = self._c()
+        conn = self._connection()
         for table in SEQUENCED:
-            seq = await self._do(
+            seq = await self._guarded(
                 "reading sequences", conn.fetchval("SELECT pg_get_serial_sequence($1, 'id')", table)
             )
             if seq is None:
                 continue
-            row = await self._do(
+            row = await self._guarded(
                 "reading sequences", conn.fetchrow(f"SELECT last_value, is_called FROM {seq}")
             )
             marks[table] = int(row["last_value"]) if row["is_called"] else 0
@@ -243,7 +257,7 @@ class PostgresRows:
 
     async def insert(self, spec: TableSpec, rows: Sequence[Row]) -> list[tuple[Row, str]]:
         """COPY canonical rows in one transaction; on a data error retry row by row."""
-        conn = self._c()
+        conn = self._connection()
         records = [_adapt_record(spec, r) for r in rows]
         try:
             async with conn.transaction():
@@ -273,9 +287,9 @@ class PostgresRows:
         return failed
 
     async def set_meta(self, key: str, value: str) -> None:
-        await self._do(
+        await self._guarded(
             "writing kotonoha_meta",
-            self._c().execute(
+            self._connection().execute(
                 "INSERT INTO kotonoha_meta (key, value) VALUES ($1, $2)"
                 " ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
                 key,
@@ -284,15 +298,15 @@ class PostgresRows:
         )
 
     async def delete_meta(self, key: str) -> None:
-        await self._do(
+        await self._guarded(
             "writing kotonoha_meta",
-            self._c().execute("DELETE FROM kotonoha_meta WHERE key = $1", key),
+            self._connection().execute("DELETE FROM kotonoha_meta WHERE key = $1", key),
         )
 
     async def fix_message_counts(self) -> int:
-        status = await self._do(
+        status = await self._guarded(
             "updating message counts",
-            self._c().execute(
+            self._connection().execute(
                 "UPDATE sessions s SET message_count = c.n FROM (SELECT s2.session_key,"
                 " (SELECT count(*) FROM messages m WHERE m.session_key = s2.session_key) AS n"
                 " FROM sessions s2) c WHERE c.session_key = s.session_key"
@@ -302,28 +316,28 @@ class PostgresRows:
         return int(str(status).rsplit(" ", 1)[-1])
 
     async def set_sequences(self, marks: dict[str, int]) -> None:
-        conn = self._c()
+        conn = self._connection()
         for table in SEQUENCED:
             high = max(
                 marks.get(table, 0),
                 int(
-                    await self._do(
+                    await self._guarded(
                         "advancing sequences",
                         conn.fetchval(f"SELECT coalesce(max(id), 0) FROM {table}"),
                     )
                 ),
             )
-            seq = await self._do(
+            seq = await self._guarded(
                 "advancing sequences",
                 conn.fetchval("SELECT pg_get_serial_sequence($1, 'id')", table),
             )
             if high > 0:
-                await self._do(
+                await self._guarded(
                     "advancing sequences",
                     conn.execute("SELECT setval($1::regclass, $2, true)", seq, high),
                 )
             else:
-                await self._do(
+                await self._guarded(
                     "advancing sequences",
                     conn.execute("SELECT setval($1::regclass, 1, false)", seq),
                 )
@@ -331,25 +345,28 @@ class PostgresRows:
     async def wipe(self) -> None:
         tables = [t.name for t in TABLES]
         for name in TRANSIENT_TABLES:
-            if await self._do("wiping", self._c().fetchval("SELECT to_regclass($1)", name)):
+            if await self._guarded(
+                "wiping", self._connection().fetchval("SELECT to_regclass($1)", name)
+            ):
                 tables.append(name)
-        await self._do(
-            "wiping", self._c().execute(f"TRUNCATE {', '.join(tables)} RESTART IDENTITY")
+        await self._guarded(
+            "wiping", self._connection().execute(f"TRUNCATE {', '.join(tables)} RESTART IDENTITY")
         )
 
     async def drop_vector_index(self) -> None:
         """Bulk loads are far faster without the ANN index; rebuild it afterwards."""
-        await self._do(
-            "dropping the vector index", self._c().execute(f"DROP INDEX IF EXISTS {ANN_INDEX_NAME}")
+        await self._guarded(
+            "dropping the vector index",
+            self._connection().execute(f"DROP INDEX IF EXISTS {ANN_INDEX_NAME}"),
         )
 
     async def analyze(self) -> None:
         names = ", ".join(t.name for t in TABLES)
-        await self._do("analysing", self._c().execute(f"ANALYZE {names}"))
+        await self._guarded("analysing", self._connection().execute(f"ANALYZE {names}"))
 
     async def integrity(self) -> dict[str, int]:
         checks = INTEGRITY_CHECKS
         return {
-            name: int(await self._do("checking references", self._c().fetchval(sql)))
+            name: int(await self._guarded("checking references", self._connection().fetchval(sql)))
             for name, sql in checks.items()
         }

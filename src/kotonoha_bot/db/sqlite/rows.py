@@ -18,8 +18,8 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
-from kotonoha_bot.db.sqlite.database import LATEST_SCHEMA_VERSION, MIGRATIONS, split_sql
 from kotonoha_bot.db.sqlite.files import OURS, create_private, translate
+from kotonoha_bot.db.sqlite.schema import LATEST_SCHEMA_VERSION, MIGRATIONS, split_sql
 from kotonoha_bot.db.tables import (
     INTEGRITY_CHECKS,
     SEQUENCED,
