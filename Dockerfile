@@ -38,7 +38,7 @@ RUN python -m venv /opt/venv \
  && /opt/venv/bin/pip install --upgrade pip \
  && /opt/venv/bin/pip wheel --no-deps --wheel-dir /build/dist . \
  && wheel="$(ls /build/dist/kotonoha_bot-*.whl)" \
- && /opt/venv/bin/pip install --only-binary=:all: "${wheel}[e5]" \
+ && /opt/venv/bin/pip install --only-binary=:all: "${wheel}[e5,dashboard]" \
  && /opt/venv/bin/pip uninstall --yes pip \
  && find /opt/venv -name '__pycache__' -prune -exec rm -rf {} +
 

