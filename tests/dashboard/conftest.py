@@ -44,8 +44,10 @@ class Running:
     def url(self) -> str:
         return self.server.url
 
-    def client(self, *, bearer: bool = False, **kw: Any) -> httpx.AsyncClient:
-        headers = {"Authorization": f"Bearer {TOKEN}"} if bearer else {}
+    def client(
+        self, *, bearer: bool = False, headers: dict[str, str] | None = None, **kw: Any
+    ) -> httpx.AsyncClient:
+        headers = {**({"Authorization": f"Bearer {TOKEN}"} if bearer else {}), **(headers or {})}
         return httpx.AsyncClient(base_url=self.url, headers=headers, timeout=30, **kw)
 
 

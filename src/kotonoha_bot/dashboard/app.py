@@ -182,7 +182,13 @@ class Dashboard:
                     self.auth.limiter.failed(client)
                 return _refused(request, 429 if wait > 0 else 401, wait)
             if bearer is None and session is None:
-                if request.method == "GET" and "hx-request" not in request.headers:
+                # A browser page goes to the login form; scripts (/api) and htmx
+                # fragments get a plain 401 they can act on.
+                if (
+                    request.method == "GET"
+                    and "hx-request" not in request.headers
+                    and not request.url.path.startswith("/api/")
+                ):
                     target = quote(request.url.path, safe="/")
                     return RedirectResponse(f"/login?next={target}", status_code=303)
                 return _refused(request, 401, 0)
