@@ -70,7 +70,7 @@ WORKDIR /app
 # Named volumes start with the ownership of these directories (10001).
 VOLUME ["/app/data", "/app/backups"]
 USER 10001:10001
-EXPOSE 8080
+EXPOSE 8080 8765
 
 # Liveness only (the process answers); readiness (/ready) is checked by compose.
 # slim has no curl: use Python. HEALTH_PORT=0 turns the server (and so this) off.
