@@ -1,4 +1,4 @@
-"""Screenshots of every dashboard page for docs/: ``python -m tests.dashboard.screenshots``.
+"""Screenshots of every dashboard page for docs/img/: ``python -m tests.dashboard.screenshots``.
 
 The real app (``kotonoha dashboard``'s server) on a SQLite file filled with
 :mod:`kotonoha_bot.dashboard.example` (documents from examples/corpus, archived
@@ -70,6 +70,8 @@ async def shoot(out: Path) -> list[Path]:
             ("status-en", "/status", "en", DESKTOP),
             ("phone-status", "/status", "ja", PHONE),
             ("phone-search", f"{g}/search?q=オフ会&top_k=3", "ja", PHONE),
+            ("phone-source", f"{g}/sources/{source.source.source_id}", "ja", PHONE),
+            ("phone-usage", "/usage?days=30", "ja", PHONE),
         ]
         try:
             async with launch_chromium() as browser:
@@ -80,7 +82,7 @@ async def shoot(out: Path) -> list[Path]:
                     page = await context.new_page()
                     if lang == "ja":
                         await page.goto(server.url + "/login")
-                        path = out / "login.png"
+                        path = out / "dashboard-login.png"
                         await page.screenshot(path=path)
                         written.append(path)
                     await page.goto(server.url + "/login")
@@ -91,7 +93,7 @@ async def shoot(out: Path) -> list[Path]:
                             continue
                         await page.set_viewport_size(viewport)
                         await page.goto(server.url + target)
-                        path = out / f"{name}.png"
+                        path = out / f"dashboard-{name}.png"
                         await page.screenshot(path=path, full_page=viewport is DESKTOP)
                         written.append(path)
                     await context.close()
@@ -103,7 +105,7 @@ async def shoot(out: Path) -> list[Path]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "screenshots")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "img")
     args = parser.parse_args()
     for path in asyncio.run(shoot(args.out)):
         print(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path)

@@ -10,7 +10,9 @@ is checked against what the database then holds.
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from kotonoha_bot.dashboard.example import FOREST, OWLS
 from kotonoha_bot.db import DatabaseProtocol
@@ -293,3 +295,45 @@ async def test_every_page_fits_a_phone_screen_without_sideways_scrolling(
                 assert box["x"] + box["width"] <= PHONE["width"], path
     finally:
         await page.context.close()
+
+
+async def test_an_uploaded_document_is_ingested_into_that_guild_only(
+    page: Any, dashboard: Running, tmp_path: Path
+) -> None:
+    doc = tmp_path / "lantern-festival.md"
+    doc.write_text(
+        "# 灯籠まつり\n\n森の灯籠まつりは9月27日の夜、集会所の裏庭で開きます。"
+        "持ち物は小さな懐中電灯です。\n",
+        encoding="utf-8",
+    )
+    await page.goto(dashboard.url + f"/guilds/{FOREST}")
+    await page.set_input_files("#upload-file", str(doc))
+    await page.click("#upload-button")
+    await page.wait_for_selector("#upload-result")
+    assert "lantern-festival.md" in await page.inner_text("#upload-result")
+    titles = [s.source.title for s in await dashboard.db.source_summaries(FOREST)]
+    assert "灯籠まつり" in titles or any("lantern" in t for t in titles)
+    await page.goto(dashboard.url + f"/guilds/{FOREST}/search?q=灯籠まつり 懐中電灯&top_k=3")
+    assert "懐中電灯" in await page.inner_text("#hits-keyword")
+    await page.goto(dashboard.url + f"/guilds/{OWLS}/search?q=灯籠まつり 懐中電灯&top_k=3")
+    await page.wait_for_selector("#floor-verdict")
+    assert "懐中電灯" not in await page.inner_text("main")
+
+
+async def test_an_explicit_memory_and_a_conversation_are_deleted_from_the_browser(
+    page: Any, dashboard: Running
+) -> None:
+    (memory, *_rest) = await dashboard.db.list_memories(guild_id=FOREST)
+    await page.goto(dashboard.url + f"/guilds/{FOREST}/memories")
+    row = page.locator(f"#memory-{memory.memory_id}")
+    await row.locator("button").click()  # htmx, after the confirm dialog
+    await row.wait_for(state="detached")
+    left = [m.memory_id for m in await dashboard.db.list_memories(guild_id=FOREST)]
+    assert memory.memory_id not in left and len(left) == len(_rest)
+    session = (await dashboard.db.find_sessions(guild_id=FOREST))[0]
+    await page.goto(dashboard.url + f"/guilds/{FOREST}/conversations")
+    await page.click(f"a[href$='/conversations/{quote(session.session_key, safe='')}']")
+    await page.click("#delete-conversation")  # a plain form, after the confirm dialog
+    await page.wait_for_url(re.compile(r".*/conversations(\?.*)?$"))
+    assert await dashboard.db.load_session(session.session_key) is None
+    assert session.session_key not in await page.inner_text("main")
