@@ -7,6 +7,8 @@ refused request changed nothing.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import re
 from pathlib import Path
 
@@ -240,8 +242,9 @@ async def test_dashboard_guilds_hides_every_other_guild(
 
 
 async def test_no_page_renders_a_secret(
-    dashboard: Running, tmp_path: Path, database_url: str
+    dashboard: Running, tmp_path: Path, database_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.DEBUG)
     secrets = {
         "anthropic": "sk-ant-api03-SECRETanthropic0123456789",
         "openai": "sk-proj-SECRETopenai0123456789",
@@ -276,6 +279,26 @@ async def test_no_page_renders_a_secret(
             assert "S3cret" not in text
         error = await c.get("/status")
         assert "cannot reach PostgreSQL" in error.text or "migration" in error.text.lower()
+        # A failing "back up now" (the URL's server is not there) reports its error on
+        # the page, redacted.
+        csrf = re.search(r'name="csrf_token" value="([^"]+)"', error.text)
+        assert csrf is not None
+        started = await c.post("/status/backup", data={"csrf_token": csrf.group(1)})
+        assert started.status_code == 303
+        fragment = ""
+        for _ in range(100):
+            fragment = (await c.get("/status/backup")).text
+            if server.app.state.dashboard.backup.error:
+                fragment = (await c.get("/status/backup")).text
+                break
+            await asyncio.sleep(0.1)
+        assert server.app.state.dashboard.backup.error, "the backup did not fail"
+        assert "Error" in fragment
+        for name, secret in [*secrets.items(), ("dashboard", TOKEN)]:
+            assert secret not in fragment, f"{name} secret rendered by the backup fragment"
+    for record in caplog.records:
+        for name, secret in [*secrets.items(), ("dashboard", TOKEN)]:
+            assert secret not in record.getMessage(), f"{name} secret logged"
 
 
 async def test_every_answer_carries_the_security_headers(dashboard: Running) -> None:
