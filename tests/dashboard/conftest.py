@@ -24,6 +24,7 @@ from kotonoha_bot.dashboard.server import DashboardServer
 from kotonoha_bot.db import DatabaseProtocol
 from kotonoha_bot.knowledge.embeddings import create_embedding_provider
 from kotonoha_bot.knowledge.embeddings.base import EmbeddingProvider
+from tests.bot.conftest import fake_api, make_sim  # noqa: F401 (the bot on SimCord, for the pause test)
 from tests.dashboard.browser import chromium_path, launch_chromium
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -31,7 +31,6 @@ PHONE = {"width": 390, "height": 844}
 
 
 async def shoot(out: Path) -> list[Path]:
-    out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="kotonoha-shots-"))
     settings = Settings(  # type: ignore[call-arg]
         _env_file=None,
@@ -107,6 +106,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "img")
     args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
     for path in asyncio.run(shoot(args.out)):
         print(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path)
 

@@ -16,7 +16,6 @@ from urllib.parse import quote
 
 from kotonoha_bot.dashboard.example import FOREST, OWLS
 from kotonoha_bot.db import DatabaseProtocol
-from tests.bot.conftest import fake_api, make_sim  # noqa: F401 (fixtures for the pause test)
 from tests.bot.sim import SimFactory
 from tests.dashboard.conftest import TOKEN, Running, logged_in
 
@@ -146,10 +145,13 @@ async def test_a_deleted_chunk_is_gone_from_the_page_and_from_every_search_mode(
     await page.goto(search + "?" + f"q={query}&top_k=5")
     for mode in ("hybrid", "vector", "keyword"):
         assert top not in await _hit_ids(page, mode), mode
-    assert all(top != h.chunk_id for h in await dashboard.db.list_chunk_page(
-        (await dashboard.db.source_summaries(FOREST))[0].source.source_id or 0,
-        guild_id=FOREST,
-    ))
+    assert all(
+        top != h.chunk_id
+        for h in await dashboard.db.list_chunk_page(
+            (await dashboard.db.source_summaries(FOREST))[0].source.source_id or 0,
+            guild_id=FOREST,
+        )
+    )
 
 
 async def test_the_playground_shows_three_modes_with_ranks_and_what_the_floor_drops(
@@ -176,9 +178,7 @@ async def test_the_playground_shows_three_modes_with_ranks_and_what_the_floor_dr
     assert "SEARCH_MIN_SIMILARITY=0.999" in await page.content()
 
 
-async def test_the_usage_page_draws_tokens_per_guild_and_day(
-    page: Any, dashboard: Running
-) -> None:
+async def test_the_usage_page_draws_tokens_per_guild_and_day(page: Any, dashboard: Running) -> None:
     await page.goto(dashboard.url + "/usage?days=30")
     chart = page.locator(".chart-wrap svg")
     await chart.wait_for()
@@ -336,4 +336,7 @@ async def test_an_explicit_memory_and_a_conversation_are_deleted_from_the_browse
     await page.click("#delete-conversation")  # a plain form, after the confirm dialog
     await page.wait_for_url(re.compile(r".*/conversations(\?.*)?$"))
     assert await dashboard.db.load_session(session.session_key) is None
+    # Its archived chunks went with it.
+    sources = await dashboard.db.source_summaries(FOREST)
+    assert session.session_key not in [s.source.session_key for s in sources]
     assert session.session_key not in await page.inner_text("main")
