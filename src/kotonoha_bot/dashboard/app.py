@@ -4,8 +4,9 @@ Every route but ``/login`` and ``/static`` passes :meth:`Dashboard.guard`, which
 (1) authenticates (session cookie or bearer token, see :mod:`.auth`), (2) for a
 state-changing request of a browser session checks the CSRF token and the Origin,
 (3) resolves the ``{guild_id}`` of the URL against the guilds this dashboard may show
-(``DASHBOARD_GUILDS``; a guild outside it is "not found", the same answer as a guild
-without data), and (4) picks the language. Pages then ask storage only with that guild
+(``DASHBOARD_GUILDS``; a guild outside it is "not found"; a guild without data is an
+empty memory page, where its first document can be uploaded), and (4) picks the
+language. Pages then ask storage only with that guild
 id, so an object of another guild named in a URL is not found either.
 
 Responses carry a strict Content-Security-Policy (scripts and styles from this origin
