@@ -6,8 +6,8 @@ state-changing request of a browser session checks the CSRF token and the Origin
 (3) resolves the ``{guild_id}`` of the URL against the guilds this dashboard may show
 (``DASHBOARD_GUILDS``; a guild outside it is "not found"; a guild without data is an
 empty memory page, where its first document can be uploaded), and (4) picks the
-language. Pages then ask storage only with that guild
-id, so an object of another guild named in a URL is not found either.
+language. Pages then ask storage only with that guild id, so an object of another
+guild named in a URL is not found either.
 
 Responses carry a strict Content-Security-Policy (scripts and styles from this origin
 only; htmx is a vendored static file), ``X-Frame-Options: DENY``, ``no-store``
