@@ -204,9 +204,12 @@ async def test_another_guilds_objects_are_refused_through_the_address_bar(
         html = await page.content()
         assert "オフ会" not in html and "ミナ" not in html
     # The owls' playground never finds the forest's documents.
-    await page.goto(dashboard.url + f"/guilds/{OWLS}/search?q=オフ会 秋葉原&top_k=10")
+    query = "search?q=オフ会 中目黒&top_k=10"
+    await page.goto(dashboard.url + f"/guilds/{FOREST}/{query}")
+    assert "中目黒" in await page.inner_text("main .modes")  # the forest's own answer
+    await page.goto(dashboard.url + f"/guilds/{OWLS}/{query}")
     await page.wait_for_selector("#floor-verdict")
-    assert "秋葉原" not in await page.inner_text("main .modes")
+    assert "中目黒" not in await page.inner_text("main .modes")
     # Deleting another guild's chunk through this guild's URL, with a valid CSRF token.
     chunk = (await dashboard.db.list_chunk_page(forest_source or 0, guild_id=FOREST))[0]
     csrf = await page.get_attribute("input[name=csrf_token]", "value")
