@@ -58,6 +58,7 @@ async def dashboard(
     try:
         from kotonoha_bot.dashboard import dashboard_from_settings
         from kotonoha_bot.dashboard.app import Backend
+        from kotonoha_bot.dashboard.auth import check_token
         from kotonoha_bot.dashboard.auth import generate_token as new_token
     except ImportError as exc:
         raise fail(
@@ -74,6 +75,8 @@ async def dashboard(
         register_secret(token)
         # Printed once, on the terminal only: the log never carries it.
         err_console.print(f"dashboard token for this run (shown once): {token}", soft_wrap=True)
+    # Refused before anything is opened: no database file, no model loaded.
+    token = check_token(token)
     url = database_url(settings, database)
     async with open_database(url, settings=settings) as db:
         embedder = await open_embedder(db, settings)
