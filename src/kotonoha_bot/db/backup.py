@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -42,11 +43,14 @@ from kotonoha_bot.db.transfer import (
     wipe,
 )
 from kotonoha_bot.errors import ConfigError, CorruptDatabaseError, KotonohaError, MigrationError
+from kotonoha_bot.models import BackupRecord, utcnow
 from kotonoha_bot.redact import redact
 
 if TYPE_CHECKING:
     from kotonoha_bot.config import Settings
     from kotonoha_bot.db.postgres import PostgreSQLDatabase
+
+log = logging.getLogger("kotonoha_bot.db")
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
 PGDUMP_MAGIC = b"PGDMP"
@@ -212,6 +216,41 @@ async def backup_database(
     ``BACKUP_KEEP`` files of each kind of each database separately.
     """
     url = db_url or settings.database_location()
+    if kind:
+        return await _backup(settings, url, output, kind, progress)
+    # An ordinary backup (the bot's schedule, `db backup`, the dashboard) is recorded in
+    # the database itself, so the dashboard of any process can show the last one.
+    try:
+        result = await _backup(settings, url, output, kind, progress)
+    except KotonohaError as exc:
+        await _record(settings, url, BackupRecord(utcnow(), False, error=redact(str(exc))))
+        raise
+    await _record(
+        settings,
+        url,
+        BackupRecord(utcnow(), True, str(result.path), result.method, result.size_bytes),
+    )
+    return result
+
+
+async def _record(settings: Settings, url: str, record: BackupRecord) -> None:
+    """Keep the outcome in the backed-up database; never fails the backup itself."""
+    if parse_database_url(url) == "sqlite" and not sqlite_path_from_url(url).is_file():
+        return  # nothing to record in (and never create a file for it)
+    try:
+        async with open_database(url, settings=_small(settings)) as db:
+            await db.record_backup(record)
+    except KotonohaError as exc:
+        log.warning("could not record the backup outcome in the database: %s", exc)
+
+
+async def _backup(
+    settings: Settings,
+    url: str,
+    output: str | Path | None,
+    kind: str,
+    progress: TransferProgress | None,
+) -> BackupResult:
     label = _label(url) + (f"-{kind}" if kind else "")
     started = time.perf_counter()
     if parse_database_url(url) == "sqlite":

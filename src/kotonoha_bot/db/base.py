@@ -28,19 +28,25 @@ from kotonoha_bot.models import (
     ROLES,
     SESSION_STATUSES,
     SESSION_TYPES,
+    BackupRecord,
     ChatSession,
+    ChunkInfo,
     ChunkOrigin,
     DatabaseStats,
     EmbeddingConfig,
+    GuildSummary,
     KnowledgeChunk,
     KnowledgeSource,
     Memory,
     MessageChange,
+    PauseState,
     PendingChunk,
     SearchHit,
     SessionInfo,
+    SourceSummary,
     UsageRecord,
     Vector,
+    VectorIndexState,
 )
 from kotonoha_bot.text import check_text
 
@@ -57,6 +63,8 @@ Scalar = str | int | float | bool
 
 #: Longest listing of memories one call returns.
 MAX_MEMORY_PAGE = 500
+#: Longest page of chunks or sessions the dashboard's listings return.
+MAX_DASHBOARD_PAGE = 500
 
 
 @dataclass(frozen=True, slots=True)
@@ -389,6 +397,69 @@ class DatabaseProtocol(Protocol):
         """(Re)build the approximate index; a no-op where there is none."""
         ...
 
+    # the operator's dashboard (every listing and delete is scoped to one guild) -------
+    async def list_guilds(self) -> list[GuildSummary]:
+        """Every guild with stored data (sessions, sources, memories or usage), by id."""
+        ...
+
+    async def source_summaries(self, guild_id: int) -> list[SourceSummary]:
+        """A guild's sources with their chunk counts, most recently updated first."""
+        ...
+
+    async def list_chunk_page(
+        self, source_id: int, *, guild_id: int, offset: int = 0, limit: int = 50
+    ) -> list[ChunkInfo]:
+        """One page of a source's chunks by chunk_index; empty when it is another guild's."""
+        ...
+
+    async def get_chunk(self, chunk_id: int, *, guild_id: int) -> ChunkInfo | None:
+        """A chunk of this guild, or None (also when it belongs to another guild)."""
+        ...
+
+    async def delete_chunk(self, chunk_id: int, *, guild_id: int) -> bool:
+        """Delete one chunk of this guild (a source left empty goes too); True when deleted."""
+        ...
+
+    async def find_sessions(
+        self,
+        *,
+        guild_id: int,
+        channel_id: int | None = None,
+        user_id: int | None = None,
+        offset: int = 0,
+        limit: int = 50,
+    ) -> list[SessionInfo]:
+        """A guild's sessions, most recently active first.
+
+        ``channel_id`` matches the channel or the thread; ``user_id`` the sessions the
+        user owns or wrote in.
+        """
+        ...
+
+    async def delete_conversation(self, session_key: str, *, guild_id: int) -> ForgetResult:
+        """Delete a session of this guild, its messages and every chunk built from them."""
+        ...
+
+    async def pause_state(self) -> PauseState:
+        """The bot's pause switch as stored (every process sharing the database sees it)."""
+        ...
+
+    async def set_paused(self, paused: bool, *, by: str = "") -> PauseState:
+        """Pause (the bot answers nothing) or resume; returns the new state."""
+        ...
+
+    async def record_backup(self, record: BackupRecord) -> None:
+        """Keep the latest backup outcome (one success and one failure are kept)."""
+        ...
+
+    async def last_backup(self, *, failed: bool = False) -> BackupRecord | None:
+        """The latest successful backup (or, with ``failed``, the latest failure)."""
+        ...
+
+    async def vector_index_state(self) -> VectorIndexState:
+        """What serves vector searches (index or cache) and whether it is built."""
+        ...
+
 
 class AsyncLifecycle:
     """``async with backend:`` initialises on enter and closes on exit (both backends)."""
@@ -633,3 +704,22 @@ def check_chunks(chunks: Sequence[KnowledgeChunk], dim: int | None, where: str) 
         if chunk.embedding is not None:
             vec = check_vector(chunk.embedding, first_dim, cw)
             first_dim = vec.shape[0]
+
+
+def check_page(offset: int, limit: int) -> None:
+    """A dashboard page: offset from 0, at most ``MAX_DASHBOARD_PAGE`` rows."""
+    for name, value, low in (("offset", offset, 0), ("limit", limit, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise InvalidInputError(f"{name} must be an integer of at least {low}")
+    if limit > MAX_DASHBOARD_PAGE:
+        raise InvalidInputError(f"limit must be at most {MAX_DASHBOARD_PAGE}")
+    if offset >= 2**62:
+        raise InvalidInputError("offset is too large")
+
+
+def check_backup_record(record: BackupRecord) -> None:
+    """A backup outcome the contract can store: aware time, NUL-free texts."""
+    if record.at.tzinfo is None:
+        raise InvalidInputError("backup record: time is naive")
+    for name in ("path", "method", "error"):
+        check_text(getattr(record, name), f"backup record {name}")

@@ -73,6 +73,7 @@ from kotonoha_bot.db.pg_search_plan import (
     filtered_exact_max_rows,
     use_exact,
 )
+from kotonoha_bot.db.postgres_dashboard import PostgresDashboard
 from kotonoha_bot.db.postgres_memories import PostgresMemories
 from kotonoha_bot.db.postgres_provenance import PostgresProvenance
 from kotonoha_bot.db.url import DatabaseURL
@@ -212,7 +213,7 @@ async def _init_connection(conn: Conn) -> None:
     await register_vector(conn)
 
 
-class PostgreSQLDatabase(PostgresProvenance, PostgresMemories, AsyncLifecycle):
+class PostgreSQLDatabase(PostgresDashboard, PostgresProvenance, PostgresMemories, AsyncLifecycle):
     """The server backend: asyncpg pool, pgvector ANN index, JSONB filters, GIN full text."""
 
     backend_name = "postgresql"

@@ -46,6 +46,7 @@ from typing import Any
 
 import numpy as np
 
+from kotonoha_bot.db.dashboard_meta import BACKUP_FAILED_KEY, BACKUP_OK_KEY
 from kotonoha_bot.models import (
     ROLES,
     SESSION_STATUSES,
@@ -59,6 +60,11 @@ from kotonoha_bot.text import NUL, REPLACEMENT, keyword_document
 MIGRATION_MARKER = "migration_in_progress"
 #: Meta keys the transfer records through the contract (set_embedding_config).
 EMBEDDING_KEYS = ("embedding_model", "embedding_dimension")
+#: Meta keys about one database's own upkeep (its last backups), like the job leases:
+#: never moved, never compared (a backup records itself in the source afterwards).
+LOCAL_META_KEYS = (BACKUP_OK_KEY, BACKUP_FAILED_KEY)
+#: Meta rows ``migrate`` leaves behind and ``verify`` ignores.
+UNMOVED_META_KEYS = frozenset({MIGRATION_MARKER, *LOCAL_META_KEYS})
 
 Row = tuple[Any, ...]
 

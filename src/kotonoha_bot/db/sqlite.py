@@ -39,6 +39,7 @@ from kotonoha_bot.db.base import (
     check_vector,
     config_from_meta,
 )
+from kotonoha_bot.db.sqlite_dashboard import SQLiteDashboard
 from kotonoha_bot.db.sqlite_files import OURS, check_openable, create_private, translate
 from kotonoha_bot.db.sqlite_memories import SQLiteMemories
 from kotonoha_bot.db.sqlite_provenance import SQLiteProvenance
@@ -293,7 +294,7 @@ def _json(value: Mapping[str, Any]) -> str:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"), sort_keys=True)
 
 
-class SQLiteDatabase(SQLiteProvenance, SQLiteMemories, AsyncLifecycle):
+class SQLiteDatabase(SQLiteDashboard, SQLiteProvenance, SQLiteMemories, AsyncLifecycle):
     """The embedded backend: one file, one connection, exact vector search."""
 
     backend_name = "sqlite"

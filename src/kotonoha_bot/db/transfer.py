@@ -53,6 +53,7 @@ from kotonoha_bot.db.rowconv import (
     SESSIONS,
     SOURCES,
     TABLES,
+    UNMOVED_META_KEYS,
     USAGE,
     Reject,
     Row,
@@ -628,7 +629,7 @@ def _check_target_meta(info: _TargetInfo, source_meta: dict[str, str], target: s
     if MIGRATION_MARKER in info.meta:
         return
     for key, value in info.meta.items():
-        if source_meta.get(key) != value:
+        if key not in UNMOVED_META_KEYS and source_meta.get(key) != value:
             raise MigrationError(
                 f"target {target} is not empty: kotonoha_meta {key!r} = {value!r} differs"
                 f" from the source ({source_meta.get(key)!r})"
@@ -709,7 +710,7 @@ class _Copier:
             raws = raw_meta if spec is META else await store.read_all(spec)
             rows = self._convert(spec, raws)
             if spec is META:
-                rows = [r for r in rows if r[0] != MIGRATION_MARKER]
+                rows = [r for r in rows if r[0] not in UNMOVED_META_KEYS]
                 self.meta = {r[0]: r[1] for r in rows}
             self.small[spec.name] = rows
             self._table(spec).source_rows = len(raws)
@@ -1190,14 +1191,14 @@ async def compare(
             row, _ = e.convert(spec, raw)
             if row is None:
                 cmp.diff.source_quarantined += 1
-            elif not (spec is META and row[0] == MIGRATION_MARKER):
+            elif not (spec is META and row[0] in UNMOVED_META_KEYS):
                 exp[row[spec.key_index]] = row
         for raw in await actual.read_all(spec):
             row, reason = a.convert(spec, raw)
             if row is None:
                 cmp.diff.target_rows += 1
                 cmp.invalid(_key_text(raw[spec.key_index]), reason or "")
-            elif not (spec is META and row[0] == MIGRATION_MARKER):
+            elif not (spec is META and row[0] in UNMOVED_META_KEYS):
                 act[row[spec.key_index]] = row
         cmp.diff.expected_rows = len(exp)
         cmp.diff.target_rows += len(act)
