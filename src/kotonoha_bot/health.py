@@ -67,8 +67,10 @@ class HealthServer:
         db_timeout: float = DEFAULT_DB_TIMEOUT,
         backlog_interval: float = DEFAULT_BACKLOG_INTERVAL,
         token: str | None = None,
+        llm_state: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
         self.db = db
+        self.llm_state = llm_state
         self.token = token or None
         self.host = host
         self.requested_port = port
@@ -212,6 +214,9 @@ class HealthServer:
             "embedding_backlog": self._backlog.value,
             "discord_connected": discord,
         }
+        if self.llm_state is not None:
+            # Informational (the dashboard shows it); a failing model never gates readiness.
+            body["llm"] = self.llm_state()
         return ready, body
 
     async def _refresh_backlog(self) -> None:
@@ -277,6 +282,7 @@ def health_server_from_settings(
     settings: Settings,
     *,
     discord_ready: Callable[[], bool] | None = None,
+    llm_state: Callable[[], dict[str, Any]] | None = None,
 ) -> HealthServer | None:
     """The server ``HEALTH_HOST``/``HEALTH_PORT`` ask for; None when ``HEALTH_PORT=0`` (off)."""
     if settings.health_port == 0:
@@ -288,4 +294,5 @@ def health_server_from_settings(
         port=settings.health_port,
         discord_ready=discord_ready,
         token=token,
+        llm_state=llm_state,
     )

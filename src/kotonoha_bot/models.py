@@ -289,3 +289,82 @@ class UsageRecord:
     def total_tokens(self) -> int:
         """Input plus output tokens (what the daily budgets count)."""
         return self.input_tokens + self.output_tokens
+
+
+# --- the operator's dashboard -------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class GuildSummary:
+    """A guild with stored data, and how much of each kind (the dashboard's guild list)."""
+
+    guild_id: int
+    sessions: int = 0
+    sources: int = 0
+    chunks: int = 0
+    memories: int = 0
+    last_active_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SourceSummary:
+    """A knowledge source with its chunk counts (``pending``: chunks without a vector)."""
+
+    source: KnowledgeSource
+    chunks: int
+    pending: int
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkInfo:
+    """A chunk as an operator sees it: text, place, whether it has a vector, provenance.
+
+    Unlike :class:`KnowledgeChunk` it never carries the vector itself (pages of
+    chunks stay small); ``message_ids`` are the stored messages it was built from.
+    """
+
+    chunk_id: int
+    source_id: int
+    guild_id: int
+    channel_id: int | None
+    chunk_index: int
+    content: str
+    metadata: dict[str, Any]
+    embedded: bool
+    message_ids: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class PauseState:
+    """The bot's pause switch: while ``paused`` it answers nothing (set by the dashboard)."""
+
+    paused: bool
+    since: datetime | None = None
+    by: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class BackupRecord:
+    """The outcome of one backup, kept in the database so every process can show it."""
+
+    at: datetime
+    ok: bool
+    path: str = ""
+    method: str = ""
+    size_bytes: int = 0
+    error: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class VectorIndexState:
+    """What serves vector searches and whether it is usable now.
+
+    ``state``: ``ready``; ``building`` (``progress`` 0..1 when the server reports it);
+    ``cold`` (SQLite: the in-memory cache loads on the first search); ``missing``
+    (searches are exact until it exists); ``invalid`` (an interrupted build).
+    """
+
+    kind: str
+    state: str
+    detail: str = ""
+    progress: float | None = None

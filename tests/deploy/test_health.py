@@ -291,4 +291,6 @@ def test_health_binds_loopback_by_default_everywhere(tmp_path: Path) -> None:
         # The health check runs inside the container: loopback reaches the server there.
         assert bot["environment"]["HEALTH_HOST"] == "127.0.0.1", name
         assert "127.0.0.1" in " ".join(bot["healthcheck"]["test"]), name
-        assert not bot.get("ports"), name
+        # Only the dashboard is published (on the host's loopback), never the health port.
+        ports = [str(p) for p in bot.get("ports", [])]
+        assert ports == ["127.0.0.1:${DASHBOARD_PORT:-8765}:${DASHBOARD_PORT:-8765}"], name

@@ -71,8 +71,15 @@ def sqlite_counts(path: Path) -> dict[str, int]:
     try:
         names = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")]
         wanted = ("sessions", "messages", "knowledge_sources", "knowledge_chunks", "kotonoha_meta")
+        # A database's record of its own last backups is upkeep, not data (see
+        # rowconv.LOCAL_META_KEYS): the second backup of a file holds the first's record.
+        local = " WHERE key NOT LIKE 'last\\_backup\\_%' ESCAPE '\\'"
         return {
-            t: int(conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0])
+            t: int(
+                conn.execute(
+                    f"SELECT count(*) FROM {t}" + (local if t == "kotonoha_meta" else "")
+                ).fetchone()[0]
+            )
             for t in wanted
             if t in names
         }

@@ -27,6 +27,7 @@ from kotonoha_bot.config import Settings
 from kotonoha_bot.db import open_database, sqlite_path_from_url
 from kotonoha_bot.errors import ConfigError, MigrationError
 from kotonoha_bot.models import (
+    BackupRecord,
     ChatSession,
     EmbeddingConfig,
     KnowledgeChunk,
@@ -1044,3 +1045,21 @@ async def test_a_schema_2_postgres_source_is_upgraded_then_moved(
     async with open_database(target, settings=settings) as db:
         s = await db.load_session("thread:9")
         assert s is not None and [m.turn_id for m in s.messages] == [11, 11, 12, 12]
+
+
+async def test_the_pause_switch_moves_and_backup_records_stay_with_their_database(
+    new_database_url: Any, settings: Settings
+) -> None:
+    source = await new_database_url("sqlite")
+    target = await new_database_url("postgres")
+    async with open_database(source, settings=settings) as db:
+        await db.set_paused(True, by="dashboard")
+        await db.record_backup(BackupRecord(datetime(2026, 3, 1, tzinfo=UTC), True, "/b/x.db"))
+    await migrate(source, target, settings=settings, backup_source=False)
+    assert (await verify(source, target, settings=settings)).identical
+    async with open_database(target, settings=settings) as db:
+        assert (await db.pause_state()).paused  # a paused bot stays paused on the new server
+        assert await db.last_backup() is None  # that backup is of the old database
+        await db.record_backup(BackupRecord(datetime(2026, 3, 2, tzinfo=UTC), False, error="x"))
+    # The target's own upkeep is no difference from the source either.
+    assert (await verify(source, target, settings=settings)).identical

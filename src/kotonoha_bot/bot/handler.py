@@ -11,6 +11,10 @@ Triggers, in order (the bot ignores bots, itself included, and system messages):
 4. otherwise, in a channel with eavesdrop on: the message is remembered, and now
    and then an LLM judgment decides whether the bot joins (``eavesdrop:{channel}``).
 
+While the operator's pause switch is on (the dashboard; stored in the database, so a
+separate ``kotonoha dashboard`` process sets it) no trigger is answered: no reply, no
+LLM call, nothing stored. Edits and deletes still follow Discord.
+
 The handler only uses a few attributes of discord.py objects; tests drive it through
 SimCord (discord.py's real gateway and HTTP layer on an in-memory Discord) and, for a
 few edge cases SimCord cannot stage, with small fakes. The Discord ids of the parts
@@ -172,6 +176,11 @@ class MessageHandler:
         *,
         mentioned: bool,
     ) -> None:
+        if await self.chat.paused():
+            # The operator's pause (dashboard): no reply, no LLM call, nothing stored;
+            # edits, deletes and /kb forget still follow Discord (they are not answers).
+            log.debug("paused: not answering in %s", conv.session_key)
+            return
         if not text:
             # A bare mention says hello; an empty thread message (no content intent,
             # an image only) is not a turn.
@@ -211,7 +220,7 @@ class MessageHandler:
         self, message: discord.Message, guild_id: int, channel: Any, text: str
     ) -> None:
         self.eavesdrop.observe(channel.id, self._incoming(message, text))
-        if not self.eavesdrop.should_judge(channel.id):
+        if not self.eavesdrop.should_judge(channel.id) or await self.chat.paused():
             return
         if not await self.chat.should_interject(self.eavesdrop.recent(channel.id), guild_id):
             return

@@ -1,7 +1,8 @@
 """``kotonoha run``: check the settings, create the resources, run the bot, shut down cleanly.
 
 Order: database (``async with``) -> embedding provider -> LLM provider -> pipeline
--> health server (when ``HEALTH_PORT`` > 0) -> Discord. SIGTERM (``docker stop``)
+-> health server (when ``HEALTH_PORT`` > 0) -> dashboard (when ``DASHBOARD_PORT`` is
+set; it refuses to start without ``DASHBOARD_TOKEN``) -> Discord. SIGTERM (``docker stop``)
 and SIGINT close the client; on the way out every unsaved message is stored, then
 the health server, the LLM and embedding clients and the database are closed, in
 reverse order.
@@ -14,18 +15,22 @@ import contextlib
 import logging
 import signal
 from collections.abc import Awaitable, Callable, Iterator
+from typing import TYPE_CHECKING
 
 import discord
 
 from kotonoha_bot.bot.client import KotonohaBot
 from kotonoha_bot.chat.service import ChatService, checked_embedder
 from kotonoha_bot.config import Settings
-from kotonoha_bot.db import open_database
+from kotonoha_bot.db import DatabaseProtocol, open_database
 from kotonoha_bot.errors import ConfigError, KotonohaError
 from kotonoha_bot.health import health_server_from_settings
 from kotonoha_bot.knowledge.embeddings import open_embedder
 from kotonoha_bot.llm import create_llm_provider, missing_llm_settings
 from kotonoha_bot.transfer.marker import migration_marker
+
+if TYPE_CHECKING:
+    from kotonoha_bot.dashboard import DashboardServer
 
 log = logging.getLogger("kotonoha_bot.bot")
 
@@ -67,11 +72,22 @@ async def serve(settings: Settings, *, connect: Connect = _discord_start) -> Non
         chat = ChatService(db, llm, await checked_embedder(db, embedder), settings)
         bot = KotonohaBot(chat, settings)
         health = health_server_from_settings(
-            db, settings, discord_ready=lambda: bot.is_ready() and not bot.is_closed()
+            db,
+            settings,
+            discord_ready=lambda: bot.is_ready() and not bot.is_closed(),
+            llm_state=chat.llm_health.as_dict,
         )
+        try:
+            dashboard = _dashboard(db, settings, chat, bot)
+        except BaseException:
+            await llm.aclose()
+            await embedder.aclose()
+            raise
         try:
             if health is not None:
                 await health.start()
+            if dashboard is not None:
+                await dashboard.start()
             with _close_on_signals(bot):
                 async with bot:
                     await connect(bot, token)
@@ -89,11 +105,48 @@ async def serve(settings: Settings, *, connect: Connect = _discord_start) -> Non
             try:
                 await chat.close()
             finally:
+                if dashboard is not None:
+                    await dashboard.stop()
                 if health is not None:
                     await health.stop()
                 await llm.aclose()
                 await embedder.aclose()
         log.info("stopped; all sessions saved")
+
+
+def _dashboard(
+    db: DatabaseProtocol, settings: Settings, chat: ChatService, bot: KotonohaBot
+) -> DashboardServer | None:
+    """The dashboard inside the bot when ``DASHBOARD_PORT`` is set (None: off)."""
+    if settings.dashboard_port is None:
+        return None
+    try:
+        from kotonoha_bot.dashboard import dashboard_from_settings
+        from kotonoha_bot.dashboard.app import Backend
+        from kotonoha_bot.dashboard.status import BotLink
+    except ImportError as exc:
+        raise ConfigError(
+            f"DASHBOARD_PORT is set but the [dashboard] extra is not installed ({exc.name}"
+            " is missing): pip install 'kotonoha-bot[dashboard]', or unset DASHBOARD_PORT"
+        ) from None
+
+    def guild_name(guild_id: int) -> str | None:
+        guild = bot.get_guild(guild_id)
+        return guild.name if guild is not None else None
+
+    backend = Backend(
+        db,
+        settings,
+        settings.database_location(),
+        embedder=lambda: chat.embedder,
+        chat=chat,
+        bot=BotLink(
+            discord_ready=lambda: bot.is_ready() and not bot.is_closed(),
+            llm_health=chat.llm_health,
+            guild_name=guild_name,
+        ),
+    )
+    return dashboard_from_settings(backend, settings)
 
 
 @contextlib.contextmanager

@@ -29,6 +29,7 @@ from datetime import datetime, timedelta
 
 from kotonoha_bot.chat.changes import DiscordChanges
 from kotonoha_bot.chat.conversation import Conversation, Incoming
+from kotonoha_bot.chat.llm_health import LLMHealth
 from kotonoha_bot.chat.memories import MemoryBook
 from kotonoha_bot.chat.prompt import (
     RESET_MARKER,
@@ -128,6 +129,7 @@ class ChatService(KnowledgeRetrieval):
         self.memories = MemoryBook(db, settings)
         self.usage = UsageMeter(db, settings, clock=clock)
         self.traces = TraceBook()
+        self.llm_health = LLMHealth(provider=llm.name, model=llm.model)
         self.changes = DiscordChanges(db, embedder, self.sessions, settings)
         self._clock = clock
         self._last_hits: dict[str, int] = {}
@@ -178,10 +180,12 @@ class ChatService(KnowledgeRetrieval):
             try:
                 answer = await self.llm.complete(system, turns)
             except LLMError as exc:
+                self.llm_health.failed(exc)
                 log.warning("LLM failed in session %s: %s", conv.session_key, exc)
                 return ChatReply(
                     self.settings.llm_error_message, False, conv.session_key, hits, turn_id
                 )
+            self.llm_health.ok()
             await self.usage.record(conv.guild_id, speaker, answer)
             text, _ = replace_nul(answer.text.strip())
             if not text:
@@ -258,6 +262,20 @@ class ChatService(KnowledgeRetrieval):
             turn_id=turn_id,
         )
 
+    async def paused(self) -> bool:
+        """Whether the operator paused the bot (the dashboard's switch, in the database).
+
+        One primary-key read before each answer, so a pause set by a separate
+        ``kotonoha dashboard`` process holds from the next message on. If the database
+        cannot say, the bot is not paused: an outage must not silence it differently
+        from before (the turn itself then reports the outage).
+        """
+        try:
+            return (await self.db.pause_state()).paused
+        except KotonohaError as exc:
+            log.warning("could not read the pause switch, answering: %s", exc)
+            return False
+
     # --- eavesdrop ------------------------------------------------------------------
 
     async def should_interject(
@@ -281,8 +299,10 @@ class ChatService(KnowledgeRetrieval):
                 temperature=0.0,
             )
         except LLMError as exc:
+            self.llm_health.failed(exc)
             log.info("eavesdrop judgment failed, staying quiet: %s", exc)
             return False
+        self.llm_health.ok()
         await self.usage.record(guild_id, None, answer)
         return parse_yes(answer.text)
 

@@ -10,6 +10,7 @@ import typer
 from kotonoha_bot.cli import db as db_cli
 from kotonoha_bot.cli import kb as kb_cli
 from kotonoha_bot.cli.chat import chat
+from kotonoha_bot.cli.dashboard import dashboard
 from kotonoha_bot.cli.demo import demo
 from kotonoha_bot.cli.run import run
 from kotonoha_bot.cli.usage import usage
@@ -27,6 +28,7 @@ app.command("demo")(demo)
 app.command("chat")(chat)
 app.command("run")(run)
 app.command("usage")(usage)
+app.command("dashboard")(dashboard)
 
 
 def main() -> None:

@@ -26,6 +26,7 @@ from kotonoha_bot.models import (
     ROLES,
     SESSION_STATUSES,
     SESSION_TYPES,
+    BackupRecord,
     ChatSession,
     EmbeddingConfig,
     KnowledgeChunk,
@@ -40,6 +41,8 @@ from kotonoha_bot.text import check_text
 MAX_TOP_K = 1000
 #: Longest listing of memories one call returns.
 MAX_MEMORY_PAGE = 500
+#: Longest page of chunks or sessions the dashboard's listings return.
+MAX_DASHBOARD_PAGE = 500
 _FILTER_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]{0,63}$")
 Scalar = str | int | float | bool
 
@@ -299,3 +302,22 @@ def source_status(chunks: Iterable[KnowledgeChunk]) -> SourceStatus:
     :data:`kotonoha_bot.db.tables.SOURCE_STATUS_SQL`.
     """
     return "ready" if all(c.embedding is not None for c in chunks) else "pending"
+
+
+def check_page(offset: int, limit: int) -> None:
+    """A dashboard page: offset from 0, at most ``MAX_DASHBOARD_PAGE`` rows."""
+    for name, value, low in (("offset", offset, 0), ("limit", limit, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise InvalidInputError(f"{name} must be an integer of at least {low}")
+    if limit > MAX_DASHBOARD_PAGE:
+        raise InvalidInputError(f"limit must be at most {MAX_DASHBOARD_PAGE}")
+    if offset >= 2**62:
+        raise InvalidInputError("offset is too large")
+
+
+def check_backup_record(record: BackupRecord) -> None:
+    """A backup outcome the contract can store: aware time, NUL-free texts."""
+    if record.at.tzinfo is None:
+        raise InvalidInputError("backup record: time is naive")
+    for name in ("path", "method", "error"):
+        check_text(getattr(record, name), f"backup record {name}")

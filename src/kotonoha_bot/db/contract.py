@@ -16,19 +16,25 @@ from types import TracebackType
 from typing import Any, Protocol, Self, runtime_checkable
 
 from kotonoha_bot.models import (
+    BackupRecord,
     ChatSession,
+    ChunkInfo,
     ChunkOrigin,
     DatabaseStats,
     EmbeddingConfig,
+    GuildSummary,
     KnowledgeChunk,
     KnowledgeSource,
     Memory,
     MessageChange,
+    PauseState,
     PendingChunk,
     SearchHit,
     SessionInfo,
+    SourceSummary,
     UsageRecord,
     Vector,
+    VectorIndexState,
 )
 
 #: Capabilities a backend may declare.
@@ -366,6 +372,69 @@ class DatabaseProtocol(Protocol):
     # maintenance ---------------------------------------------------------------------
     async def rebuild_vector_index(self) -> None:
         """(Re)build the approximate index; a no-op where there is none."""
+        ...
+
+    # the operator's dashboard (every listing and delete is scoped to one guild) -------
+    async def list_guilds(self) -> list[GuildSummary]:
+        """Every guild with stored data (sessions, sources, memories or usage), by id."""
+        ...
+
+    async def source_summaries(self, guild_id: int) -> list[SourceSummary]:
+        """A guild's sources with their chunk counts, most recently updated first."""
+        ...
+
+    async def list_chunk_page(
+        self, source_id: int, *, guild_id: int, offset: int = 0, limit: int = 50
+    ) -> list[ChunkInfo]:
+        """One page of a source's chunks by chunk_index; empty when it is another guild's."""
+        ...
+
+    async def get_chunk(self, chunk_id: int, *, guild_id: int) -> ChunkInfo | None:
+        """A chunk of this guild, or None (also when it belongs to another guild)."""
+        ...
+
+    async def delete_chunk(self, chunk_id: int, *, guild_id: int) -> bool:
+        """Delete one chunk of this guild (a source left empty goes too); True when deleted."""
+        ...
+
+    async def find_sessions(
+        self,
+        *,
+        guild_id: int,
+        channel_id: int | None = None,
+        user_id: int | None = None,
+        offset: int = 0,
+        limit: int = 50,
+    ) -> list[SessionInfo]:
+        """A guild's sessions, most recently active first.
+
+        ``channel_id`` matches the channel or the thread; ``user_id`` the sessions the
+        user owns or wrote in.
+        """
+        ...
+
+    async def delete_conversation(self, session_key: str, *, guild_id: int) -> ForgetResult:
+        """Delete a session of this guild, its messages and every chunk built from them."""
+        ...
+
+    async def pause_state(self) -> PauseState:
+        """The bot's pause switch as stored (every process sharing the database sees it)."""
+        ...
+
+    async def set_paused(self, paused: bool, *, by: str = "") -> PauseState:
+        """Pause (the bot answers nothing) or resume; returns the new state."""
+        ...
+
+    async def record_backup(self, record: BackupRecord) -> None:
+        """Keep the latest backup outcome (one success and one failure are kept)."""
+        ...
+
+    async def last_backup(self, *, failed: bool = False) -> BackupRecord | None:
+        """The latest successful backup (or, with ``failed``, the latest failure)."""
+        ...
+
+    async def vector_index_state(self) -> VectorIndexState:
+        """What serves vector searches (index or cache) and whether it is built."""
         ...
 
 

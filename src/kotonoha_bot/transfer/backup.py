@@ -11,14 +11,24 @@ scheduled by the bot layer (``bot/client.py``), which calls :func:`run_backup`.
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kotonoha_bot.db import open_database
 from kotonoha_bot.errors import ConfigError, KotonohaError, MigrationError
+from kotonoha_bot.models import BackupRecord, utcnow
+from kotonoha_bot.redact import redact
 from kotonoha_bot.transfer.common import timestamped
 from kotonoha_bot.transfer.copy import migrate
-from kotonoha_bot.transfer.endpoints import display_url, endpoint_for, table_counts, wipe
+from kotonoha_bot.transfer.endpoints import (
+    display_url,
+    endpoint_for,
+    small_pool,
+    table_counts,
+    wipe,
+)
 from kotonoha_bot.transfer.files import rotate
 from kotonoha_bot.transfer.reports import BackupResult, RestoreResult, TransferProgress
 
@@ -38,6 +48,8 @@ __all__ = [
     "target_is_empty",
 ]
 
+log = logging.getLogger("kotonoha_bot.db")
+
 SQLITE_MAGIC = b"SQLite format 3\x00"
 PGDUMP_MAGIC = b"PGDMP"
 
@@ -56,6 +68,42 @@ async def backup_database(
     ``BACKUP_KEEP`` files of each kind of each database separately.
     """
     url = db_url or settings.database_location()
+    if kind:
+        return await _backup(settings, url, output, kind, progress)
+    # An ordinary backup (the bot's schedule, `db backup`, the dashboard) is recorded in
+    # the database itself, so the dashboard of any process can show the last one.
+    try:
+        result = await _backup(settings, url, output, kind, progress)
+    except KotonohaError as exc:
+        await _record(settings, url, BackupRecord(utcnow(), False, error=redact(str(exc))))
+        raise
+    await _record(
+        settings,
+        url,
+        BackupRecord(utcnow(), True, str(result.path), result.method, result.size_bytes),
+    )
+    return result
+
+
+async def _record(settings: Settings, url: str, record: BackupRecord) -> None:
+    """Keep the outcome in the backed-up database; never fails the backup itself."""
+    file = endpoint_for(url, settings).file
+    if file is not None and not file.is_file():
+        return  # nothing to record in (and never create a file for it)
+    try:
+        async with open_database(url, settings=small_pool(settings)) as db:
+            await db.record_backup(record)
+    except KotonohaError as exc:
+        log.warning("could not record the backup outcome in the database: %s", exc)
+
+
+async def _backup(
+    settings: Settings,
+    url: str,
+    output: str | Path | None,
+    kind: str,
+    progress: TransferProgress | None,
+) -> BackupResult:
     endpoint = endpoint_for(url, settings)
     label = endpoint.url.label + (f"-{kind}" if kind else "")
     started = time.perf_counter()

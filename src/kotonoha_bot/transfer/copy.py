@@ -52,7 +52,7 @@ from kotonoha_bot.transfer.endpoints import (
     endpoint_for,
     identity,
 )
-from kotonoha_bot.transfer.marker import MIGRATION_MARKER
+from kotonoha_bot.transfer.marker import MIGRATION_MARKER, UNMOVED_META_KEYS
 from kotonoha_bot.transfer.quarantine import Quarantine
 from kotonoha_bot.transfer.reports import (
     MigrationReport,
@@ -116,7 +116,7 @@ def _check_target_meta(info: TargetInfo, source_meta: dict[str, str], target: st
     if MIGRATION_MARKER in info.meta:
         return
     for key, value in info.meta.items():
-        if source_meta.get(key) != value:
+        if key not in UNMOVED_META_KEYS and source_meta.get(key) != value:
             raise MigrationError(
                 f"target {target} is not empty: kotonoha_meta {key!r} = {value!r} differs"
                 f" from the source ({source_meta.get(key)!r})"
@@ -181,7 +181,7 @@ class Copier:
             raws = raw_meta if spec is META else await store.read_all(spec)
             rows = self._convert(spec, raws)
             if spec is META:
-                rows = [r for r in rows if r[0] != MIGRATION_MARKER]
+                rows = [r for r in rows if r[0] not in UNMOVED_META_KEYS]
                 self.meta = {r[0]: r[1] for r in rows}
             self.small[spec.name] = rows
             self._table(spec).source_rows = len(raws)

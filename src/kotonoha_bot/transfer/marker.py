@@ -11,11 +11,18 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any
 
+from kotonoha_bot.db.dashboard_meta import BACKUP_FAILED_KEY, BACKUP_OK_KEY
+
 if TYPE_CHECKING:
     from kotonoha_bot.config import Settings
 
 #: kotonoha_meta key set on a target while a migration writes to it.
 MIGRATION_MARKER = "migration_in_progress"
+#: Meta keys about one database's own upkeep (its last backups), like the job leases:
+#: never moved, never compared (a backup records itself in the source afterwards).
+LOCAL_META_KEYS = (BACKUP_OK_KEY, BACKUP_FAILED_KEY)
+#: Meta rows ``migrate`` leaves behind and ``verify`` ignores.
+UNMOVED_META_KEYS = frozenset({MIGRATION_MARKER, *LOCAL_META_KEYS})
 
 
 async def migration_marker(url: str, settings: Settings) -> dict[str, Any] | None:

@@ -42,7 +42,7 @@ from kotonoha_bot.transfer.common import (
     resolve_timezone,
 )
 from kotonoha_bot.transfer.endpoints import RowStore, display_url, endpoint_for, identity
-from kotonoha_bot.transfer.marker import MIGRATION_MARKER
+from kotonoha_bot.transfer.marker import MIGRATION_MARKER, UNMOVED_META_KEYS
 from kotonoha_bot.transfer.quarantine import Quarantine
 from kotonoha_bot.transfer.reports import TableDiff, TransferProgress, VerifyReport
 from kotonoha_bot.transfer.rowconv import Reject, RowConverter, comparable, jsonable, row_digest
@@ -167,14 +167,14 @@ async def compare(
             row, _ = e.convert(spec, raw)
             if row is None:
                 cmp.diff.source_quarantined += 1
-            elif not (spec is META and row[0] == MIGRATION_MARKER):
+            elif not (spec is META and row[0] in UNMOVED_META_KEYS):
                 exp[row[spec.key_index]] = row
         for raw in await actual.read_all(spec):
             row, reason = a.convert(spec, raw)
             if row is None:
                 cmp.diff.target_rows += 1
                 cmp.invalid(key_text(raw[spec.key_index]), reason or "")
-            elif not (spec is META and row[0] == MIGRATION_MARKER):
+            elif not (spec is META and row[0] in UNMOVED_META_KEYS):
                 act[row[spec.key_index]] = row
         cmp.diff.expected_rows = len(exp)
         cmp.diff.target_rows += len(act)

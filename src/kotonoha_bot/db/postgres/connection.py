@@ -175,6 +175,8 @@ class PostgresConnection(AsyncLifecycle):
     """The pools and the plumbing every PostgreSQL operation runs through."""
 
     backend_name = "postgresql"
+    #: The schema this code expects (the health check and the dashboard compare it).
+    latest_schema_version = LATEST_SCHEMA_VERSION
 
     capabilities: frozenset[str] = frozenset({CAP_ANN_INDEX, CAP_MULTI_PROCESS, CAP_SERVER})
 

@@ -48,6 +48,7 @@ from kotonoha_bot.db.postgres.connection import (
     Conn,
     _pgvec,
 )
+from kotonoha_bot.db.postgres.dashboard import PostgresDashboard
 from kotonoha_bot.db.postgres.index import PostgresIndex
 from kotonoha_bot.db.postgres.knowledge import PostgresKnowledge
 from kotonoha_bot.db.postgres.memories import PostgresMemories
@@ -85,7 +86,12 @@ if TYPE_CHECKING:
 
 
 class PostgreSQLDatabase(
-    PostgresSearch, PostgresKnowledge, PostgresProvenance, PostgresMemories, PostgresIndex
+    PostgresDashboard,
+    PostgresSearch,
+    PostgresKnowledge,
+    PostgresProvenance,
+    PostgresMemories,
+    PostgresIndex,
 ):
     """The server backend: asyncpg pool, pgvector ANN index, JSONB filters, GIN full text."""
 

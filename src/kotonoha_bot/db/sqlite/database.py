@@ -53,16 +53,25 @@ from kotonoha_bot.text import (
 if TYPE_CHECKING:
     pass
 from kotonoha_bot.db.sqlite.connection import SQLiteConnection
+from kotonoha_bot.db.sqlite.dashboard import SQLiteDashboard
 from kotonoha_bot.db.sqlite.knowledge import SQLiteKnowledge
+from kotonoha_bot.db.sqlite.schema import LATEST_SCHEMA_VERSION
 from kotonoha_bot.db.sqlite.search import SQLiteSearch
 
 
 class SQLiteDatabase(
-    SQLiteSearch, SQLiteKnowledge, SQLiteProvenance, SQLiteMemories, SQLiteConnection
+    SQLiteDashboard,
+    SQLiteSearch,
+    SQLiteKnowledge,
+    SQLiteProvenance,
+    SQLiteMemories,
+    SQLiteConnection,
 ):
     """The embedded backend: one file, one connection, exact vector search."""
 
     backend_name = "sqlite"
+    #: The schema this code expects (the health check and the dashboard compare it).
+    latest_schema_version = LATEST_SCHEMA_VERSION
     capabilities: frozenset[str] = frozenset()
 
     # --- sessions -------------------------------------------------------------------
