@@ -118,7 +118,7 @@ async def measure(
     async with open_database(f"sqlite:///{tmp / f'{name}.db'}", settings=settings) as db:
         await build_example_knowledge(db, emb, CORPUS, CONVERSATIONS)
         probe = (await emb.embed_queries(["probe"]))[0]
-        everything = await db.similarity_search(probe, guild_id=1, top_k=100_000)
+        everything = await db.similarity_search(probe, guild_id=1, top_k=1000)
         df: Counter[str] = Counter(t for h in everything for t in set(keyword_tokens(h.content)))
         for q in queries:
             text = normalize_for_query(q.query)

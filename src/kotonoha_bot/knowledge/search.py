@@ -9,6 +9,7 @@ keyword list of chunks sharing only "how"/"to"/"the" outvote the right vector hi
 ``score = a * ((sim - sim_low) / (sim_top - sim_low) + l * language_gap)``
 ``        + (1 - a) * t * (b * coverage**p + (1 - b) * bm25 / bm25_top)``
 
+(keyword hits whose coverage reaches ``keyword_lead`` first, in keyword order)
 over the first ``depth`` hits of each list: the vector side normalised between its
 best and its ``depth``-th similarity, the keyword side by *coverage*, the
 IDF-weighted share of the query's informative terms a chunk holds
@@ -85,6 +86,10 @@ class FusionProfile:
     """``l``: added to a vector hit's normalised similarity per unit of language gap
     between the query and the chunk (0 = off): undoes a semantic model's preference
     for chunks in the query's own language."""
+    keyword_lead: float = 0.0
+    """Keyword hits whose coverage reaches this go first, in keyword order (0 = off): a
+    chunk holding every informative term of the query (a code, a file name, a
+    channel) is the answer more surely than any similarity says."""
 
 
 #: Tuned on the dev half of examples/queries.json by ``python -m benchmarks.tune_fusion``
@@ -246,9 +251,25 @@ def fuse(
                 )
             )
             e["keyword_rank"] = rank
+    lead = profile.keyword_lead
     for e in entries.values():
         e["score"] = e["vector_part"] + e["keyword_part"]
-    ranked = sorted(entries.values(), key=lambda e: (-e["score"], e["hit"].chunk_id))
+        # Lead hits first, in the keyword list's own order (ties among full matches are
+        # the keyword side's to break: similarity cannot tell two chunks naming a code).
+        e["lead"] = (
+            e["keyword_rank"]
+            if lead > 0 and e["keyword_rank"] is not None and (e["hit"].coverage or 0.0) >= lead
+            else None
+        )
+    ranked = sorted(
+        entries.values(),
+        key=lambda e: (
+            e["lead"] is None,
+            e["lead"] or 0,
+            -e["score"],
+            e["hit"].chunk_id,
+        ),
+    )
     return [
         RankedHit(
             hit=e["hit"],
