@@ -328,6 +328,22 @@ def test_fused_scores_show_each_half_and_add_up() -> None:
     assert fused[2].as_dict()["keyword_part"] == pytest.approx(0.7)
 
 
+def test_keyword_lead_puts_full_matches_first_in_keyword_order() -> None:
+    # Two chunks both hold the code the query names; the vector side prefers the one
+    # the keyword side ranks second. With the lead, the keyword side's order decides.
+    vector = [_hit(2, similarity=0.9), _hit(5, similarity=0.6), _hit(1, similarity=0.5)]
+    keyword = [_hit(1, coverage=1.0), _hit(2, coverage=1.0), _hit(3, coverage=0.4)]
+    plain = FusionProfile(0.6, 4.0, 1.0, 10, None, None)
+    assert fuse(vector, keyword, plain, top_k=5)[0].hit.chunk_id == 2
+    lead = FusionProfile(0.6, 4.0, 1.0, 10, None, None, keyword_lead=0.99)
+    fused = fuse(vector, keyword, lead, top_k=5)
+    assert [r.hit.chunk_id for r in fused[:2]] == [1, 2]
+    # A partial match does not lead; the rest keeps the fused order.
+    assert [r.hit.chunk_id for r in fused[2:]] == [5, 3]
+    for r in fused:
+        assert r.score == pytest.approx(r.vector_part + r.keyword_part)
+
+
 def test_language_bonus_lifts_a_hit_in_the_other_language_only_when_asked() -> None:
     # An English question; the Japanese chunk answers it but the model ranks an English
     # chunk a little higher (its same-language preference).
