@@ -92,18 +92,19 @@ class FusionProfile:
     channel) is the answer more surely than any similarity says."""
 
 
-#: Tuned on the dev half of examples/queries.json by ``python -m benchmarks.tune_fusion``
-#: (docs/KNOWLEDGE.md has the held-out results). Floors: the (similarity, coverage)
-#: pair that turns away the most no-answer queries while answerable ones keep at
-#: least 95 % of their recall.
+#: Tuned on the dev half of examples/queries.json (310 queries) by
+#: ``python -m benchmarks.tune_fusion --sample 600 --refine 3`` (docs/KNOWLEDGE.md has
+#: the held-out results). Floors: the (similarity, coverage) pair that turns away the
+#: most no-answer queries while answerable ones keep at least 95 % of their recall.
 FUSION_PROFILES: dict[str, FusionProfile] = {
-    "hashing-ngram-v1": FusionProfile(0.1, 1.0, 0.8, 10, 0.10, 0.6),
-    "multilingual-e5-small-q4-lc": FusionProfile(0.2, 4.0, 0.9, 10, 0.311, 0.6, 1.0),
-    "multilingual-e5-small-q4": FusionProfile(0.1, 6.0, 1.0, 10, 0.815, 0.6),
+    "hashing-ngram-v1": FusionProfile(0.05, 1.0, 0.8, 20, 0.1, 0.6, 0.0, 1.0),
+    "multilingual-e5-small-q4-lc": FusionProfile(0.4, 2.0, 1.0, 10, 0.325, 0.6, 0.5, 0.2),
+    "multilingual-e5-small-q4": FusionProfile(0.05, 2.0, 0.9, 20, 0.812, 0.6, 0.9, 0.6),
 }
-#: Semantic models not measured here (OpenAI, other servers): e5's weights, no floor
+#: Semantic models not measured here (OpenAI, other servers): the weights of raw e5
+#: served over the OpenAI API (an uncentred semantic model, like most), no floor
 #: (similarity scales differ too much between models to guess one).
-DEFAULT_PROFILE = FusionProfile(0.2, 4.0, 0.9, 10, None, None, 1.0)
+DEFAULT_PROFILE = FusionProfile(0.05, 2.0, 0.9, 20, None, None, 0.9, 0.6)
 
 
 def search_tuning(settings: Settings) -> dict[str, Any]:
