@@ -151,6 +151,7 @@ async def measure(
 
     y = np.array([1.0 if q.relevant else 0.0 for q in halves["dev"]])
     w = fit_logistic(np.array([design(q.id) for q in halves["dev"]]), y)
+
     def column(signal: str) -> Callable[[str], float]:
         return lambda qid: rows[qid][0][signal]
 
