@@ -373,6 +373,21 @@ def bm25_score(
     return score, matched / plan.total_weight
 
 
+_JAPANESE_RE = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
+_LATIN_LETTER_RE = re.compile(r"[A-Za-z]")
+
+
+def japanese_share(text: str) -> float:
+    """Share of Japanese among the Japanese and Latin letters of ``text`` (0.5 if neither).
+
+    The e5 provider centres vectors by it, and hybrid search compares a query's share
+    with a chunk's to tell a hit in the other language (see ``knowledge/search.py``).
+    """
+    ja = len(_JAPANESE_RE.findall(text))
+    latin = len(_LATIN_LETTER_RE.findall(text))
+    return ja / (ja + latin) if ja + latin else 0.5
+
+
 def keyword_document(text: str) -> str:
     """The space-separated token string both backends store in their full-text index."""
     return " ".join(keyword_tokens(text))

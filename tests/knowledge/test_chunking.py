@@ -316,7 +316,7 @@ def test_sample_corpus_chunks_cleanly_and_queries_point_at_real_files() -> None:
         _check_invariants(text, chunks, 800)
     names = {str(p.relative_to(corpus)) for p in files}
     queries = json.loads((EXAMPLES / "queries.json").read_text(encoding="utf-8"))["queries"]
-    assert len({q["id"] for q in queries}) == len(queries) >= 150
+    assert len({q["id"] for q in queries}) == len(queries) >= 300
     conversations = json.loads((EXAMPLES / "conversations.json").read_text(encoding="utf-8"))
     names |= {f"session:{c['session_key']}" for c in conversations["conversations"]}
     for q in queries:

@@ -282,11 +282,17 @@ async def test_concurrent_archivers_add_nothing_twice(db: DatabaseProtocol) -> N
     assert (await db.stats()).chunks == 3 * per_session
 
 
-def _hit(i: int, *, similarity: float | None = None, coverage: float | None = None) -> SearchHit:
+def _hit(
+    i: int,
+    *,
+    similarity: float | None = None,
+    coverage: float | None = None,
+    content: str | None = None,
+) -> SearchHit:
     return SearchHit(
         chunk_id=i,
         source_id=i,
-        content=str(i),
+        content=str(i) if content is None else content,
         score=similarity if similarity is not None else 1.0,
         guild_id=1,
         channel_id=None,
@@ -308,6 +314,68 @@ def test_fusion_lets_a_full_keyword_match_beat_the_vector_top_hit() -> None:
     # vector list's best hit (the failure of rank fusion this replaces).
     partial = [_hit(3, coverage=0.4), _hit(4, coverage=0.3)]
     assert fuse(vector, partial, profile, top_k=10)[0].hit.chunk_id == 1
+
+
+def test_fused_scores_show_each_half_and_add_up() -> None:
+    profile = FusionProfile(0.3, 4.0, 1.0, 10, None, None)
+    vector = [_hit(1, similarity=0.9), _hit(2, similarity=0.5)]
+    keyword = [_hit(2, coverage=1.0), _hit(3, coverage=0.5)]
+    fused = {r.hit.chunk_id: r for r in fuse(vector, keyword, profile, top_k=10)}
+    for r in fused.values():
+        assert r.score == pytest.approx(r.vector_part + r.keyword_part)
+    assert fused[1].keyword_part == 0.0 and fused[1].vector_part == pytest.approx(0.3)
+    assert fused[3].vector_part == 0.0 and fused[3].vector_rank is None
+    assert fused[2].as_dict()["keyword_part"] == pytest.approx(0.7)
+
+
+def test_keyword_lead_puts_full_matches_first_in_keyword_order() -> None:
+    # Two chunks both hold the code the query names; the vector side prefers the one
+    # the keyword side ranks second. With the lead, the keyword side's order decides.
+    vector = [_hit(2, similarity=0.9), _hit(5, similarity=0.6), _hit(1, similarity=0.5)]
+    keyword = [_hit(1, coverage=1.0), _hit(2, coverage=1.0), _hit(3, coverage=0.4)]
+    plain = FusionProfile(0.6, 4.0, 1.0, 10, None, None)
+    assert fuse(vector, keyword, plain, top_k=5)[0].hit.chunk_id == 2
+    lead = FusionProfile(0.6, 4.0, 1.0, 10, None, None, keyword_lead=0.99)
+    fused = fuse(vector, keyword, lead, top_k=5)
+    assert [r.hit.chunk_id for r in fused[:2]] == [1, 2]
+    # A partial match does not lead; the rest keeps the fused order.
+    assert [r.hit.chunk_id for r in fused[2:]] == [5, 3]
+    for r in fused:
+        assert r.score == pytest.approx(r.vector_part + r.keyword_part)
+
+
+def test_language_bonus_lifts_a_hit_in_the_other_language_only_when_asked() -> None:
+    # An English question; the Japanese chunk answers it but the model ranks an English
+    # chunk a little higher (its same-language preference).
+    vector = [
+        _hit(1, similarity=0.45, content="How much will it cost? 9.99 dollars."),
+        _hit(2, similarity=0.44, content="Tシャツの価格は3,500円です。"),
+        _hit(3, similarity=0.20, content="Unrelated notes about the build machine."),
+    ]
+    plain = FusionProfile(0.5, 4.0, 1.0, 10, None, None)
+    assert fuse(vector, [], plain, top_k=3, query_language=0.0)[0].hit.chunk_id == 1
+    bonus = FusionProfile(0.5, 4.0, 1.0, 10, None, None, language_bonus=0.4)
+    assert fuse(vector, [], bonus, top_k=3, query_language=0.0)[0].hit.chunk_id == 2
+    # A Japanese question keeps the English chunk's lead; no query language, no bonus.
+    assert fuse(vector, [], bonus, top_k=3, query_language=1.0)[0].hit.chunk_id == 1
+    assert fuse(vector, [], bonus, top_k=3)[0].hit.chunk_id == 1
+
+
+async def test_the_floor_keeps_what_it_dropped_and_why(db: DatabaseProtocol, corpus: Path) -> None:
+    emb = HashingEmbeddingProvider(dimension=256)
+    await ingest_paths(db, emb, [corpus], guild_id=1)
+    answered = await search_knowledge(db, emb, "ZX-81", guild_id=1)
+    assert answered.hits and not answered.dropped
+    assert answered.floor is not None and answered.floor.passed
+    assert answered.floor.best_coverage == pytest.approx(1.0)
+    turned_away = await search_knowledge(
+        db, emb, "ZX-81", guild_id=1, min_similarity=1.01, min_coverage=1.01
+    )
+    assert not turned_away.hits and turned_away.dropped
+    assert turned_away.dropped[0].hit.source_uri.endswith("zeta.md")
+    floor = turned_away.floor
+    assert floor is not None and not floor.passed and floor.min_coverage == 1.01
+    assert floor.as_dict()["best_coverage"] == pytest.approx(1.0)
 
 
 def test_relevance_floor_needs_one_side_to_vouch() -> None:

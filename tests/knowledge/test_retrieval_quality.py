@@ -1,7 +1,7 @@
 """Retrieval quality floors on the labelled example set: a regression fails CI.
 
 The same measurement as ``python -m benchmarks.bench_retrieval`` (the shared
-``kotonoha_bot.knowledge.evaluation``), on SQLite, over all 158 queries. Floors sit a
+``kotonoha_bot.knowledge.evaluation``), on SQLite, over all 310 queries. Floors sit a
 little under the values measured when they were set (docs/KNOWLEDGE.md), so noise
 from one query does not fail the suite but a real regression does. Quality only:
 timings belong to benchmarks/. The e5 engine is loaded once per process (shared by
@@ -32,24 +32,29 @@ CLASSES = ("keyword", "paraphrase", "crosslingual", "conversation")
 
 #: (recall@5, MRR) floors of hybrid search as the bot runs it (with the relevance floor).
 HYBRID_FLOORS: dict[str, dict[str, tuple[float, float]]] = {
+    # measured at 9f9ce08 (bench_retrieval --split all): 0.984/0.968, 0.766/0.688,
+    # 0.761/0.552, 0.903/0.848
     "e5": {
-        "keyword": (0.93, 0.90),
-        "paraphrase": (0.75, 0.70),
-        "crosslingual": (0.65, 0.55),
-        "conversation": (0.93, 0.85),
+        "keyword": (0.95, 0.93),
+        "paraphrase": (0.73, 0.65),
+        "crosslingual": (0.73, 0.52),
+        "conversation": (0.87, 0.81),
     },
+    # measured: 0.992/1.000, 0.813/0.683, 0.118/0.045, 0.548/0.536
     "hashing": {
-        "keyword": (0.93, 0.93),
-        "paraphrase": (0.65, 0.60),
-        "crosslingual": (0.05, 0.02),
-        "conversation": (0.55, 0.50),
+        "keyword": (0.96, 0.96),
+        "paraphrase": (0.78, 0.65),
+        "crosslingual": (0.09, 0.03),
+        "conversation": (0.52, 0.50),
     },
 }
-#: How far (recall@5 or MRR) hybrid without the floor may fall below the better half.
-MAX_DEFICIT = 0.05
-#: Share of no-answer queries given no reference at all, and recall kept by the rest.
-NO_ANSWER_FLOOR = {"e5": 0.2, "hashing": 0.0}
-RECALL_KEPT_FLOOR = 0.95
+#: How far (recall@5 or MRR) hybrid without the floor may fall below the better half
+#: (measured on all 310: at most 0.015, hashing paraphrase MRR).
+MAX_DEFICIT = 0.03
+#: Share of no-answer queries given no reference at all (measured: e5 0.323, hashing 0),
+#: and recall kept by the answerable ones (measured: e5 0.944, hashing 1.000).
+NO_ANSWER_FLOOR = {"e5": 0.29, "hashing": 0.0}
+RECALL_KEPT_FLOOR = {"e5": 0.92, "hashing": 0.97}
 
 
 def e5_provider() -> EmbeddingProvider:
@@ -104,4 +109,4 @@ def test_the_relevance_floor_turns_away_no_answer_queries_and_keeps_recall(
     no_answer = result.scores["hybrid"][NO_ANSWER].no_answer_precision
     kept = result.scores["hybrid"]["all"].recall_kept
     assert no_answer is not None and no_answer >= NO_ANSWER_FLOOR[name], (name, no_answer)
-    assert kept is not None and kept >= RECALL_KEPT_FLOOR, (name, kept)
+    assert kept is not None and kept >= RECALL_KEPT_FLOOR[name], (name, kept)

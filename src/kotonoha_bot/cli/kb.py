@@ -136,6 +136,14 @@ async def ingest(
 def _print_hits(result: SearchResult, query: str) -> None:
     if not result.hits:
         out_console.print(f"no results for {query!r}")
+        if result.dropped and result.floor is not None:
+            f = result.floor
+            out_console.print(
+                f"[dim]the relevance floor dropped {len(result.dropped)} weak hits (best"
+                f" similarity {_num(f.best_similarity)} < {_num(f.min_similarity)}, best"
+                f" keyword coverage {_num(f.best_coverage)} < {_num(f.min_coverage)});"
+                " --json lists them[/]"
+            )
         return
     table = Table(title=f"{result.mode} search: {query}", show_lines=True)
     table.add_column("#", justify="right")
@@ -153,6 +161,10 @@ def _print_hits(result: SearchResult, query: str) -> None:
         snippet = snippet if len(snippet) <= 160 else snippet[:157] + "..."
         table.add_row(str(i), f"{r.score:.4f}", source, snippet)
     out_console.print(table)
+
+
+def _num(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}"
 
 
 @app.command("search")
@@ -201,6 +213,8 @@ async def search(
                 "channel_id": channel,
                 "hits": [{**r.as_dict(), "link": links.get(r.hit.chunk_id)} for r in result.hits],
                 "warnings": result.warnings,
+                "floor": None if result.floor is None else result.floor.as_dict(),
+                "dropped": [r.as_dict() for r in result.dropped],
             }
         )
     else:

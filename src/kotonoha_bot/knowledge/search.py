@@ -6,9 +6,10 @@ embedding blurs. Fusion must never make the answer worse than the better half, s
 it looks at *how sure* each half is instead of ranks alone (rank fusion let a
 keyword list of chunks sharing only "how"/"to"/"the" outvote the right vector hit):
 
-``score = a * (sim - sim_low) / (sim_top - sim_low)``
+``score = a * ((sim - sim_low) / (sim_top - sim_low) + l * language_gap)``
 ``        + (1 - a) * t * (b * coverage**p + (1 - b) * bm25 / bm25_top)``
 
+(keyword hits whose coverage reaches ``keyword_lead`` first, in keyword order)
 over the first ``depth`` hits of each list: the vector side normalised between its
 best and its ``depth``-th similarity, the keyword side by *coverage*, the
 IDF-weighted share of the query's informative terms a chunk holds
@@ -16,15 +17,28 @@ IDF-weighted share of the query's informative terms a chunk holds
 chunk that holds every rare term of the query ("LT-1042") wins, and one that
 shares a common word does not; ``t`` fades the whole keyword side when even its
 best hit holds little of the query (a question asked in the other language).
-``a``, ``b``, ``p``, ``depth`` and the gate of ``t`` form a :class:`FusionProfile`,
-tuned per embedder on the dev half of the labelled set
-(``python -m benchmarks.tune_fusion``); unknown semantic models get e5's weights.
+``language_gap`` is how far a vector hit's language is from the query's (the
+difference of their shares of Japanese letters, 0..1): semantic models put a
+"which language" direction into every vector and so rank same-language chunks too
+high; ``l`` gives the other language that distance back (measured on the held-out
+half: raw e5 over the OpenAI API, cross-lingual recall@5 0.19 as vector search, 0.47
+as hybrid with ``l`` = 0.6). ``keyword_lead`` (off unless a profile sets it) puts
+keyword hits covering the whole query first, in keyword order.
+``a``, ``b``, ``p``, ``l``, ``depth`` and the gate of ``t`` form a
+:class:`FusionProfile`, tuned per embedder on the dev half of the labelled set
+(``python -m benchmarks.tune_fusion``: the profile whose worst class is furthest
+above the better of its two halves); unknown semantic models get raw e5's weights.
+
+Every hit keeps what the playground and ``kb search --json`` show: its vector and
+keyword rank, similarity, coverage, and the two parts of its fused score.
 
 **Relevance floor.** A hybrid query is answered only when one half vouches for it:
 its best cosine similarity reaches the profile's ``min_similarity`` or its best
-keyword coverage reaches ``min_coverage`` (:func:`nothing_relevant`). Otherwise the
+keyword coverage reaches ``min_coverage`` (:func:`floor_check`). Otherwise the
 result is empty and the bot sends no reference at all, rather than the least-bad
-chunks. ``SEARCH_MIN_SIMILARITY`` / ``SEARCH_MIN_COVERAGE`` override the profile.
+chunks; the hits it would have shown are kept on the result (``dropped``) with the
+numbers the floor compared. ``SEARCH_MIN_SIMILARITY`` / ``SEARCH_MIN_COVERAGE``
+override the profile.
 """
 
 from __future__ import annotations
@@ -39,6 +53,7 @@ from kotonoha_bot.errors import EmbeddingError
 from kotonoha_bot.knowledge.chunking import normalize_for_query
 from kotonoha_bot.knowledge.embeddings.base import EmbeddingProvider
 from kotonoha_bot.models import SearchHit
+from kotonoha_bot.text import japanese_share
 
 if TYPE_CHECKING:
     from kotonoha_bot.config import Settings
@@ -69,20 +84,29 @@ class FusionProfile:
     """Keyword side fades when the query's best coverage is below this (0 = never):
     a keyword list whose best hit holds little of the query (asked in the other
     language, or in other words) is noise next to the vector list."""
+    language_bonus: float = 0.0
+    """``l``: added to a vector hit's normalised similarity per unit of language gap
+    between the query and the chunk (0 = off): undoes a semantic model's preference
+    for chunks in the query's own language."""
+    keyword_lead: float = 0.0
+    """Keyword hits whose coverage reaches this go first, in keyword order (0 = off): a
+    chunk holding every informative term of the query (a code, a file name, a
+    channel) is the answer more surely than any similarity says."""
 
 
-#: Tuned on the dev half of examples/queries.json by ``python -m benchmarks.tune_fusion``
-#: (docs/KNOWLEDGE.md has the held-out results). Floors: the (similarity, coverage)
-#: pair that turns away the most no-answer queries while answerable ones keep at
-#: least 95 % of their recall.
+#: Tuned on the dev half of examples/queries.json (310 queries) by
+#: ``python -m benchmarks.tune_fusion --sample 600 --refine 3`` (docs/KNOWLEDGE.md has
+#: the held-out results). Floors: the (similarity, coverage) pair that turns away the
+#: most no-answer queries while answerable ones keep at least 95 % of their recall.
 FUSION_PROFILES: dict[str, FusionProfile] = {
-    "hashing-ngram-v1": FusionProfile(0.1, 1.0, 0.8, 10, 0.10, 0.6),
-    "multilingual-e5-small-q4-lc": FusionProfile(0.2, 4.0, 0.9, 10, 0.311, 0.6, 1.0),
-    "multilingual-e5-small-q4": FusionProfile(0.1, 6.0, 1.0, 10, 0.815, 0.6),
+    "hashing-ngram-v1": FusionProfile(0.05, 1.0, 0.8, 20, 0.1, 0.6, 0.0, 1.0),
+    "multilingual-e5-small-q4-lc": FusionProfile(0.4, 2.0, 1.0, 10, 0.325, 0.6, 0.5, 0.2),
+    "multilingual-e5-small-q4": FusionProfile(0.05, 2.0, 0.9, 20, 0.812, 0.6, 0.9, 0.6),
 }
-#: Semantic models not measured here (OpenAI, other servers): e5's weights, no floor
+#: Semantic models not measured here (OpenAI, other servers): the weights of raw e5
+#: served over the OpenAI API (an uncentred semantic model, like most), no floor
 #: (similarity scales differ too much between models to guess one).
-DEFAULT_PROFILE = FusionProfile(0.2, 4.0, 0.9, 10, None, None, 1.0)
+DEFAULT_PROFILE = FusionProfile(0.05, 2.0, 0.9, 20, None, None, 0.9, 0.6)
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,12 +138,18 @@ def fusion_profile(model: str | None) -> FusionProfile:
 
 @dataclass(frozen=True, slots=True)
 class RankedHit:
-    """A search result with how each mode ranked it (1-based; None = not found by it)."""
+    """A search result with how each mode ranked it (1-based; None = not found by it).
+
+    ``vector_part`` and ``keyword_part`` are the two terms of the fused score (hybrid
+    only; they add up to ``score``), so a reader can see which half put a hit where.
+    """
 
     hit: SearchHit
     score: float
     vector_rank: int | None = None
     keyword_rank: int | None = None
+    vector_part: float = 0.0
+    keyword_part: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready form (used by ``kb search --json``)."""
@@ -136,6 +166,8 @@ class RankedHit:
             "coverage": None if h.coverage is None else round(h.coverage, 6),
             "vector_rank": self.vector_rank,
             "keyword_rank": self.keyword_rank,
+            "vector_part": round(self.vector_part, 6),
+            "keyword_part": round(self.keyword_part, 6),
             "guild_id": h.guild_id,
             "channel_id": h.channel_id,
             "content": h.content,
@@ -144,12 +176,46 @@ class RankedHit:
 
 
 @dataclass(frozen=True, slots=True)
+class FloorCheck:
+    """What the relevance floor compared for one hybrid query, and its verdict."""
+
+    best_similarity: float | None
+    """Best cosine similarity of the vector half (None = no vector list)."""
+    best_coverage: float | None
+    """Best keyword coverage (None = no keyword list)."""
+    min_similarity: float | None
+    min_coverage: float | None
+    passed: bool
+    """True when one half vouches for the query (the hits are shown)."""
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return {
+            "best_similarity": _round(self.best_similarity),
+            "best_coverage": _round(self.best_coverage),
+            "min_similarity": self.min_similarity,
+            "min_coverage": self.min_coverage,
+            "passed": self.passed,
+        }
+
+
+def _round(x: float | None) -> float | None:
+    return None if x is None else round(x, 6)
+
+
+@dataclass(frozen=True, slots=True)
 class SearchResult:
-    """The ranked hits and what happened on the way (e.g. a failed query embedding)."""
+    """The ranked hits and what happened on the way (e.g. a failed query embedding).
+
+    When the relevance floor turned the query away, ``hits`` is empty and ``dropped``
+    holds what would have been shown; ``floor`` has the numbers it compared.
+    """
 
     hits: list[RankedHit]
     mode: str
     warnings: list[str] = field(default_factory=list)
+    dropped: list[RankedHit] = field(default_factory=list)
+    floor: FloorCheck | None = None
 
 
 def fuse(
@@ -158,17 +224,27 @@ def fuse(
     profile: FusionProfile,
     *,
     top_k: int,
+    query_language: float | None = None,
 ) -> list[RankedHit]:
-    """Score fusion of the two lists (see the module docstring); ties by chunk id."""
+    """Score fusion of the two lists (see the module docstring); ties by chunk id.
+
+    ``query_language`` is the query's share of Japanese letters
+    (:func:`kotonoha_bot.text.japanese_share`); without it, or with a profile whose
+    ``language_bonus`` is 0, no language gap is added.
+    """
     entries: dict[int, dict[str, Any]] = {}
     vec = vector_hits[: profile.depth]
+    bonus = profile.language_bonus if query_language is not None else 0.0
     if vec:
         sims = [h.similarity if h.similarity is not None else h.score for h in vec]
         top, low = sims[0], sims[-1]
         span = max(top - low, 1e-9)
         for rank, (hit, sim) in enumerate(zip(vec, sims, strict=True), start=1):
-            e = entries.setdefault(hit.chunk_id, {"hit": hit, "score": 0.0})
-            e["score"] += profile.vector_share * ((sim - low) / span if len(vec) > 1 else 1.0)
+            e = entries.setdefault(hit.chunk_id, _entry(hit))
+            part = (sim - low) / span if len(vec) > 1 else 1.0
+            if bonus and query_language is not None:
+                part += bonus * abs(query_language - japanese_share(hit.content))
+            e["vector_part"] = profile.vector_share * part
             e["vector_rank"] = rank
     kw = keyword_hits[: profile.depth]
     if kw:
@@ -179,10 +255,10 @@ def fuse(
             trust = (best_coverage / profile.coverage_gate) ** 2
         for rank, hit in enumerate(kw, start=1):
             coverage = hit.coverage if hit.coverage is not None else 0.0
-            e = entries.setdefault(hit.chunk_id, {"hit": hit, "score": 0.0})
+            e = entries.setdefault(hit.chunk_id, _entry(hit))
             if e["hit"].coverage is None:
                 e["hit"] = replace(e["hit"], coverage=hit.coverage)
-            e["score"] += (
+            e["keyword_part"] = (
                 (1.0 - profile.vector_share)
                 * trust
                 * (
@@ -191,37 +267,82 @@ def fuse(
                 )
             )
             e["keyword_rank"] = rank
-    ranked = sorted(entries.values(), key=lambda e: (-e["score"], e["hit"].chunk_id))
+    lead = profile.keyword_lead
+    for e in entries.values():
+        e["score"] = e["vector_part"] + e["keyword_part"]
+        # Lead hits first, in the keyword list's own order (ties among full matches are
+        # the keyword side's to break: similarity cannot tell two chunks naming a code).
+        e["lead"] = (
+            e["keyword_rank"]
+            if lead > 0 and e["keyword_rank"] is not None and (e["hit"].coverage or 0.0) >= lead
+            else None
+        )
+    ranked = sorted(
+        entries.values(),
+        key=lambda e: (
+            e["lead"] is None,
+            e["lead"] or 0,
+            -e["score"],
+            e["hit"].chunk_id,
+        ),
+    )
     return [
         RankedHit(
             hit=e["hit"],
             score=e["score"],
-            vector_rank=e.get("vector_rank"),
-            keyword_rank=e.get("keyword_rank"),
+            vector_rank=e["vector_rank"],
+            keyword_rank=e["keyword_rank"],
+            vector_part=e["vector_part"],
+            keyword_part=e["keyword_part"],
         )
         for e in ranked[:top_k]
     ]
 
 
-def nothing_relevant(
+def _entry(hit: SearchHit) -> dict[str, Any]:
+    return {
+        "hit": hit,
+        "vector_part": 0.0,
+        "keyword_part": 0.0,
+        "vector_rank": None,
+        "keyword_rank": None,
+    }
+
+
+def floor_check(
     vector_hits: list[SearchHit], keyword_hits: list[SearchHit], profile: FusionProfile
-) -> bool:
-    """The relevance floor: True when neither half vouches for any hit of the query.
+) -> FloorCheck:
+    """The relevance floor: does either half vouch for some hit of the query?
 
     A query is answered when its best vector hit reaches ``min_similarity`` or its best
     keyword hit reaches ``min_coverage``; a side without a floor (None) always vouches
     when it found anything. Without a vector list (no embedder, service down) only the
     keyword side decides.
     """
-    if profile.min_similarity is None and vector_hits:
-        return False
-    if profile.min_coverage is None and keyword_hits:
-        return False
-    best_sim = max((h.similarity or -1.0 for h in vector_hits), default=-1.0)
-    best_cov = max((h.coverage or 0.0 for h in keyword_hits), default=0.0)
-    if profile.min_similarity is not None and best_sim >= profile.min_similarity:
-        return False
-    return not (profile.min_coverage is not None and best_cov >= profile.min_coverage)
+    best_sim = max((h.similarity for h in vector_hits if h.similarity is not None), default=None)
+    best_cov = max((h.coverage or 0.0 for h in keyword_hits), default=None)
+    passed = (
+        (profile.min_similarity is None and bool(vector_hits))
+        or (profile.min_coverage is None and bool(keyword_hits))
+        or (
+            profile.min_similarity is not None
+            and best_sim is not None
+            and best_sim >= profile.min_similarity
+        )
+        or (
+            profile.min_coverage is not None
+            and best_cov is not None
+            and best_cov >= profile.min_coverage
+        )
+    )
+    return FloorCheck(best_sim, best_cov, profile.min_similarity, profile.min_coverage, passed)
+
+
+def nothing_relevant(
+    vector_hits: list[SearchHit], keyword_hits: list[SearchHit], profile: FusionProfile
+) -> bool:
+    """True when the relevance floor turns the query away (see :func:`floor_check`)."""
+    return not floor_check(vector_hits, keyword_hits, profile).passed
 
 
 async def search_knowledge(
@@ -299,7 +420,11 @@ async def search_knowledge(
             for i, h in enumerate(keyword_hits[:top_k], 1)
         ]
     else:
-        hits = fuse(vector_hits, keyword_hits, profile, top_k=top_k)
-        if floor and nothing_relevant(vector_hits, keyword_hits, profile):
-            hits = []
+        hits = fuse(
+            vector_hits, keyword_hits, profile, top_k=top_k, query_language=japanese_share(text)
+        )
+        check = floor_check(vector_hits, keyword_hits, profile)
+        if floor and not check.passed:
+            return SearchResult(hits=[], mode=mode, warnings=warnings, dropped=hits, floor=check)
+        return SearchResult(hits=hits, mode=mode, warnings=warnings, floor=check)
     return SearchResult(hits=hits, mode=mode, warnings=warnings)

@@ -37,7 +37,6 @@ import asyncio
 import importlib
 import json
 import os
-import re
 import sys
 import threading
 from collections.abc import Sequence
@@ -53,13 +52,11 @@ from kotonoha_bot.knowledge.embeddings.base import (
     empty_vectors,
     normalize_rows,
 )
-from kotonoha_bot.text import replace_nul
+from kotonoha_bot.text import japanese_share, replace_nul
 
 MODEL_NAME = "multilingual-e5-small-q4-lc"
 CALIBRATION = Path(__file__).with_name("data") / "e5_calibration.json"
 CENTERING = Path(__file__).with_name("data") / "e5_centering.npz"
-_JAPANESE_RE = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
-_LATIN_RE = re.compile(r"[A-Za-z]")
 DIMENSION = 384
 INSTALL_HINT = "pip install 'kotonoha-bot[e5]'"
 
@@ -109,13 +106,6 @@ def _shared_model(threads: int) -> Any:
                 )
             _shared[MODEL_NAME] = model
         return model
-
-
-def japanese_share(text: str) -> float:
-    """Share of Japanese among the Japanese and Latin letters of ``text`` (0.5 if neither)."""
-    ja = len(_JAPANESE_RE.findall(text))
-    latin = len(_LATIN_RE.findall(text))
-    return ja / (ja + latin) if ja + latin else 0.5
 
 
 def load_centering() -> dict[str, np.ndarray]:
