@@ -6,6 +6,7 @@
 - ``sql.py`` statement text and its parameters (:class:`~kotonoha_bot.db.postgres.sql.Params`)
 - ``knowledge.py`` sources, chunks, pending claims; ``search.py`` vector and keyword search
 - ``provenance.py`` edits/deletes that follow Discord, forget; ``memories.py`` memories, usage
+- ``dashboard.py`` the operator's guild-scoped listings, deletes, pause switch, backup records
 - ``rows.py`` raw rows (COPY, snapshots) for the transfer tool
 """
 

@@ -22,7 +22,8 @@ keeps working until ``rebuild_vector_index`` builds the configured one.
 The class is assembled from mixins, one concern each: ``connection.py`` (pools,
 retries, typed errors), ``index.py`` (embedding config, ANN index), ``knowledge.py``
 (sources, chunks), ``search.py`` (vector and keyword search), ``provenance.py``
-(edits and deletes that follow Discord, forget), ``memories.py`` (memories, usage);
+(edits and deletes that follow Discord, forget), ``memories.py`` (memories, usage),
+``dashboard.py`` (the operator's pages);
 sessions, re-embedding, leases and stats are here. Schema: ``schema.py``.
 """
 

@@ -12,7 +12,8 @@ changed the file (``PRAGMA data_version``).
 The class is assembled from mixins, one concern each: ``connection.py`` (the
 connection, transactions, the vector cache), ``knowledge.py`` (sources, chunks,
 re-embedding), ``search.py`` (vector and keyword search), ``provenance.py`` (edits and
-deletes that follow Discord, forget), ``memories.py`` (memories, usage); the schema
+deletes that follow Discord, forget), ``memories.py`` (memories, usage),
+``dashboard.py`` (the operator's pages); the schema
 is ``schema.py``.
 """
 
