@@ -54,6 +54,7 @@ from benchmarks.systems import (
     run_concurrent,
 )
 from benchmarks.util import best_bandwidth, machine, pct, read_bandwidth
+from kotonoha_bot.db.vector_cache import CACHE_KINDS
 
 WARMUP = 3
 PG_NAME = "ours PostgreSQL"
@@ -183,8 +184,11 @@ async def run_size(
     factories: list[tuple[str, Any]] = [
         ("numpy", NumpyExact),
         ("sqlite", lambda: ours_sqlite),
-        ("sqlite-variants", lambda: OursSQLite("float32", shared=ours_sqlite)),
-        ("sqlite-variants", lambda: OursSQLite("binary", shared=ours_sqlite)),
+        *(
+            ("sqlite-variants", lambda kind=kind: OursSQLite(kind, shared=ours_sqlite))
+            for kind in CACHE_KINDS
+            if kind != ours_sqlite.kind
+        ),
         ("sqlite-vec", SqliteVec),
         ("chroma", Chroma),
     ]

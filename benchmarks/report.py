@@ -16,18 +16,20 @@ RESULTS = PLOTS / "results.json"
 SQLITE = sqlite_name(str(Settings.model_fields["sqlite_vector_cache"].default))
 SQLITE_F32 = sqlite_name("float32")
 SQLITE_BIN = sqlite_name("binary")
+SQLITE_I8 = sqlite_name("int8")
 PG = "ours PostgreSQL"
 RAW = "raw SQL (same server)"
 CHROMA = "Chroma (HNSW)"
 VEC = "sqlite-vec (brute force)"
 NUMPY = "numpy exact"
-ORDERED = [NUMPY, SQLITE, SQLITE_F32, SQLITE_BIN, VEC, CHROMA, PG, RAW]
+ORDERED = [NUMPY, SQLITE, SQLITE_F32, SQLITE_I8, SQLITE_BIN, VEC, CHROMA, PG, RAW]
 ORDER = list(dict.fromkeys(ORDERED))
-OURS = [SQLITE, SQLITE_F32, SQLITE_BIN, PG]
+OURS = list(dict.fromkeys([SQLITE, SQLITE_F32, SQLITE_I8, SQLITE_BIN, PG]))
 COLORS = {
     NUMPY: "black",
     SQLITE: "tab:blue",
     SQLITE_F32: "tab:cyan",
+    SQLITE_I8: "tab:brown",
     SQLITE_BIN: "tab:olive",
     VEC: "tab:green",
     CHROMA: "tab:purple",
@@ -203,7 +205,7 @@ def turns_table(results: dict[str, Any]) -> str:
 def sweep_table(results: dict[str, Any], key: str) -> str:
     per_n = results["runs"][key]
     rows = []
-    for name in (SQLITE, SQLITE_F32, SQLITE_BIN, PG, RAW, CHROMA):
+    for name in dict.fromkeys((SQLITE, SQLITE_F32, SQLITE_I8, SQLITE_BIN, PG, RAW, CHROMA)):
         if name not in per_n:
             continue
         for variant, cells in _variants(per_n[name]):
@@ -482,7 +484,7 @@ def plots(results: dict[str, Any]) -> list[str]:
                 )
                 for x, y, lab in pts:
                     ax.annotate(lab, (x, y), fontsize=6, xytext=(2, 2), textcoords="offset points")
-        for name in (SQLITE, SQLITE_F32, SQLITE_BIN, VEC, NUMPY):
+        for name in dict.fromkeys((SQLITE, SQLITE_F32, SQLITE_I8, SQLITE_BIN, VEC, NUMPY)):
             d = _default(per_n.get(name, {"variants": {}}))
             if d:
                 ax.plot(
