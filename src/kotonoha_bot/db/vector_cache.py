@@ -584,9 +584,13 @@ class VectorCache:
         if _scan_pool is None:
             _scan_pool = ThreadPoolExecutor(1, thread_name_prefix="kotonoha-scan")
         mine, theirs = _halves(tasks, total)
-        later = _scan_pool.submit(lambda: [codec.score(c, q, d) for c, d in theirs])
-        for codes, dest in mine:
-            codec.score(codes, q, dest)
+
+        def score_all(part: list[tuple[npt.NDArray[np.generic], F64]]) -> None:
+            for codes, dest in part:
+                codec.score(codes, q, dest)
+
+        later = _scan_pool.submit(score_all, theirs)
+        score_all(mine)
         later.result()
         return out
 
@@ -628,9 +632,7 @@ def _top(scores: F64, ids: IntArray, k: int, *, keep_ties: bool) -> list[tuple[i
     return list(zip(ids[chosen].tolist(), scores[chosen].tolist(), strict=True))
 
 
-def _within(
-    scores: F64, ids: IntArray, k: int, margin: float, cap: int
-) -> list[tuple[int, float]]:
+def _within(scores: F64, ids: IntArray, k: int, margin: float, cap: int) -> list[tuple[int, float]]:
     """Every row scoring within ``margin`` of the k-th best (at most ``cap``), best first.
 
     A row of the true top k scores at least the k-th best code score minus its own error

@@ -2,11 +2,12 @@
 
 numpy has no fast int8 matrix-vector product (it widens every element first), nothing
 for 4-bit values at all and no fused popcount over rows, so a compact cache scored with
-numpy alone would be slower than the float32 matrix it replaces. ``numkong`` (SIMD kernels for x86 AVX2/AVX-512
-and Arm NEON/SVE, wheels for x86_64 and aarch64) does all three near memory speed; it is a
-regular dependency. Where it cannot be imported (an exotic platform) the same
-results come from numpy, several times slower, and one warning line says so. Every
-kernel returns exact integers (as float64), so both paths rank identically.
+numpy alone would be slower than the float32 matrix it replaces. ``numkong`` (SIMD
+kernels for x86 AVX2/AVX-512 and Arm NEON/SVE, wheels for x86_64 and aarch64) does all
+three near memory speed; it is a regular dependency. Where it cannot be imported (an
+exotic platform) the same results come from numpy, several times slower, and one warning
+line says so. Every kernel returns exact integers (as float64), so both paths rank
+identically.
 """
 
 from __future__ import annotations
