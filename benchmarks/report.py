@@ -13,7 +13,10 @@ from kotonoha_bot.config import Settings
 
 PLOTS = DOC.parent / "plots"
 RESULTS = PLOTS / "results.json"
-SQLITE = sqlite_name(str(Settings.model_fields["sqlite_vector_cache"].default))
+DEFAULT_KIND = str(Settings.model_fields["sqlite_vector_cache"].default)
+SQLITE = sqlite_name(DEFAULT_KIND)
+#: Bytes of code per dimension for each cache kind (the bandwidth bound reads these).
+CODE_BYTES_PER_DIM = {"int4": 0.5, "int8": 1.0, "binary": 1 / 8, "float32": 4.0}
 SQLITE_F32 = sqlite_name("float32")
 SQLITE_BIN = sqlite_name("binary")
 SQLITE_I8 = sqlite_name("int8")
@@ -325,10 +328,11 @@ def goals(results: dict[str, Any]) -> list[str]:
                 f" ({(mem or 0) / n:,.0f} bytes/chunk)."
             )
         if new and bw:
-            bound = n * dim / bw  # int8: one byte per dimension
+            bound = n * dim * CODE_BYTES_PER_DIM[DEFAULT_KIND] / bw
             out.append(
                 f"{lab}: our SQLite p50 {_ms(new['p50'])} ms = {new['p50'] / bound:.1f}x the"
-                f" time to read its int8 codes once at numpy's bandwidth ({_ms(bound)} ms)."
+                f" time to read its {DEFAULT_KIND} codes once at numpy's bandwidth"
+                f" ({_ms(bound)} ms)."
             )
         pg, raw, ch = per_n.get(PG), per_n.get(RAW), per_n.get(CHROMA)
         if pg and ch and pg.get("variants") and ch.get("variants"):
@@ -630,7 +634,8 @@ def write_report(results: dict[str, Any]) -> None:
         " no filter; a channel is a `where` filter).",
         "- Our SQLite runs with each `SQLITE_VECTOR_CACHE` kind on one database file:"
         f" *{SQLITE}* is the default, *{SQLITE_F32}* is the exact float32 scan of the cache"
-        " it replaced, *binary* the sign-bit codes. The compact kinds shortlist by code score"
+        f" it replaced, *{SQLITE_I8}* the previous default's width, *binary* the sign-bit"
+        " codes. The compact kinds shortlist by code score"
         " and re-rank by exact float32 cosine read from the stored BLOBs, so every"
         " similarity they return is exact.",
         f"- numpy read bandwidth in this run: {_bandwidth(results)}.",
@@ -757,7 +762,7 @@ def recommendation(results: dict[str, Any]) -> list[str]:
         out.append(
             f"- **{dim} dims: our SQLite answers within {P99_BUDGET_S * 1e3:.0f} ms p99 up to"
             f" about {_round(n_x):,} chunks** in one guild on this 2-core host (p99 over a whole"
-            f" guild: {pts}; linear in N beyond). Its default cache (int8 codes) holds"
+            f" guild: {pts}; linear in N beyond). Its default cache ({DEFAULT_KIND} codes) holds"
             f" {per_chunk:,.0f} bytes per chunk, 1 GiB at about {_round(cache_1g):,} chunks."
         )
     if _busy(results):
