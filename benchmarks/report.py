@@ -607,8 +607,8 @@ def write_report(results: dict[str, Any]) -> None:
         + (
             f"took {results['elapsed_s'] / 60:.0f} min."
             if "elapsed_s" in results
-            else "stopped by hand after its last data set above (its 1M part ran as the"
-            " second command below instead, to keep the two 1M copies out of memory at once)."
+            else "stopped by hand after its last data set above (data sets it did not reach"
+            " come from the second command below, if any)."
         ),
         "- Versions: " + ", ".join(f"{k} {val}" for k, val in v.items()) + ".",
         f"- PostgreSQL: {pg_settings.get('server_version', '—')}, pgvector"
