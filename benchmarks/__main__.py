@@ -7,7 +7,7 @@
 
 Same data (benchmarks/data.py), same queries and the same exact ground truth for
 every system: numpy brute force (the reference), our SQLite backend with each vector
-cache kind (int8 = the default, float32 = the exact scan it replaced, binary), our
+cache kind (int4 = the default, int8, float32 = the exact scan it replaced, binary), our
 PostgreSQL backend (HNSW and IVFFlat at several ef_search/probes) next to the raw SQL on
 the same server, sqlite-vec brute force (apsw) and Chroma embedded. Then the storage
 cost of a bot turn with 8 concurrent conversations on both of our backends
@@ -16,7 +16,7 @@ section of ``benchmarks.bench_sqlite``), the plots in docs/plots/ and the raw nu
 in docs/plots/results.json.
 
 At 1M x 1536 (``--with-1m``) only numpy and our default SQLite run (one data set of
-5.7 GiB plus a 1.5 GiB int8 cache; Chroma and a float32 cache would not fit beside them
+5.7 GiB plus a 0.75 GiB int4 cache; Chroma and a float32 cache would not fit beside them
 in the memory other work on this host leaves), and PostgreSQL only with ``--pg-max-n``.
 """
 
@@ -54,6 +54,7 @@ from benchmarks.systems import (
     run_concurrent,
 )
 from benchmarks.util import best_bandwidth, machine, pct, read_bandwidth
+from kotonoha_bot.db.sqlite.vector_cache import CACHE_KINDS
 
 WARMUP = 3
 PG_NAME = "ours PostgreSQL"
@@ -183,8 +184,11 @@ async def run_size(
     factories: list[tuple[str, Any]] = [
         ("numpy", NumpyExact),
         ("sqlite", lambda: ours_sqlite),
-        ("sqlite-variants", lambda: OursSQLite("float32", shared=ours_sqlite)),
-        ("sqlite-variants", lambda: OursSQLite("binary", shared=ours_sqlite)),
+        *(
+            ("sqlite-variants", lambda kind=kind: OursSQLite(kind, shared=ours_sqlite))
+            for kind in CACHE_KINDS
+            if kind != ours_sqlite.kind
+        ),
         ("sqlite-vec", SqliteVec),
         ("chroma", Chroma),
     ]

@@ -48,10 +48,10 @@ class Settings(BaseSettings):
     sqlite_busy_timeout_ms: int = Field(
         5000, ge=0, description="SQLite busy timeout in milliseconds."
     )
-    sqlite_vector_cache: Literal["int8", "binary", "float32"] = Field(
-        "int8",
-        description="SQLite in-memory vectors: int8 (1/4 of float32) or binary (1/32, 1024+"
-        " dims), both re-ranked exactly; float32 = exact scan.",
+    sqlite_vector_cache: Literal["int4", "int8", "binary", "float32"] = Field(
+        "int4",
+        description="SQLite in-memory vectors: int4 (1/8 of float32), int8 (1/4) or binary"
+        " (1/32, 1024+ dims), re-ranked exactly; float32 = exact scan.",
     )
 
     # --- vector index (PostgreSQL) -------------------------------------------------

@@ -18,6 +18,7 @@ from kotonoha_bot.config import Settings
 from kotonoha_bot.db import open_database
 from kotonoha_bot.db.sqlite.vector_cache import (
     CACHE_KINDS,
+    FIT_ROWS,
     SHORTLIST_MAX,
     VectorCache,
     candidate_count,
@@ -53,13 +54,15 @@ def search(cache: VectorCache, vectors: np.ndarray, q: np.ndarray, channel: int 
     return rerank(q, [(cid, vectors[cid].tobytes()) for cid, _ in sl.ranked], k)
 
 
+@pytest.mark.parametrize("kind", ["int4", "int8"])
 @pytest.mark.parametrize("dim", [384, 1536])
-def test_int8_cache_finds_the_exact_top_10_in_every_scope(dim: int) -> None:
+def test_quantised_caches_find_the_exact_top_10_in_every_scope(dim: int, kind: str) -> None:
     n = 20_000
     vectors = clustered(n, dim)
     channels = np.where(np.arange(n) % 10 == 0, 10, 100 + np.arange(n) % 7)
-    cache = VectorCache(dim, "int8")
+    cache = VectorCache(dim, kind)  # type: ignore[arg-type]
     cache.put_many(np.arange(n), np.full(n, GUILD), [int(c) for c in channels], vectors, new=True)
+    assert cache.encoding == kind  # fitted: 20k rows arrived in one batch
     queries = clustered(40, dim, seed=1)
     for channel in (None, 10, 103):
         rows = np.arange(n) if channel is None else np.flatnonzero(channels == channel)
@@ -73,9 +76,13 @@ def test_int8_cache_finds_the_exact_top_10_in_every_scope(dim: int) -> None:
 @pytest.mark.parametrize("kind", CACHE_KINDS)
 def test_every_cache_kind_returns_exact_cosine_in_exact_order(kind: str) -> None:
     rng = np.random.default_rng(3)
-    raw = rng.standard_normal((500, 64)).astype(np.float32) * 3  # not unit length
+    # Enough rows for the quantisers to fit; sign bits of 64 dims rank too coarsely for
+    # a fixed shortlist of more rows than this (they are meant for 1024+ dims).
+    n = 500 if kind == "binary" else FIT_ROWS + 500
+    raw = rng.standard_normal((n, 64)).astype(np.float32) * 3  # not unit length
     cache = VectorCache(64, kind)  # type: ignore[arg-type]
-    cache.put_many(np.arange(500) + 1000, np.full(500, GUILD), [None] * 500, raw, new=True)
+    cache.put_many(np.arange(n) + 1000, np.full(n, GUILD), [None] * n, raw, new=True)
+    assert cache.encoding == kind
     q = rng.standard_normal(64).astype(np.float32)
     sl = cache.shortlist(q, GUILD, None, 5)
     ranked = (
@@ -90,16 +97,18 @@ def test_every_cache_kind_returns_exact_cosine_in_exact_order(kind: str) -> None
     assert np.allclose([s for _, s in ranked], cos[best], atol=1e-6)
 
 
-def test_a_compact_shortlist_is_larger_than_top_k_and_keeps_boundary_ties() -> None:
-    cache = VectorCache(16, "int8")
-    same = np.ones((300, 16), dtype=np.float32)  # 300 identical vectors: one big tie
-    cache.put_many(np.arange(300), np.full(300, GUILD), [None] * 300, same, new=True)
+@pytest.mark.parametrize("kind", ["int4", "int8"])
+def test_a_compact_shortlist_is_larger_than_top_k_and_keeps_boundary_ties(kind: str) -> None:
+    cache = VectorCache(16, kind)  # type: ignore[arg-type]
+    n = FIT_ROWS + 300
+    same = np.ones((n, 16), dtype=np.float32)  # identical vectors: one big tie
+    cache.put_many(np.arange(n), np.full(n, GUILD), [None] * n, same, new=True)
     sl = cache.shortlist(np.ones(16, dtype=np.float32), GUILD, None, 3)
     assert not sl.exact
-    assert len(sl.ranked) == 300  # every tied row, so the re-rank breaks ties by id
-    assert candidate_count("int8", 3) >= 12
+    assert len(sl.ranked) == n  # every tied row, so the re-rank breaks ties by id
+    assert candidate_count(kind, 3) >= 12  # type: ignore[arg-type]
     assert [cid for cid, _ in sl.ranked[:3]] == [0, 1, 2]
-    many = VectorCache(16, "int8")
+    many = VectorCache(16, kind)  # type: ignore[arg-type]
     n = SHORTLIST_MAX + 500
     many.put_many(np.arange(n), np.full(n, GUILD), [None] * n, np.ones((n, 16), np.float32))
     capped = many.shortlist(np.ones(16, dtype=np.float32), GUILD, None, 3).ranked
@@ -130,18 +139,42 @@ def test_scopes_never_mix_and_removed_or_moved_rows_follow() -> None:
     assert len(cache) == 5
 
 
-def test_int8_cache_holds_a_quarter_of_float32_plus_its_row_bookkeeping() -> None:
+def test_the_int4_cache_holds_an_eighth_of_float32_plus_the_chunk_id() -> None:
     n, dim = 4000, 384
     v = clustered(n, dim)
-    sizes = {}
+    rows = {}
     for kind in CACHE_KINDS:
         cache = VectorCache(dim, kind)  # type: ignore[arg-type]
         cache.reserve(GUILD, None, n)
         cache.put_many(np.arange(n), np.full(n, GUILD), [None] * n, v, new=True)
-        sizes[kind] = cache.nbytes / n
-    assert sizes["float32"] == dim * 4 + 8
-    assert sizes["int8"] == dim + 4 + 8  # codes, a float32 scale, the chunk id
-    assert sizes["binary"] == dim / 8 + 8
+        assert cache.encoding == kind
+        # The quantisers' parameters: offset and step (float32), two noise terms (float64).
+        params = dim * (4 + 4 + 8 + 8) if kind in ("int4", "int8") else 0
+        rows[kind] = (cache.nbytes - params) / n
+    assert rows["float32"] == dim * 4 + 8
+    assert rows["int8"] == dim + 8  # codes and the chunk id: no per-row scale
+    assert rows["int4"] == dim / 2 + 8  # two codes a byte
+    assert rows["binary"] == dim / 8 + 8
+    assert rows["int4"] <= rows["float32"] / 4  # the issue's budget, with room to spare
+
+
+def test_a_quantised_cache_holds_float32_until_it_has_data_to_fit_then_reencodes() -> None:
+    dim = 64
+    v = clustered(FIT_ROWS + 100, dim, seed=4)
+    cache = VectorCache(dim, "int4")
+    small = FIT_ROWS - 1
+    cache.put_many(np.arange(small), np.full(small, GUILD), [None] * small, v[:small], new=True)
+    assert cache.encoding == "float32"
+    assert cache.shortlist(v[0], GUILD, None, 1).exact  # exact scores while staging
+    rest = np.arange(small, FIT_ROWS + 100)
+    cache.put_many(rest, np.full(rest.size, GUILD), [None] * rest.size, v[rest], new=True)
+    assert cache.encoding == "int4"
+    assert cache.nbytes < (FIT_ROWS + 100) * (dim * 4 + 8) / 4  # staging memory given back
+    for q in v[:50:7]:  # rows staged before the fit are found through their new codes
+        sl = cache.shortlist(q, GUILD, None, 10)
+        assert not sl.exact
+        got = rerank(q, [(cid, v[cid].tobytes()) for cid, _ in sl.ranked], 10)
+        assert [cid for cid, _ in got] == exact_top(v, np.arange(v.shape[0]), q, 10)
 
 
 def test_without_numkong_the_kernels_give_the_same_numbers_and_say_so_once() -> None:
@@ -158,6 +191,12 @@ assert np.array_equal(vk.int8_dots(codes, q), codes.astype(np.int64) @ q.astype(
 bits = rng.integers(0, 256, (3000, 48)).astype(np.uint8)
 qb = rng.integers(0, 256, 48).astype(np.uint8)
 assert np.array_equal(vk.hamming_distances(bits, qb), np.unpackbits(bits ^ qb, axis=1).sum(1))
+small = rng.integers(-8, 8, (3000, 385)).astype(np.int8)
+qs = rng.integers(-8, 8, (1, 385)).astype(np.int8)
+packed = vk.pack_int4(small)
+assert np.array_equal(vk.unpack_int4(packed)[:, :385], small)
+dots = vk.int4_dots(packed, vk.pack_int4(qs)[0])
+assert np.array_equal(dots, small.astype(np.int64) @ qs[0].astype(np.int64))
 print(vk.SIMD_BACKEND)
 """
     out = subprocess.run(
@@ -169,7 +208,7 @@ print(vk.SIMD_BACKEND)
 
 @pytest.mark.parametrize("kind", CACHE_KINDS)
 async def test_sqlite_search_is_exact_with_every_cache_kind(kind: str, tmp_path: Path) -> None:
-    dim, n = 96, 600
+    dim, n = 96, FIT_ROWS + 400  # past the quantisers' fit
     vectors = clustered(n, dim, seed=9)
     settings = Settings(_env_file=None, sqlite_vector_cache=kind)  # type: ignore[call-arg]
     url = f"sqlite:///{tmp_path / 'kb.db'}"

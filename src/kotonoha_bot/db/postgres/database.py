@@ -10,7 +10,7 @@ An operation that finds its connection dead (server restarted, backend terminate
 retried once on a fresh connection, unless the connection died while committing
 (then the outcome is unknown and the caller is told so).
 
-Vector search (rules and their measurements in ``db/pg_search_plan.py``): small scopes
+Vector search (rules and their measurements in ``db/postgres/search_plan.py``): small scopes
 (at most ``exact_max_rows(dimension)`` rows after the guild, channel and metadata
 filters) are searched exactly; larger ones through the approximate index (by default
 HNSW over a halfvec copy of the normalised vector) with pgvector 0.8 iterative scans

@@ -9,7 +9,7 @@ lease of the embed-pending job).
 ``knowledge_chunks.embedding`` starts as an untyped ``vector``; it becomes
 ``vector(N)`` when the first embedding configuration is recorded, and the approximate
 index is created then (HNSW) or once there is data to train on (IVFFlat); its DDL is
-``pg_search_plan.IndexPlan``'s.
+``search_plan.IndexPlan``'s.
 """
 
 from __future__ import annotations

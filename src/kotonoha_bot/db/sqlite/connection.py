@@ -4,7 +4,7 @@ One long-lived connection (WAL, foreign keys, busy timeout, synchronous=FULL so 
 acknowledged turn survives a power cut). Every operation runs under one asyncio
 lock, so the statements of one transaction never interleave with another
 coroutine's. Vectors are float32 BLOBs on disk and compact codes in memory
-(``VectorCache``, int8 by default): a search shortlists by code score and re-ranks the
+(``VectorCache``, int4 by default): a search shortlists by code score and re-ranks the
 shortlist by exact float32 cosine read from the BLOBs, so similarities are exact. The
 cache is updated only after a transaction commits and reloaded when another process
 changed the file (``PRAGMA data_version``).
@@ -78,7 +78,7 @@ class SQLiteConnection(AsyncLifecycle):
     def __init__(self, url: str | DatabaseURL, *, settings: Settings | None = None) -> None:
         self.path: Path = sqlite_path_from_url(url)
         self._busy_timeout_ms = settings.sqlite_busy_timeout_ms if settings else 5000
-        self._cache_kind: CacheKind = settings.sqlite_vector_cache if settings else "int8"
+        self._cache_kind: CacheKind = settings.sqlite_vector_cache if settings else "int4"
         self._conn: aiosqlite.Connection | None = None
         self._lock = asyncio.Lock()
         self._cache: VectorCache | None = None

@@ -1,7 +1,7 @@
 """SQLite files as the operator has them: what a file is, how it is created, why it failed.
 
-Three rules live here, shared by the backend (``db/sqlite.py``) and the transfer
-tool's raw access (``db/sqlite_rows.py``):
+Three rules live here, shared by the backend (``connection.py``) and the transfer
+tool's raw access (``rows.py``):
 
 - **Decide before touching.** :func:`classify` reads ``sqlite_master`` of an existing
   file and :func:`check_openable` refuses anything that is neither empty nor

@@ -2,23 +2,27 @@
 
 What a search costs is reading the scope's vectors from memory once, so the cache holds
 as few bytes per chunk as ranking needs and the exact float32 vectors stay where they
-are, in the database. Three codecs (``VECTOR_CACHE`` kinds, chosen by the benchmark in
+are, in the database. Four codecs (``SQLITE_VECTOR_CACHE``, chosen by the benchmark in
 docs/PERFORMANCE.md):
 
-- ``int8`` (default): each unit vector scaled to use the whole int8 range, one float32
-  scale per row; 1 byte per dimension, a quarter of float32.
+- ``int4`` (default): 4 bits per dimension, two per byte (an eighth of float32), from a
+  per-dimension quantiser learnt from the data (each dimension's mean and spread).
+  With the 8-byte chunk id a row costs ``dims / 2 + 8`` bytes: 776 at 1536 dimensions,
+  200 at 384 (the float32 cache took 6,152 and 1,544).
+- ``int8``: the same quantiser with 8 bits (``dims + 8`` bytes a row).
 - ``binary``: one sign bit per dimension (1/32 of float32); ranks well enough only for
   wide embeddings (1024+ dimensions), so it needs a larger candidate set.
-- ``float32``: the normalised vectors themselves (the previous cache; scores are final).
+- ``float32``: the normalised vectors themselves (the first cache; scores are final).
 
 For the compact codecs a search is a *shortlist*: the best ``candidate_count(top_k)``
 rows by code score (ties at the boundary kept), which the backend then re-ranks by
 exact float32 cosine read from the stored BLOBs, so callers always get exact
-similarities. Rows live in one contiguous bucket per (guild, channel) scope, so a
-channel search reads only that channel's rows and a guild search reads only its own
-buckets: cost in proportion to the scope. No Python object is kept per row (ids,
-scales and codes are numpy arrays), so the memory accounting in ``nbytes`` is close to
-what the process really holds.
+similarities. The quantisers need data to learn from: below ``FIT_ROWS`` vectors the
+cache holds float32 (exact, a few MiB at most). Rows live in one contiguous bucket per
+(guild, channel) scope, so a channel search reads only that channel's rows and a guild
+search reads only its own buckets: cost in proportion to the scope. No Python object is
+kept per row (ids and codes are numpy arrays), so the memory accounting in ``nbytes`` is
+close to what the process really holds.
 """
 
 from __future__ import annotations
@@ -32,11 +36,11 @@ from typing import Literal
 import numpy as np
 import numpy.typing as npt
 
-from kotonoha_bot.db.sqlite.vector_kernels import hamming_distances, int8_dots
+from kotonoha_bot.db.sqlite.vector_kernels import hamming_distances, int4_dots, int8_dots, pack_int4
 from kotonoha_bot.models import Vector
 
-CacheKind = Literal["int8", "binary", "float32"]
-CACHE_KINDS: tuple[CacheKind, ...] = ("int8", "binary", "float32")
+CacheKind = Literal["int4", "int8", "binary", "float32"]
+CACHE_KINDS: tuple[CacheKind, ...] = ("int4", "int8", "binary", "float32")
 
 IntArray = npt.NDArray[np.int64]
 F32 = npt.NDArray[np.float32]
@@ -45,8 +49,15 @@ F64 = npt.NDArray[np.float64]
 #: Candidates re-ranked exactly, per result asked for (and at least this many). Chosen by
 #: the benchmark: int8 finds the true top 10 within its top 20 on every query measured
 #: (1536 and 384 dims), so 4x leaves headroom; sign bits need far more.
-RERANK_FACTOR: dict[CacheKind, int] = {"int8": 4, "binary": 20, "float32": 1}
-RERANK_MIN: dict[CacheKind, int] = {"int8": 40, "binary": 200, "float32": 0}
+RERANK_FACTOR: dict[CacheKind, int] = {"int4": 20, "int8": 4, "binary": 20, "float32": 1}
+RERANK_MIN: dict[CacheKind, int] = {"int4": 200, "int8": 40, "binary": 200, "float32": 0}
+#: Quantised codecs shortlist every row whose code score is within this many standard
+#: deviations of the score error (times sqrt 2: the k-th row errs too) of the k-th best.
+MARGIN_SIGMAS = 3.0 * float(np.sqrt(2.0))
+#: A quantiser that learns from the data is fitted once the cache holds this many
+#: vectors (float32 until then), on at most FIT_SAMPLE_MAX of them.
+FIT_ROWS = 2048
+FIT_SAMPLE_MAX = 16_384
 #: A shortlist keeps at most this many rows tied at its boundary (lowest ids first), so
 #: its read stays far below SQLite's limit of bound parameters.
 SHORTLIST_MAX = 4096
@@ -62,7 +73,6 @@ _SCAN_THREADS = min(2, os.cpu_count() or 1)
 _scan_pool: ThreadPoolExecutor | None = None
 
 ScopeKey = tuple[int, int | None]
-Part = tuple[npt.NDArray[np.generic], F32 | None]
 
 
 def candidate_count(kind: CacheKind, top_k: int) -> int:
@@ -83,7 +93,8 @@ class _Codec:
 
     kind: CacheKind
     dtype: type[np.generic]
-    has_scale = False
+    #: False until ``fit`` has seen the data (quantisers whose steps follow the data).
+    fitted = True
 
     def __init__(self, dimension: int) -> None:
         self.dimension = dimension
@@ -92,16 +103,29 @@ class _Codec:
     def width(self) -> int:
         return self.dimension
 
-    def encode(self, unit: F32) -> tuple[npt.NDArray[np.generic], F32 | None]:
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the codec's own parameters."""
+        return 0
+
+    def fit(self, sample: F32) -> None:
+        """Learn the quantiser's parameters from unit vectors (codecs that have some)."""
+
+    def encode(self, unit: F32) -> npt.NDArray[np.generic]:
         raise NotImplementedError
 
-    def prepare(self, unit_query: F32) -> npt.NDArray[np.generic]:
+    def prepare(self, unit_query: F32) -> tuple[npt.NDArray[np.generic], float | None]:
+        """The query for ``score``, and the standard deviation of a row's score error.
+
+        The error is how far a row's code score may sit from its exact cosine (in score
+        units); 0 when scores are exact, None when the codec has no model of it.
+        """
         raise NotImplementedError
 
     def score(
-        self, codes: npt.NDArray[np.generic], scales: F32 | None, query: npt.NDArray[np.generic]
-    ) -> F64:
-        """Higher is better."""
+        self, codes: npt.NDArray[np.generic], query: npt.NDArray[np.generic], out: F64
+    ) -> None:
+        """Scores of the rows into ``out`` (one float64 per row); higher is better."""
         raise NotImplementedError
 
 
@@ -109,42 +133,147 @@ class _Float32(_Codec):
     kind: CacheKind = "float32"
     dtype = np.float32
 
-    def encode(self, unit: F32) -> tuple[npt.NDArray[np.generic], F32 | None]:
-        return unit, None
+    def encode(self, unit: F32) -> npt.NDArray[np.generic]:
+        return unit
 
-    def prepare(self, unit_query: F32) -> npt.NDArray[np.generic]:
-        return unit_query
+    def prepare(self, unit_query: F32) -> tuple[npt.NDArray[np.generic], float | None]:
+        return unit_query, 0.0
 
     def score(
-        self, codes: npt.NDArray[np.generic], scales: F32 | None, query: npt.NDArray[np.generic]
-    ) -> F64:
-        scores = np.asarray(codes, dtype=np.float32) @ np.asarray(query, dtype=np.float32)
-        return np.asarray(scores, dtype=np.float64)
+        self, codes: npt.NDArray[np.generic], query: npt.NDArray[np.generic], out: F64
+    ) -> None:
+        out[:] = np.asarray(codes, dtype=np.float32) @ np.asarray(query, dtype=np.float32)
 
 
-class _Int8(_Codec):
+class _Affine(_Codec):
+    """Per-dimension scalar quantiser: ``code = (x - offset) / step``, rounded and clipped.
+
+    Embeddings are anisotropic (a shared direction, dimensions of very different spread),
+    so the offset is each dimension's mean and the step a fixed fraction of its standard
+    deviation, both learnt from the data (``fit``). No per-row scale: unit vectors all have
+    the same length, so the codes' bytes and the chunk id are all a row costs. A query
+    ``q`` scores ``sum(q_i * step_i * code_i)``: that is ``q . x`` up to terms that are the
+    same for every row (``q . offset``, half a step), so the ranking is that of the
+    reconstructed vectors. The weights ``q_i * step_i`` are quantised to the code type
+    for the SIMD kernel; the exact re-rank absorbs both roundings.
+    """
+
+    fitted = False
+    #: Code range (inclusive) and the step as a fraction of each dimension's std.
+    low: int
+    high: int
+    step_per_sd: float
+
+    def __init__(self, dimension: int) -> None:
+        super().__init__(dimension)
+        self.offset = np.zeros(dimension, dtype=np.float32)
+        self.step = np.full(dimension, 1.0, dtype=np.float32)
+        self.rounding = np.full(dimension, 1.0 / 12)
+        self.spread = np.zeros(dimension)
+
+    @property
+    def nbytes(self) -> int:
+        params = (self.offset, self.step, self.rounding, self.spread)
+        return int(sum(a.nbytes for a in params))
+
+    def fit(self, sample: F32) -> None:
+        mean = sample.mean(axis=0, dtype=np.float64)
+        sd = sample.std(axis=0, dtype=np.float64)
+        # A dimension that did not vary in the sample must still encode later values.
+        median = float(np.median(sd))
+        sd = np.maximum(sd, 0.1 * median if median > 0 else 1.0 / np.sqrt(self.dimension))
+        self.offset = mean.astype(np.float32)
+        self.step = (sd * self.step_per_sd).astype(np.float32)
+        # The noise model of ``prepare``, measured on the sample: each dimension's mean
+        # squared rounding error (clipping included) and its levels' variance, in steps.
+        z = (sample - self.offset) / self.step
+        recon = self._levels(sample).astype(np.float64) + 0.5
+        self.rounding = np.mean((z - recon) ** 2, axis=0)
+        self.spread = recon.var(axis=0)
+        self.fitted = True
+
+    def _levels(self, unit: F32) -> npt.NDArray[np.int8]:
+        z = (unit - self.offset) / self.step
+        np.floor(z, out=z)  # level k stands for (k + 0.5) steps: symmetric around 0
+        np.clip(z, self.low, self.high, out=z)
+        return z.astype(np.int8)
+
+    def _quantised_query(self, unit_query: F32) -> tuple[npt.NDArray[np.int8], float | None]:
+        """The weights ``q_i * step_i`` as codes, and the score error's standard deviation.
+
+        A row's exact cosine minus ``scale x`` its code score is, up to a constant,
+        ``sum(w_i u_i) + sum(e_i r_i)``: ``u`` the row's rounding (``rounding`` per
+        dimension), ``e`` the weights' own rounding and ``r`` the row's levels
+        (``spread``). Over rows that is a sum of many small independent terms.
+        """
+        w = np.asarray(unit_query, dtype=np.float64) * self.step
+        levels, scale = self._round_weights(w)
+        e = w - scale * levels
+        var = float(np.dot(w * w, self.rounding) + np.dot(e * e, self.spread))
+        return levels.astype(np.int8), float(np.sqrt(var)) / scale
+
+    def _round_weights(self, w: npt.NDArray[np.float64]) -> tuple[npt.NDArray[np.float64], float]:
+        raise NotImplementedError
+
+
+class _Int8(_Affine):
     kind: CacheKind = "int8"
     dtype = np.int8
-    has_scale = True
+    low, high = -128, 127
+    step_per_sd = 6.0 / 128  # +-6 standard deviations before a value clips
 
-    def encode(self, unit: F32) -> tuple[npt.NDArray[np.generic], F32 | None]:
-        peak = np.abs(unit).max(axis=1)
-        peak[peak == 0] = 1.0
-        scale = (peak / 127.0).astype(np.float32)
-        codes = np.rint(unit / scale[:, None]).astype(np.int8)
-        return codes, scale
+    def encode(self, unit: F32) -> npt.NDArray[np.generic]:
+        return self._levels(unit)
 
-    def prepare(self, unit_query: F32) -> npt.NDArray[np.generic]:
-        peak = float(np.abs(unit_query).max()) or 1.0
-        return np.asarray(np.rint(unit_query * (127.0 / peak)), dtype=np.int8)
+    def _round_weights(self, w: npt.NDArray[np.float64]) -> tuple[npt.NDArray[np.float64], float]:
+        scale = (float(np.abs(w).max()) or 1.0) / 127.0
+        return np.rint(w / scale), scale
+
+    def prepare(self, unit_query: F32) -> tuple[npt.NDArray[np.generic], float | None]:
+        return self._quantised_query(unit_query)
 
     def score(
-        self, codes: npt.NDArray[np.generic], scales: F32 | None, query: npt.NDArray[np.generic]
-    ) -> F64:
-        assert scales is not None
-        dots = int8_dots(codes.view(np.int8), query.view(np.int8))
-        dots *= scales
-        return dots
+        self, codes: npt.NDArray[np.generic], query: npt.NDArray[np.generic], out: F64
+    ) -> None:
+        int8_dots(codes.view(np.int8), query.view(np.int8), out)
+
+
+class _Int4(_Affine):
+    """Two codes per byte (``pack_int4``): an eighth of float32."""
+
+    kind: CacheKind = "int4"
+    dtype = np.uint8
+    low, high = -8, 7
+    #: 16 levels a third of a standard deviation apart: +-2.6 sd before a value clips
+    #: (close to the best uniform 16-level quantiser of a Gaussian).
+    step_per_sd = 1.0 / 3.0
+    #: Query weight scales tried (in multiples of the weights' RMS); the one with the
+    #: smallest rounding error wins.
+    _QUERY_STEPS = np.linspace(0.15, 0.6, 19)
+
+    @property
+    def width(self) -> int:
+        return (self.dimension + 1) // 2
+
+    def encode(self, unit: F32) -> npt.NDArray[np.generic]:
+        return pack_int4(self._levels(unit))
+
+    def _round_weights(self, w: npt.NDArray[np.float64]) -> tuple[npt.NDArray[np.float64], float]:
+        rms = float(np.sqrt(np.mean(w * w))) or 1.0
+        scales = self._QUERY_STEPS * rms
+        levels = np.clip(np.rint(w[None, :] / scales[:, None]), -8, 7)
+        err = ((w[None, :] - levels * scales[:, None]) ** 2).sum(axis=1)
+        best = int(np.argmin(err))
+        return levels[best], float(scales[best])
+
+    def prepare(self, unit_query: F32) -> tuple[npt.NDArray[np.generic], float | None]:
+        levels, noise = self._quantised_query(unit_query)
+        return pack_int4(levels[None, :])[0], noise
+
+    def score(
+        self, codes: npt.NDArray[np.generic], query: npt.NDArray[np.generic], out: F64
+    ) -> None:
+        int4_dots(codes.view(np.uint8), query.view(np.uint8), out)
 
 
 class _Binary(_Codec):
@@ -155,27 +284,32 @@ class _Binary(_Codec):
     def width(self) -> int:
         return (self.dimension + 7) // 8
 
-    def encode(self, unit: F32) -> tuple[npt.NDArray[np.generic], F32 | None]:
-        return np.packbits(unit > 0, axis=1), None
+    def encode(self, unit: F32) -> npt.NDArray[np.generic]:
+        return np.packbits(unit > 0, axis=1)
 
-    def prepare(self, unit_query: F32) -> npt.NDArray[np.generic]:
-        return np.packbits(unit_query > 0)
+    def prepare(self, unit_query: F32) -> tuple[npt.NDArray[np.generic], float | None]:
+        return np.packbits(unit_query > 0), None
 
     def score(
-        self, codes: npt.NDArray[np.generic], scales: F32 | None, query: npt.NDArray[np.generic]
-    ) -> F64:
-        return -hamming_distances(codes.view(np.uint8), query.view(np.uint8))
+        self, codes: npt.NDArray[np.generic], query: npt.NDArray[np.generic], out: F64
+    ) -> None:
+        hamming_distances(codes.view(np.uint8), query.view(np.uint8), out)
+        np.negative(out, out=out)
 
 
-_CODECS: dict[CacheKind, type[_Codec]] = {"int8": _Int8, "binary": _Binary, "float32": _Float32}
+_CODECS: dict[CacheKind, type[_Codec]] = {
+    "int4": _Int4,
+    "int8": _Int8,
+    "binary": _Binary,
+    "float32": _Float32,
+}
 
 
 @dataclass
 class _Bucket:
-    """The rows of one (guild, channel) scope, contiguous: codes, scales, chunk ids."""
+    """The rows of one (guild, channel) scope, contiguous: codes and chunk ids."""
 
     codes: npt.NDArray[np.generic]
-    scales: F32 | None
     ids: IntArray
     size: int = 0
 
@@ -185,8 +319,7 @@ class _Bucket:
 
     @property
     def nbytes(self) -> int:
-        scales = 0 if self.scales is None else self.scales.nbytes
-        return int(self.codes.nbytes + self.ids.nbytes + scales)
+        return int(self.codes.nbytes + self.ids.nbytes)
 
 
 @dataclass
@@ -195,13 +328,25 @@ class _Guild:
 
 
 class VectorCache:
-    """Encoded unit vectors by chunk id, bucketed by (guild, channel)."""
+    """Encoded unit vectors by chunk id, bucketed by (guild, channel).
 
-    def __init__(self, dimension: int, kind: CacheKind = "int8") -> None:
+    A quantiser that learns from the data (``int4``, ``int8``) needs data first: until
+    the cache holds ``FIT_ROWS`` vectors it keeps them as float32 (exact scores, at most
+    ``FIT_ROWS`` x dims x 4 bytes), then fits on them (with the batch that crossed the
+    line) and re-encodes every bucket. The parameters stay for the cache's life; the
+    backend rebuilds the cache, and so refits, whenever it reloads (start-up, another
+    process's write, a re-embed).
+    """
+
+    def __init__(self, dimension: int, kind: CacheKind = "int4") -> None:
         self.dimension = dimension
         self.kind: CacheKind = kind
-        self._codec = _CODECS[kind](dimension)
+        target = _CODECS[kind](dimension)
+        self._target: _Codec | None = None if target.fitted else target
+        self._codec: _Codec = target if target.fitted else _Float32(dimension)
         self._guilds: dict[int, _Guild] = {}
+        #: Rows announced by ``reserve`` for scopes whose buckets do not exist yet.
+        self._reserved: dict[ScopeKey, int] = {}
         self._count = 0
 
     def __len__(self) -> int:
@@ -209,13 +354,19 @@ class VectorCache:
 
     @property
     def nbytes(self) -> int:
-        """Bytes held by every bucket's codes, scales and ids (allocated capacity)."""
-        return sum(b.nbytes for g in self._guilds.values() for b in g.buckets.values())
+        """Bytes held by every bucket's codes and ids (allocated capacity) and the codec."""
+        rows = sum(b.nbytes for g in self._guilds.values() for b in g.buckets.values())
+        return rows + self._codec.nbytes
 
     @property
     def exact(self) -> bool:
         """True when scores are final (float32); otherwise shortlists are re-ranked."""
-        return self.kind == "float32"
+        return self._codec.kind == "float32"
+
+    @property
+    def encoding(self) -> CacheKind:
+        """What the cache holds now (float32 while a quantiser waits for ``FIT_ROWS``)."""
+        return self._codec.kind
 
     # --- writes -----------------------------------------------------------------------
 
@@ -224,26 +375,34 @@ class VectorCache:
         codec = self._codec
         return _Bucket(
             codes=np.zeros((capacity, codec.width), dtype=codec.dtype),
-            scales=np.zeros(capacity, dtype=np.float32) if codec.has_scale else None,
             ids=np.zeros(capacity, dtype=np.int64),
         )
 
     def reserve(self, guild_id: int, channel_id: int | None, rows: int) -> None:
-        """Allocate room for ``rows`` more rows in a scope (loading knows the counts)."""
-        bucket = self._guilds.setdefault(guild_id, _Guild()).buckets.get(channel_id)
+        """Announce ``rows`` more rows for a scope (loading knows the counts): no slack."""
+        bucket = self._guilds.get(guild_id, _Guild()).buckets.get(channel_id)
         if bucket is None:
-            self._guilds[guild_id].buckets[channel_id] = self._new_bucket(rows)
-        elif bucket.size + rows > bucket.capacity:
+            key = (guild_id, channel_id)
+            self._reserved[key] = self._reserved.get(key, 0) + rows
+        elif bucket.size + rows > bucket.capacity and not self._staging:
             self._resize(bucket, bucket.size + rows)
+
+    @property
+    def _staging(self) -> bool:
+        return self._target is not None
 
     def _resize(self, bucket: _Bucket, capacity: int) -> None:
         new = self._new_bucket(capacity)
         n = bucket.size
         new.codes[:n] = bucket.codes[:n]
         new.ids[:n] = bucket.ids[:n]
-        if new.scales is not None and bucket.scales is not None:
-            new.scales[:n] = bucket.scales[:n]
-        bucket.codes, bucket.scales, bucket.ids = new.codes, new.scales, new.ids
+        bucket.codes, bucket.ids = new.codes, new.ids
+
+    def _room(self, key: ScopeKey, need: int) -> int:
+        """Capacity for a new bucket: the reservation once encoded, only ``need`` staging."""
+        if self._staging:
+            return need
+        return max(need, self._reserved.pop(key, 0))
 
     def put(self, chunk_id: int, guild_id: int, channel_id: int | None, vector: Vector) -> None:
         """Insert or replace one vector."""
@@ -269,7 +428,10 @@ class VectorCache:
         if not new:
             self.remove_many(chunk_ids.tolist())
         norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-        codes, scales = self._codec.encode((vectors / norms).astype(np.float32, copy=False))
+        unit = (vectors / norms).astype(np.float32, copy=False)
+        if self._staging and self._count + len(chunk_ids) >= FIT_ROWS:
+            self._fit(unit)
+        codes = self._codec.encode(unit)
         groups: dict[ScopeKey, list[int]] = {}
         for row, key in enumerate(zip(guild_ids.tolist(), channel_ids, strict=True)):
             groups.setdefault(key, []).append(row)
@@ -277,7 +439,7 @@ class VectorCache:
             guild = self._guilds.setdefault(gid, _Guild())
             bucket = guild.buckets.get(ch)
             if bucket is None:
-                bucket = guild.buckets[ch] = self._new_bucket(len(rows))
+                bucket = guild.buckets[ch] = self._new_bucket(self._room((gid, ch), len(rows)))
             start = bucket.size
             if start + len(rows) > bucket.capacity:
                 self._resize(bucket, max(start + len(rows), int(bucket.capacity * _GROWTH)))
@@ -285,10 +447,26 @@ class VectorCache:
             stop = start + len(rows)
             bucket.codes[start:stop] = codes[idx]
             bucket.ids[start:stop] = chunk_ids[idx]
-            if bucket.scales is not None and scales is not None:
-                bucket.scales[start:stop] = scales[idx]
             bucket.size = stop
             self._count += len(rows)
+
+    def _fit(self, incoming: F32) -> None:
+        """Fit the quantiser on the staged float32 rows and ``incoming``; re-encode all."""
+        target = self._target
+        assert target is not None
+        staged = [b.codes[: b.size] for g in self._guilds.values() for b in g.buckets.values()]
+        sample = np.concatenate([*staged, incoming]) if staged else incoming
+        if sample.shape[0] > FIT_SAMPLE_MAX:  # an even spread over the rows is enough
+            sample = sample[:: -(-sample.shape[0] // FIT_SAMPLE_MAX)]
+        target.fit(np.asarray(sample, dtype=np.float32))
+        self._codec, self._target = target, None
+        for gid, guild in self._guilds.items():
+            for ch, bucket in guild.buckets.items():
+                n = bucket.size
+                encoded = self._new_bucket(self._room((gid, ch), n))
+                encoded.codes[:n] = target.encode(np.asarray(bucket.codes[:n], np.float32))
+                encoded.ids[:n] = bucket.ids[:n]
+                bucket.codes, bucket.ids = encoded.codes, encoded.ids
 
     def remove_many(self, chunk_ids: Iterable[int]) -> None:
         """Forget vectors (absent ids are ignored); buckets keep their order."""
@@ -307,8 +485,6 @@ class VectorCache:
                 m = keep.size
                 bucket.codes[:m] = bucket.codes[keep]
                 bucket.ids[:m] = bucket.ids[keep]
-                if bucket.scales is not None:
-                    bucket.scales[:m] = bucket.scales[keep]
                 bucket.size = m
                 self._count -= n - m
                 if m == 0:
@@ -347,62 +523,97 @@ class VectorCache:
     ) -> Shortlist:
         """The scope's best rows by code score, best first (ties by chunk id).
 
-        Exact (``float32``): the top ``top_k`` with their cosine similarity. Otherwise
-        the top ``candidate_count(kind, top_k)`` (with every row tied at the boundary)
-        for the caller to re-rank by exact cosine.
+        Exact (float32): the top ``top_k`` with their cosine similarity. Otherwise the
+        top ``candidate_count(kind, top_k)`` (with every row tied at the boundary) for
+        the caller to re-rank by exact cosine.
         """
         buckets = self._buckets(guild_id, channel_id)
+        exact = self.exact
         if not buckets:
-            return Shortlist([], self.exact)
+            return Shortlist([], exact)
         unit = (query / float(np.linalg.norm(query))).astype(np.float32, copy=False)
-        q = self._codec.prepare(unit)
+        q, noise = self._codec.prepare(unit)
         allowed = None
         if allowed_ids is not None:
             allowed = np.fromiter(allowed_ids, dtype=np.int64, count=len(allowed_ids))
             allowed.sort()
-        parts: list[Part] = []
+        parts: list[npt.NDArray[np.generic]] = []
         id_parts: list[IntArray] = []
         for b in buckets:
             n = b.size
-            codes, scales, ids = b.codes[:n], None if b.scales is None else b.scales[:n], b.ids[:n]
+            codes, ids = b.codes[:n], b.ids[:n]
             if allowed is not None:
                 rows = np.flatnonzero(np.isin(ids, allowed, assume_unique=True))
                 if rows.size == 0:
                     continue
                 codes, ids = codes[rows], ids[rows]
-                scales = None if scales is None else scales[rows]
-            parts.append((codes, scales))
+            parts.append(codes)
             id_parts.append(ids)
         if not parts:
-            return Shortlist([], self.exact)
-        score_parts = self._scan(parts, q)
-        scores = score_parts[0] if len(score_parts) == 1 else np.concatenate(score_parts)
+            return Shortlist([], exact)
+        scores = self._scan(parts, q)
         ids = id_parts[0] if len(id_parts) == 1 else np.concatenate(id_parts)
-        want = top_k if self.exact else candidate_count(self.kind, top_k)
-        return Shortlist(_top(scores, ids, want, keep_ties=not self.exact), self.exact)
+        if exact:
+            return Shortlist(_top(scores, ids, top_k, keep_ties=False), True)
+        cap = candidate_count(self.kind, top_k)
+        if noise is None:
+            return Shortlist(_top(scores, ids, cap, keep_ties=True), False)
+        return Shortlist(_within(scores, ids, top_k, MARGIN_SIGMAS * noise, cap), False)
 
-    def _scan(self, parts: list[Part], q: npt.NDArray[np.generic]) -> list[F64]:
-        """Scores of every part, in order; large scans split over two threads."""
+    def _scan(self, parts: list[npt.NDArray[np.generic]], q: npt.NDArray[np.generic]) -> F64:
+        """The scores of every part's rows, in order, in one array.
+
+        Each part is one kernel call writing into its slice of the result (no per-part
+        arrays to join). A large scan is shared with a second thread (the kernels release
+        the GIL): parts are cut so both get about half of the rows.
+        """
         codec = self._codec
-        rows = sum(codes.shape[0] for codes, _ in parts)
-        if rows < PARALLEL_MIN_ROWS or _SCAN_THREADS < 2 or self.exact:
-            return [codec.score(codes, scales, q) for codes, scales in parts]
+        total = sum(codes.shape[0] for codes in parts)
+        out = np.empty(total, dtype=np.float64)
+        tasks: list[tuple[npt.NDArray[np.generic], F64]] = []
+        start = 0
+        for codes in parts:
+            n = codes.shape[0]
+            tasks.append((codes, out[start : start + n]))
+            start += n
+        if total < PARALLEL_MIN_ROWS or _SCAN_THREADS < 2 or self.exact:
+            for codes, dest in tasks:
+                codec.score(codes, q, dest)
+            return out
         global _scan_pool
         if _scan_pool is None:
             _scan_pool = ThreadPoolExecutor(1, thread_name_prefix="kotonoha-scan")
-        halves: list[tuple[Part, Part]] = []
-        for codes, scales in parts:
-            h = codes.shape[0] // 2
-            halves.append(
-                (
-                    (codes[:h], None if scales is None else scales[:h]),
-                    (codes[h:], None if scales is None else scales[h:]),
-                )
-            )
-        later = _scan_pool.submit(lambda: [codec.score(c, s, q) for _, (c, s) in halves])
-        first = [codec.score(c, s, q) for (c, s), _ in halves]
-        second = later.result()
-        return [np.concatenate(pair) for pair in zip(first, second, strict=True)]
+        mine, theirs = _halves(tasks, total)
+
+        def score_all(part: list[tuple[npt.NDArray[np.generic], F64]]) -> None:
+            for codes, dest in part:
+                codec.score(codes, q, dest)
+
+        later = _scan_pool.submit(score_all, theirs)
+        score_all(mine)
+        later.result()
+        return out
+
+
+def _halves(
+    tasks: list[tuple[npt.NDArray[np.generic], F64]], total: int
+) -> tuple[list[tuple[npt.NDArray[np.generic], F64]], list[tuple[npt.NDArray[np.generic], F64]]]:
+    """Split (codes, destination) tasks into two lists of about ``total / 2`` rows each."""
+    first: list[tuple[npt.NDArray[np.generic], F64]] = []
+    second: list[tuple[npt.NDArray[np.generic], F64]] = []
+    room = total // 2
+    for codes, dest in tasks:
+        n = codes.shape[0]
+        if room <= 0:
+            second.append((codes, dest))
+        elif n <= room:
+            first.append((codes, dest))
+            room -= n
+        else:  # this part straddles the middle: cut it there
+            first.append((codes[:room], dest[:room]))
+            second.append((codes[room:], dest[room:]))
+            room = 0
+    return first, second
 
 
 def _top(scores: F64, ids: IntArray, k: int, *, keep_ties: bool) -> list[tuple[int, float]]:
@@ -419,6 +630,24 @@ def _top(scores: F64, ids: IntArray, k: int, *, keep_ties: bool) -> list[tuple[i
     order = order[: max(k, SHORTLIST_MAX)] if keep_ties else order[:k]
     chosen = part[order]
     return list(zip(ids[chosen].tolist(), scores[chosen].tolist(), strict=True))
+
+
+def _within(scores: F64, ids: IntArray, k: int, margin: float, cap: int) -> list[tuple[int, float]]:
+    """Every row scoring within ``margin`` of the k-th best (at most ``cap``), best first.
+
+    A row of the true top k scores at least the k-th best code score minus its own error
+    and the k-th row's, so a margin of a few error deviations keeps it in.
+    """
+    n = scores.shape[0]
+    if n <= k:
+        return _top(scores, ids, k, keep_ties=False)
+    kth = float(-np.partition(-scores, k - 1)[k - 1])
+    chosen = np.flatnonzero(scores >= kth - margin)
+    if chosen.size > cap:
+        return _top(scores, ids, cap, keep_ties=True)
+    order = np.lexsort((ids[chosen], -scores[chosen]))
+    picked = chosen[order]
+    return list(zip(ids[picked].tolist(), scores[picked].tolist(), strict=True))
 
 
 def rerank(query: Vector, rows: Sequence[tuple[int, bytes]], top_k: int) -> list[tuple[int, float]]:
