@@ -6,7 +6,8 @@
 - ``knowledge.py`` sources, chunks, re-embedding; ``search.py`` vector and keyword search
 - ``provenance.py`` edits/deletes that follow Discord, forget; ``memories.py`` memories, usage
 - ``dashboard.py`` the operator's guild-scoped listings, deletes, pause switch, backup records
-- ``vector_cache.py`` / ``vector_kernels.py`` the in-memory compact vectors and their kernels
+- ``vector_cache.py`` the in-memory compact vectors per scope; ``vector_codecs.py`` their codes;
+  ``vector_kernels.py`` the scoring kernels
 - ``rows.py`` raw rows for the transfer tool; ``values.py`` the stored time format
 """
 
