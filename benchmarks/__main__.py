@@ -54,7 +54,7 @@ from benchmarks.systems import (
     run_concurrent,
 )
 from benchmarks.util import best_bandwidth, machine, pct, read_bandwidth
-from kotonoha_bot.db.vector_cache import CACHE_KINDS
+from kotonoha_bot.db.sqlite.vector_cache import CACHE_KINDS
 
 WARMUP = 3
 PG_NAME = "ours PostgreSQL"

@@ -36,9 +36,10 @@ from benchmarks.pgserver import bench_server
 from benchmarks.util import machine, table
 from kotonoha_bot.config import Settings
 from kotonoha_bot.db import open_database
-from kotonoha_bot.db.transfer import MigrationReport, TransferProgress, migrate
 from kotonoha_bot.models import EmbeddingConfig
 from kotonoha_bot.text import keyword_document
+from kotonoha_bot.transfer.copy import migrate
+from kotonoha_bot.transfer.reports import MigrationReport, TransferProgress
 
 SESSIONS = 10_000
 MESSAGES_PER_SESSION = 50

@@ -38,13 +38,10 @@ from benchmarks.data import exact_top_k, make_dataset
 from benchmarks.pgserver import bench_server
 from benchmarks.util import pct, table
 from kotonoha_bot.config import Settings
-from kotonoha_bot.db.base import check_filters
-from kotonoha_bot.db.pg_schema import ANN_INDEX_NAME
-from kotonoha_bot.db.postgres import (
-    PostgreSQLDatabase,
-    exact_search_sql,
-    vector_scope,
-)
+from kotonoha_bot.db.checks import check_filters
+from kotonoha_bot.db.postgres.database import PostgreSQLDatabase
+from kotonoha_bot.db.postgres.schema import ANN_INDEX_NAME
+from kotonoha_bot.db.postgres.sql import exact_search_sql, vector_scope
 from kotonoha_bot.models import EmbeddingConfig, KnowledgeChunk, KnowledgeSource
 from kotonoha_bot.text import keyword_document
 

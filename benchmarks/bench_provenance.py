@@ -285,7 +285,7 @@ def _v2_rows(
 
 
 def build_v2_sqlite(path: Path, sessions: int) -> None:
-    from kotonoha_bot.db.sqlite import MIGRATIONS, _split_sql
+    from kotonoha_bot.db.sqlite.schema import MIGRATIONS, split_sql
 
     conn = sqlite3.connect(path, isolation_level=None)
     conn.execute(
@@ -293,7 +293,7 @@ def build_v2_sqlite(path: Path, sessions: int) -> None:
         " applied_at TEXT NOT NULL)"
     )
     for version, name, sql in MIGRATIONS[:2]:
-        for statement in _split_sql(sql):
+        for statement in split_sql(sql):
             conn.execute(statement)
         conn.execute("INSERT INTO schema_migrations VALUES (?, ?, '2026')", (version, name))
     sess, msgs, chunks = _v2_rows(sessions)
@@ -325,7 +325,7 @@ def build_v2_sqlite(path: Path, sessions: int) -> None:
 async def build_v2_postgres(url: str, sessions: int) -> None:
     import asyncpg
 
-    from kotonoha_bot.db.pg_schema import CREATE_MIGRATIONS_TABLE, MIGRATIONS
+    from kotonoha_bot.db.postgres.schema import CREATE_MIGRATIONS_TABLE, MIGRATIONS
 
     def when(text: str) -> datetime:
         return datetime.fromisoformat(text)

@@ -22,7 +22,7 @@ import pytest
 
 from kotonoha_bot.config import Settings
 from kotonoha_bot.db import open_database
-from kotonoha_bot.db.base import CAP_MULTI_PROCESS
+from kotonoha_bot.db.contract import CAP_MULTI_PROCESS
 from kotonoha_bot.models import (
     ChatSession,
     EmbeddingConfig,

@@ -39,7 +39,7 @@ from kotonoha_bot.redact import redact
 
 if TYPE_CHECKING:
     from kotonoha_bot.config import Settings
-    from kotonoha_bot.db.base import DatabaseProtocol
+    from kotonoha_bot.db.contract import DatabaseProtocol
 
 log = logging.getLogger(__name__)
 

@@ -282,7 +282,7 @@ async def test_backup_job_backs_up_the_configured_database(
         bot = KotonohaBot(service, settings, sync_commands=False)
         job = next(j for j in bot.jobs if j.name == "database backup")
         assert job.interval == 24 * 3600 and job.first_delay == 600
-        path = await service.backup()
+        path = await bot.backup()
     assert path.parent == tmp_path / "backups" and path.stat().st_size > 0
     async with open_database(sqlite_url(path), settings=settings) as copy:
         stored = await copy.load_session("dm:3")
@@ -300,7 +300,7 @@ async def test_backup_job_backs_up_the_configured_database(
 async def test_run_refuses_a_half_migrated_database(tmp_path: Path) -> None:
     import sqlite3
 
-    from kotonoha_bot.db.rowconv import MIGRATION_MARKER
+    from kotonoha_bot.transfer.marker import MIGRATION_MARKER
 
     db_path = tmp_path / "half.db"
     settings = Settings(

@@ -10,7 +10,7 @@ from typing import Any
 from kotonoha_bot.chat import ChatService
 from kotonoha_bot.chat.service import checked_embedder
 from kotonoha_bot.config import Settings
-from kotonoha_bot.db.base import DatabaseProtocol
+from kotonoha_bot.db.contract import DatabaseProtocol
 from kotonoha_bot.knowledge.embeddings import create_embedding_provider
 from kotonoha_bot.knowledge.ingest import ingest_text
 from kotonoha_bot.llm import create_llm_provider

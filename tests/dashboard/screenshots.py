@@ -20,8 +20,8 @@ from kotonoha_bot.dashboard.example import FOREST, GUILD_NAMES, write_example_da
 from kotonoha_bot.dashboard.server import DashboardServer
 from kotonoha_bot.dashboard.status import BotLink
 from kotonoha_bot.db import open_database
-from kotonoha_bot.db.backup import run_backup
 from kotonoha_bot.knowledge.embeddings import create_embedding_provider
+from kotonoha_bot.transfer.backup import run_backup
 from tests.dashboard.browser import launch_chromium
 
 ROOT = Path(__file__).resolve().parents[2]

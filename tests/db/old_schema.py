@@ -39,7 +39,7 @@ async def _old_sqlite(url: str, guild: int, channel: int) -> None:
     import sqlite3
 
     from kotonoha_bot.db import sqlite_path_from_url
-    from kotonoha_bot.db.sqlite import MIGRATIONS, _split_sql
+    from kotonoha_bot.db.sqlite.schema import MIGRATIONS, split_sql
 
     conn = sqlite3.connect(sqlite_path_from_url(url), isolation_level=None)
     conn.execute(
@@ -47,7 +47,7 @@ async def _old_sqlite(url: str, guild: int, channel: int) -> None:
         " applied_at TEXT NOT NULL)"
     )
     for version, name, sql in MIGRATIONS[:2]:
-        for statement in _split_sql(sql):
+        for statement in split_sql(sql):
             conn.execute(statement)
         conn.execute("INSERT INTO schema_migrations VALUES (?, ?, '2026')", (version, name))
     for statement in OLD_ROWS:
@@ -58,7 +58,7 @@ async def _old_sqlite(url: str, guild: int, channel: int) -> None:
 async def _old_postgres(url: str, guild: int, channel: int) -> None:
     import asyncpg
 
-    from kotonoha_bot.db.pg_schema import CREATE_MIGRATIONS_TABLE, MIGRATIONS
+    from kotonoha_bot.db.postgres.schema import CREATE_MIGRATIONS_TABLE, MIGRATIONS
 
     conn = await asyncpg.connect(url)
     try:

@@ -586,6 +586,35 @@ async def test_pending_chunks_then_embeddings_make_source_ready(db: DatabaseProt
     assert len(await db.keyword_search("pending", guild_id=1)) == 3
 
 
+async def test_row_limits_mean_the_same_on_both_backends(db: DatabaseProtocol) -> None:
+    """0 lists nothing, n lists n, a negative or non-integer limit is a typed error.
+
+    (SQLite alone would read ``LIMIT -1`` as "no limit"; PostgreSQL refuses it.)
+    """
+    for i in range(3):
+        await db.save_session(ChatSession(f"dm:{i}", "dm", user_id=i))
+    await db.set_embedding_config(EmbeddingConfig("t", DIM))
+    await db.save_source(
+        KnowledgeSource(guild_id=1, uri="l", title="L"),
+        [chunk(f"k{i}", f"limit {i}", None, chunk_index=i) for i in range(3)],
+    )
+    assert await db.list_sessions(limit=0) == []
+    assert len(await db.list_sessions(limit=2)) == 2
+    assert len(await db.list_sessions()) == 3
+    assert await db.pending_chunks(0) == []
+    await db.begin_reembed(EmbeddingConfig("next", 4))
+    assert await db.reembed_todo(0) == []
+    assert len(await db.reembed_todo(2)) == 2
+    for bad in (-1, True, 1.5):
+        with pytest.raises(InvalidInputError, match="limit"):
+            await db.list_sessions(limit=bad)  # type: ignore[arg-type]
+        with pytest.raises(InvalidInputError, match="limit"):
+            await db.pending_chunks(bad)  # type: ignore[arg-type]
+        with pytest.raises(InvalidInputError, match="limit"):
+            await db.reembed_todo(bad)  # type: ignore[arg-type]
+    assert len(await db.pending_chunks(2)) == 2
+
+
 async def test_reembed_switches_dimension_and_search_keeps_working(db: DatabaseProtocol) -> None:
     rng = np.random.default_rng(11)
     old = unit(rng, 4, DIM)

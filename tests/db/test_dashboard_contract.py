@@ -14,7 +14,8 @@ import pytest
 
 from kotonoha_bot.config import Settings
 from kotonoha_bot.db import DatabaseProtocol, open_database
-from kotonoha_bot.db.base import CAP_ANN_INDEX, MAX_DASHBOARD_PAGE
+from kotonoha_bot.db.checks import MAX_DASHBOARD_PAGE
+from kotonoha_bot.db.contract import CAP_ANN_INDEX
 from kotonoha_bot.errors import InvalidInputError
 from kotonoha_bot.models import (
     BackupRecord,

@@ -26,12 +26,15 @@ from typer.testing import CliRunner
 
 from kotonoha_bot.cli import app as cli_app
 from kotonoha_bot.config import Settings
-from kotonoha_bot.db.base import CAP_ANN_INDEX, CAP_READ_REPLICA, CAP_SERVER, check_filters
-from kotonoha_bot.db.pg_schema import ANN_INDEX_NAME, LATEST_SCHEMA_VERSION
-from kotonoha_bot.db.pg_search_plan import IndexPlan, ef_search_for
-from kotonoha_bot.db.postgres import PostgreSQLDatabase, _filter_sql
+from kotonoha_bot.db.checks import check_filters
+from kotonoha_bot.db.contract import CAP_ANN_INDEX, CAP_READ_REPLICA, CAP_SERVER
+from kotonoha_bot.db.postgres.database import PostgreSQLDatabase
+from kotonoha_bot.db.postgres.schema import ANN_INDEX_NAME, LATEST_SCHEMA_VERSION
+from kotonoha_bot.db.postgres.search_plan import IndexPlan, ef_search_for
+from kotonoha_bot.db.postgres.sql import Params, filter_sql
 from kotonoha_bot.errors import (
     DatabaseUnavailableError,
+    DimensionMismatchError,
     PoolTimeoutError,
     UnsupportedDimensionError,
 )
@@ -255,7 +258,7 @@ async def test_index_precision_setting_and_searches_follow_the_index_that_exists
 
 
 def test_exact_scan_threshold_and_ef_search_follow_the_measured_rules() -> None:
-    from kotonoha_bot.db.pg_search_plan import exact_max_rows, use_exact
+    from kotonoha_bot.db.postgres.search_plan import exact_max_rows, use_exact
 
     assert exact_max_rows(1536) == 1527  # ~4 ms of exact scan (2.6 µs per row)
     assert exact_max_rows(384) == 3326
@@ -314,8 +317,8 @@ async def test_metadata_filter_is_served_by_the_gin_index(
         await conn.execute("ANALYZE knowledge_chunks")
 
         async def plan(filters: dict[str, Any]) -> str:
-            params: list[Any] = [1]
-            where = "c.guild_id = $1" + _filter_sql(check_filters(filters), params)
+            params = Params([1])
+            where = "c.guild_id = $1" + filter_sql(check_filters(filters), params)
             rows = await conn.fetch(
                 f"EXPLAIN SELECT c.id FROM knowledge_chunks c WHERE {where}", *params
             )
@@ -531,6 +534,45 @@ async def test_pending_chunks_are_claimed_by_one_worker(pg_url: str, settings: S
         await conn.execute("UPDATE knowledge_chunks SET claimed_until = now() - interval '1 s'")
         await conn.close()
         assert len(await b.pending_chunks(100)) == 30
+
+
+async def test_a_model_switched_by_another_process_is_a_typed_dimension_error(
+    pg_url: str, settings: Settings
+) -> None:
+    """Process A cached 8 dimensions; B finishes a re-embed to 4. A's next search with an
+    8-dimension query is a DimensionMismatchError (decided by the recorded config, not
+    by the driver's message), and a 4-dimension query then finds B's vectors."""
+    old = np.eye(8, dtype=np.float32)[:3]
+    new = np.eye(4, dtype=np.float32)[:3]
+    async with (
+        PostgreSQLDatabase(pg_url, settings=settings) as a,
+        PostgreSQLDatabase(pg_url, settings=settings) as b,
+    ):
+        await a.set_embedding_config(EmbeddingConfig("old", 8))
+        await a.save_source(
+            KnowledgeSource(guild_id=1, uri="m", title="M"),
+            [
+                KnowledgeChunk(f"k{i}", f"text {i}", embedding=old[i], chunk_index=i)
+                for i in range(3)
+            ],
+        )
+        assert (await a.similarity_search(old[1], guild_id=1))[0].content == "text 1"
+        await b.begin_reembed(EmbeddingConfig("new", 4))
+        todo = await b.reembed_todo(10)
+        await b.store_reembed([(t.chunk_id, new[int(t.content[-1])]) for t in todo])
+        await b.finish_reembed()
+        with pytest.raises(DimensionMismatchError):
+            await a.similarity_search(old[1], guild_id=1)
+        assert (await a.similarity_search(new[2], guild_id=1))[0].content == "text 2"
+        # And the other way round: a process whose cached model is stale takes a query
+        # of the new size (its model is read again before the query is refused).
+        async with PostgreSQLDatabase(pg_url, settings=settings) as c:
+            await c.similarity_search(new[0], guild_id=1)
+            await b.begin_reembed(EmbeddingConfig("newer", 8))
+            todo = await b.reembed_todo(10)
+            await b.store_reembed([(t.chunk_id, old[int(t.content[-1])]) for t in todo])
+            await b.finish_reembed()
+            assert (await c.similarity_search(old[0], guild_id=1))[0].content == "text 0"
 
 
 # --- faults ---------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import pytest
 
 from kotonoha_bot.config import Settings
 from kotonoha_bot.db import open_database
-from kotonoha_bot.db.vector_cache import (
+from kotonoha_bot.db.sqlite.vector_cache import (
     CACHE_KINDS,
     FIT_ROWS,
     SHORTLIST_MAX,
@@ -183,7 +183,7 @@ import logging, sys
 sys.modules["numkong"] = None  # as on a platform without a numkong wheel
 logging.basicConfig(level=logging.WARNING, format="%(message)s")
 import numpy as np
-from kotonoha_bot.db import vector_kernels as vk
+from kotonoha_bot.db.sqlite import vector_kernels as vk
 rng = np.random.default_rng(0)
 codes = rng.integers(-127, 128, (3000, 384)).astype(np.int8)
 q = rng.integers(-127, 128, 384).astype(np.int8)

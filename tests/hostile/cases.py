@@ -71,7 +71,7 @@ def template() -> Path:
         import tempfile
 
         from kotonoha_bot.config import Settings
-        from tests.db.test_transfer import fill
+        from tests.transfer.test_transfer import fill
 
         where = Path(tempfile.mkdtemp(prefix="kotonoha-hostile-")) / "template.db"
         settings = Settings(_env_file=None, database_path=where)  # type: ignore[call-arg]

@@ -19,7 +19,6 @@ import pytest
 
 from kotonoha_bot.config import Settings
 from kotonoha_bot.db import DatabaseURL, open_database
-from kotonoha_bot.db.transfer import migrate
 from kotonoha_bot.errors import (
     DatabaseLockedError,
     DiskFullError,
@@ -28,9 +27,10 @@ from kotonoha_bot.errors import (
     MigrationError,
 )
 from kotonoha_bot.models import EmbeddingConfig, KnowledgeChunk, KnowledgeSource
-from tests.db.test_transfer import fill, snapshot
+from kotonoha_bot.transfer.copy import migrate
 from tests.hostile.cases import CASES, Case, digest, foreign_sqlite, legacy_sqlite
 from tests.hostile.runner import check_case
+from tests.transfer.test_transfer import fill, snapshot
 
 AREA = [c for c in CASES if c.area == "files"]
 

@@ -14,12 +14,12 @@ from typing import Any
 import pytest
 
 from kotonoha_bot.config import Settings
-from kotonoha_bot.db.backup import backup_database, restore_backup
-from kotonoha_bot.db.transfer import migrate
 from kotonoha_bot.errors import KotonohaError, MigrationError
-from tests.db.test_transfer import fill, snapshot
+from kotonoha_bot.transfer.backup import backup_database, restore_backup
+from kotonoha_bot.transfer.copy import migrate
 from tests.hostile.cases import CASES, Case, corrupt_pages, foreign_sqlite
 from tests.hostile.runner import check_case
+from tests.transfer.test_transfer import fill, snapshot
 
 AREA = [c for c in CASES if c.area == "restore"]
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kotonoha_bot.db.base import DatabaseProtocol
+from kotonoha_bot.db.contract import DatabaseProtocol
 from kotonoha_bot.errors import EmbeddingModelMismatchError
 from kotonoha_bot.knowledge.archive import (
     archive_idle_sessions,

@@ -10,6 +10,7 @@ slash commands.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import discord
 from discord.ext import commands
@@ -91,13 +92,25 @@ class KotonohaBot(commands.Bot):
                 Periodic(
                     "database backup",
                     interval,
-                    self.chat.backup,
+                    self.backup,
                     first_delay=min(interval, FIRST_BACKUP_DELAY_SECONDS),
                 )
             )
         if self.chat.retention.enabled:
             jobs.append(Periodic("data retention", RETENTION_SECONDS, self._retention))
         return jobs
+
+    async def backup(self) -> Path:
+        """Back up the configured database and rotate (the ``BACKUP_INTERVAL_HOURS`` job).
+
+        The bot layer schedules it; the tool it runs is ``transfer/``, which nothing
+        below the bot imports.
+        """
+        from kotonoha_bot.transfer.backup import run_backup
+
+        path = await run_backup(self.settings)
+        log.info("database backup written: %s", path)
+        return path
 
     async def _retention(self) -> None:
         # Only a connected client knows every guild it is in; never judge from a partial list.

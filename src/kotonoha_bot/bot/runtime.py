@@ -23,11 +23,11 @@ from kotonoha_bot.bot.client import KotonohaBot
 from kotonoha_bot.chat.service import ChatService, checked_embedder
 from kotonoha_bot.config import Settings
 from kotonoha_bot.db import DatabaseProtocol, open_database
-from kotonoha_bot.db.transfer import migration_marker
 from kotonoha_bot.errors import ConfigError, KotonohaError
 from kotonoha_bot.health import health_server_from_settings
 from kotonoha_bot.knowledge.embeddings import open_embedder
 from kotonoha_bot.llm import create_llm_provider, missing_llm_settings
+from kotonoha_bot.transfer.marker import migration_marker
 
 if TYPE_CHECKING:
     from kotonoha_bot.dashboard import DashboardServer

@@ -25,7 +25,7 @@ from collections.abc import Mapping, Sequence
 
 from kotonoha_bot.chat.sessions import SessionManager
 from kotonoha_bot.config import Settings
-from kotonoha_bot.db.base import DatabaseProtocol
+from kotonoha_bot.db.contract import DatabaseProtocol
 from kotonoha_bot.errors import KotonohaError
 from kotonoha_bot.knowledge.archive import ARCHIVE_LEASE_SECONDS, WORKER_ID, rearchive
 from kotonoha_bot.knowledge.embeddings.base import EmbeddingProvider

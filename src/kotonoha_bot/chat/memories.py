@@ -17,7 +17,8 @@ import logging
 
 from kotonoha_bot.chat.prompt import MESSAGE_OVERHEAD_TOKENS, estimate_tokens
 from kotonoha_bot.config import Settings
-from kotonoha_bot.db.base import DatabaseProtocol, check_memory
+from kotonoha_bot.db.checks import check_memory
+from kotonoha_bot.db.contract import DatabaseProtocol
 from kotonoha_bot.errors import KotonohaError
 from kotonoha_bot.models import Memory
 from kotonoha_bot.text import normalize_text, replace_nul

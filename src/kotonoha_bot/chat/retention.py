@@ -14,7 +14,7 @@ import logging
 from collections.abc import Callable, Collection
 from datetime import datetime, timedelta
 
-from kotonoha_bot.db.base import DatabaseProtocol, ForgetResult
+from kotonoha_bot.db.contract import DatabaseProtocol, ForgetResult
 from kotonoha_bot.models import utcnow
 
 log = logging.getLogger("kotonoha_bot.chat")

@@ -26,7 +26,6 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from pathlib import Path
 
 from kotonoha_bot.chat.changes import DiscordChanges
 from kotonoha_bot.chat.conversation import Conversation, Incoming
@@ -41,11 +40,12 @@ from kotonoha_bot.chat.prompt import (
     transcript,
 )
 from kotonoha_bot.chat.retention import GuildRetention
+from kotonoha_bot.chat.retrieval import KnowledgeRetrieval
 from kotonoha_bot.chat.sessions import SessionManager
 from kotonoha_bot.chat.usage import UsageMeter
 from kotonoha_bot.chat.why import Explanation, TraceBook, answer_trace, explain, format_citations
 from kotonoha_bot.config import Settings
-from kotonoha_bot.db.base import DatabaseProtocol, ForgetResult
+from kotonoha_bot.db.contract import DatabaseProtocol, ForgetResult
 from kotonoha_bot.errors import EmbeddingModelMismatchError, KotonohaError, LLMError
 from kotonoha_bot.knowledge.archive import (
     ArchiveReport,
@@ -56,9 +56,9 @@ from kotonoha_bot.knowledge.archive import (
 from kotonoha_bot.knowledge.embeddings import create_embedding_provider
 from kotonoha_bot.knowledge.embeddings.base import EmbeddingProvider, embedding_config
 from kotonoha_bot.knowledge.ingest import BatchProgress, IngestReport, embed_pending, ingest_bytes
-from kotonoha_bot.knowledge.search import RankedHit, search_knowledge, search_tuning
+from kotonoha_bot.knowledge.search import RankedHit
 from kotonoha_bot.llm.base import ChatTurn, LLMProvider
-from kotonoha_bot.models import Message, MessageChange, MessageLink, utcnow
+from kotonoha_bot.models import Message, MessageChange, utcnow
 from kotonoha_bot.text import replace_nul
 
 log = logging.getLogger("kotonoha_bot.chat")
@@ -106,7 +106,7 @@ class SessionSummary:
     knowledge_hits_last_turn: int | None
 
 
-class ChatService:
+class ChatService(KnowledgeRetrieval):
     """The pipeline plus the session-level operations the front ends need."""
 
     def __init__(
@@ -261,68 +261,6 @@ class ChatService:
             channel_id=channel,
             turn_id=turn_id,
         )
-
-    async def links(self, hits: Sequence[RankedHit]) -> dict[int, MessageLink]:
-        """Jump links of conversation hits (the first Discord message of each chunk)."""
-        ids = [h.hit.chunk_id for h in hits]
-        if not ids:
-            return {}
-        try:
-            origins = await self.db.chunk_origins(ids)
-        except KotonohaError as exc:
-            log.warning("could not read chunk provenance: %s", exc)
-            return {}
-        return {cid: o.first_link for cid, o in origins.items() if o.first_link is not None}
-
-    async def retrieve(
-        self, conv: Conversation, query: str, *, history_from: int | None = None
-    ) -> list[RankedHit]:
-        """Knowledge for ``query``: this channel first, filled from the same guild.
-
-        A DM has no guild and retrieves nothing. Snippets archived from this very
-        session that are still in the history sent (``history_from`` on) are skipped.
-        A failing search is logged and the turn goes on without knowledge.
-        """
-        if conv.guild_id is None or not query.strip():
-            return []
-        top_k = self.settings.search_top_k
-        try:
-            # One extra per channel/guild pass for a snippet dropped as already in history.
-            hits = await self.search(conv.guild_id, conv.channel_id, query, top_k + 2)
-        except KotonohaError as exc:
-            log.warning("knowledge search failed, answering without it: %s", exc)
-            return []
-        kept = [h for h in hits if not _in_history(h, conv.session_key, history_from)]
-        return kept[:top_k]
-
-    async def search(
-        self, guild_id: int, channel_id: int | None, query: str, top_k: int | None = None
-    ) -> list[RankedHit]:
-        """Hybrid search of one guild: the channel's own knowledge first, then the rest."""
-        top_k = top_k or self.settings.search_top_k
-        hits = await self._search(guild_id, channel_id, query, top_k) if channel_id else []
-        if len(hits) < top_k:
-            seen = {h.hit.chunk_id for h in hits}
-            more = await self._search(guild_id, None, query, top_k + len(seen))
-            hits += [h for h in more if h.hit.chunk_id not in seen]
-        # Defence in depth: the database scopes by guild; never pass on anything else.
-        return [h for h in hits if h.hit.guild_id == guild_id][:top_k]
-
-    async def _search(
-        self, guild_id: int, channel_id: int | None, query: str, top_k: int
-    ) -> list[RankedHit]:
-        s = self.settings
-        result = await search_knowledge(
-            self.db,
-            self.embedder,
-            query,
-            guild_id=guild_id,
-            channel_id=channel_id,
-            mode="hybrid",
-            top_k=top_k,
-            **search_tuning(s),
-        )
-        return list(result.hits)
 
     async def paused(self) -> bool:
         """Whether the operator paused the bot (the dashboard's switch, in the database).
@@ -623,14 +561,6 @@ class ChatService:
             self.db, self.embedder, batch_size=self.settings.embedding_batch_size
         )
 
-    async def backup(self) -> Path:
-        """Back up the configured database and rotate (``BACKUP_INTERVAL_HOURS`` in the bot)."""
-        from kotonoha_bot.db.backup import run_backup
-
-        path = await run_backup(self.settings)
-        log.info("database backup written: %s", path)
-        return path
-
     async def sweep_retention(self, member_guild_ids: set[int]) -> dict[int, ForgetResult]:
         """Apply ``DATA_RETENTION_DAYS`` given every guild the bot is in."""
         deleted = await self.retention.sweep(member_guild_ids)
@@ -678,11 +608,3 @@ def parse_yes(text: str) -> bool:
     """True for an answer that starts with yes/はい; anything else is no."""
     word = text.strip().lstrip("*\"'「").lower()
     return word.startswith(("yes", "はい"))
-
-
-def _in_history(hit: RankedHit, session_key: str, history_from: int | None) -> bool:
-    meta = hit.hit.metadata
-    if history_from is None or meta.get("session_key") != session_key:
-        return False
-    first = meta.get("first_index")
-    return isinstance(first, int) and first >= history_from

@@ -28,7 +28,7 @@ from contextlib import asynccontextmanager
 from datetime import datetime
 
 from kotonoha_bot.chat.conversation import Conversation
-from kotonoha_bot.db.base import DatabaseProtocol
+from kotonoha_bot.db.contract import DatabaseProtocol
 from kotonoha_bot.errors import SessionConflictError
 from kotonoha_bot.models import ChatSession, Message, SessionStatus
 

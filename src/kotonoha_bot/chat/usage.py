@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from datetime import date, datetime
 
 from kotonoha_bot.config import Settings
-from kotonoha_bot.db.base import DatabaseProtocol
+from kotonoha_bot.db.contract import DatabaseProtocol
 from kotonoha_bot.errors import KotonohaError
 from kotonoha_bot.llm.base import LLMReply
 from kotonoha_bot.models import UsageRecord, utcnow

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from kotonoha_bot.chat.prompt import describe_source
-from kotonoha_bot.db.base import DatabaseProtocol
+from kotonoha_bot.db.contract import DatabaseProtocol
 from kotonoha_bot.knowledge.search import RankedHit
 from kotonoha_bot.llm.base import LLMReply
 from kotonoha_bot.models import Memory, Message, MessageLink

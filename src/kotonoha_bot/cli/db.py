@@ -22,20 +22,19 @@ from kotonoha_bot.cli.common import (
     run_async,
 )
 from kotonoha_bot.db import open_database
-from kotonoha_bot.db.transfer import (
-    DEFAULT_BATCH,
-    DEFAULT_MAX_DIFFS,
+from kotonoha_bot.text import human_size
+from kotonoha_bot.transfer.common import DEFAULT_BATCH, DEFAULT_MAX_DIFFS
+from kotonoha_bot.transfer.copy import migrate
+from kotonoha_bot.transfer.marker import migration_marker
+from kotonoha_bot.transfer.reports import (
     EXIT_QUARANTINED,
     MigrationReport,
     TransferProgress,
     VerificationFailedError,
     VerifyReport,
-    migrate,
-    migration_marker,
-    upgrade,
-    verify,
 )
-from kotonoha_bot.text import human_size
+from kotonoha_bot.transfer.upgrade import upgrade
+from kotonoha_bot.transfer.verify import verify
 
 app = typer.Typer(help="Create, inspect and maintain the database.", no_args_is_help=True)
 
@@ -473,7 +472,7 @@ async def backup_command(
 
     Example: kotonoha db backup --output /mnt/usb/kotonoha/
     """
-    from kotonoha_bot.db.backup import backup_database, describe
+    from kotonoha_bot.transfer.backup import backup_database, describe
 
     settings = get_settings()
     url = database_url(settings, database)
@@ -517,8 +516,8 @@ async def restore_command(
 
     Example: kotonoha db restore backups/kotonoha-20270101-030000-000000.db --yes
     """
-    from kotonoha_bot.db.backup import backup_kind, restore_backup, target_is_empty
-    from kotonoha_bot.db.transfer import display_url
+    from kotonoha_bot.transfer.backup import backup_kind, restore_backup, target_is_empty
+    from kotonoha_bot.transfer.endpoints import display_url
 
     settings = get_settings()
     url = database_url(settings, database)

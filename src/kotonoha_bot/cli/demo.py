@@ -26,7 +26,7 @@ from kotonoha_bot.cli.common import (
 from kotonoha_bot.cli.kb import _open, _print_hits, _progress
 from kotonoha_bot.knowledge.embeddings import embedding_config
 from kotonoha_bot.knowledge.ingest import find_files, ingest_paths, reembed
-from kotonoha_bot.knowledge.search import search_knowledge, search_tuning
+from kotonoha_bot.knowledge.search import SearchTuning, search_knowledge
 
 DEMO_GUILD = 1
 
@@ -95,7 +95,7 @@ async def demo(
                 guild_id=DEMO_GUILD,
                 mode="hybrid",
                 top_k=top_k,
-                **search_tuning(settings),
+                tuning=SearchTuning.from_settings(settings),
             )
             answers.append({"question": question, "hits": [h.as_dict() for h in result.hits]})
             if not as_json:

@@ -24,15 +24,15 @@ from kotonoha_bot.cli.common import (
 )
 from kotonoha_bot.config import Settings
 from kotonoha_bot.db import open_database
-from kotonoha_bot.db.base import DatabaseProtocol
+from kotonoha_bot.db.contract import DatabaseProtocol
 from kotonoha_bot.knowledge.archive import archive_idle_sessions
 from kotonoha_bot.knowledge.embeddings import EmbeddingProvider, create_embedding_provider
 from kotonoha_bot.knowledge.ingest import embed_pending, find_files, ingest_paths, reembed
 from kotonoha_bot.knowledge.search import (
     SEARCH_MODES,
     SearchResult,
+    SearchTuning,
     search_knowledge,
-    search_tuning,
 )
 
 app = typer.Typer(help="Build and search the knowledge base.", no_args_is_help=True)
@@ -197,7 +197,7 @@ async def search(
             channel_id=channel,
             mode=mode,
             top_k=top_k,
-            **search_tuning(settings),
+            tuning=SearchTuning.from_settings(settings),
         )
         # Provenance: a conversation hit links to its first message on Discord.
         origins = await db.chunk_origins([r.hit.chunk_id for r in result.hits])
@@ -223,7 +223,7 @@ async def search(
 
 async def _check_model(db: DatabaseProtocol, embedder: EmbeddingProvider) -> None:
     """Refuse to mix vectors of two models (the database names both)."""
-    from kotonoha_bot.db.base import check_embedding_config
+    from kotonoha_bot.db.checks import check_embedding_config
     from kotonoha_bot.knowledge.embeddings import embedding_config
 
     check_embedding_config(await db.get_embedding_config(), embedding_config(embedder))

@@ -42,7 +42,7 @@ from kotonoha_bot.config import Settings
 from kotonoha_bot.dashboard import auth as authn
 from kotonoha_bot.dashboard.i18n import negotiate, translator
 from kotonoha_bot.dashboard.status import BotLink
-from kotonoha_bot.db.base import DatabaseProtocol
+from kotonoha_bot.db.contract import DatabaseProtocol
 from kotonoha_bot.errors import KotonohaError
 from kotonoha_bot.knowledge.embeddings.base import EmbeddingProvider
 from kotonoha_bot.models import utcnow

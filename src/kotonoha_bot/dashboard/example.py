@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
-from kotonoha_bot.db.base import DatabaseProtocol
+from kotonoha_bot.db.contract import DatabaseProtocol
 from kotonoha_bot.knowledge.archive import archive_session
 from kotonoha_bot.knowledge.embeddings.base import EmbeddingProvider
 from kotonoha_bot.knowledge.ingest import ingest_paths

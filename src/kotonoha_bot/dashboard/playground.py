@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from kotonoha_bot.db.base import DatabaseProtocol
+from kotonoha_bot.db.contract import DatabaseProtocol
 from kotonoha_bot.knowledge.embeddings.base import EmbeddingProvider
 from kotonoha_bot.knowledge.search import (
     FusionProfile,

@@ -20,7 +20,7 @@ from typing import Any
 
 from kotonoha_bot.chat.llm_health import LLMHealth
 from kotonoha_bot.config import Settings
-from kotonoha_bot.db.base import DatabaseProtocol
+from kotonoha_bot.db.contract import DatabaseProtocol
 from kotonoha_bot.errors import KotonohaError
 from kotonoha_bot.health import latest_schema_version
 from kotonoha_bot.knowledge.embeddings.base import EmbeddingProvider, embedding_config
@@ -139,7 +139,7 @@ async def gather_status(
     link: BotLink | None,
 ) -> StatusReport:
     """Read everything the status page shows (each part is one cheap query)."""
-    from kotonoha_bot.db.transfer import migration_marker
+    from kotonoha_bot.transfer.marker import migration_marker
 
     stats = await db.stats()
     index, pause, recorded = await asyncio.gather(

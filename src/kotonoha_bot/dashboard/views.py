@@ -159,7 +159,7 @@ async def resume(dash: Dashboard, page: Page) -> Response:
 
 
 async def backup_now(dash: Dashboard, page: Page) -> Response:
-    from kotonoha_bot.db.backup import run_backup
+    from kotonoha_bot.transfer.backup import run_backup
 
     job = dash.backup
     if job.task is None or job.task.done():

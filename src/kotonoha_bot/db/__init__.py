@@ -9,7 +9,7 @@ import importlib
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from kotonoha_bot.db.base import DatabaseProtocol
+from kotonoha_bot.db.contract import DatabaseProtocol
 from kotonoha_bot.db.url import DatabaseURL
 from kotonoha_bot.errors import ConfigError
 
@@ -26,8 +26,8 @@ __all__ = [
 
 #: Backend (DatabaseURL.backend) -> "module:Class" (imported lazily).
 BACKENDS: dict[str, str] = {
-    "sqlite": "kotonoha_bot.db.sqlite:SQLiteDatabase",
-    "postgresql": "kotonoha_bot.db.postgres:PostgreSQLDatabase",
+    "sqlite": "kotonoha_bot.db.sqlite.database:SQLiteDatabase",
+    "postgresql": "kotonoha_bot.db.postgres.database:PostgreSQLDatabase",
 }
 
 

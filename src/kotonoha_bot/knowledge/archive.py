@@ -31,7 +31,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from kotonoha_bot.db.base import DatabaseProtocol
+from kotonoha_bot.db.contract import DatabaseProtocol
 from kotonoha_bot.errors import EmbeddingError, SessionConflictError
 from kotonoha_bot.knowledge.embeddings.base import EmbeddingProvider, embedding_config
 from kotonoha_bot.knowledge.ingest import embed_texts

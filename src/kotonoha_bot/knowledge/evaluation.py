@@ -23,7 +23,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from kotonoha_bot.db.base import DatabaseProtocol
+from kotonoha_bot.db.contract import DatabaseProtocol
 from kotonoha_bot.knowledge.archive import archive_session
 from kotonoha_bot.knowledge.embeddings.base import EmbeddingProvider, embedding_config
 from kotonoha_bot.knowledge.ingest import ingest_paths

@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kotonoha_bot.db.base import DatabaseProtocol, check_ids
+from kotonoha_bot.db.checks import check_ids
+from kotonoha_bot.db.contract import DatabaseProtocol
 from kotonoha_bot.errors import EmbeddingError, InvalidInputError
 from kotonoha_bot.knowledge.chunking import (
     Chunk,

@@ -48,7 +48,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal
 
-from kotonoha_bot.db.base import DatabaseProtocol
+from kotonoha_bot.db.contract import DatabaseProtocol
 from kotonoha_bot.errors import EmbeddingError
 from kotonoha_bot.knowledge.chunking import normalize_for_query
 from kotonoha_bot.knowledge.embeddings.base import EmbeddingProvider
@@ -109,13 +109,26 @@ FUSION_PROFILES: dict[str, FusionProfile] = {
 DEFAULT_PROFILE = FusionProfile(0.05, 2.0, 0.9, 20, None, None, 0.9, 0.6)
 
 
-def search_tuning(settings: Settings) -> dict[str, Any]:
-    """The search overrides the settings hold (empty ones keep the measured profile)."""
-    return {
-        "vector_share": settings.hybrid_vector_share,
-        "min_similarity": settings.search_min_similarity,
-        "min_coverage": settings.search_min_coverage,
-    }
+@dataclass(frozen=True, slots=True)
+class SearchTuning:
+    """The operator's overrides of the measured :class:`FusionProfile` (None keeps it).
+
+    Every caller (the bot, ``kb search``, the demo) builds it with :meth:`from_settings`,
+    so a setting such as ``SEARCH_MIN_SIMILARITY`` means the same everywhere.
+    """
+
+    vector_share: float | None = None
+    min_similarity: float | None = None
+    min_coverage: float | None = None
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> SearchTuning:
+        """``HYBRID_VECTOR_SHARE``, ``SEARCH_MIN_SIMILARITY``, ``SEARCH_MIN_COVERAGE``."""
+        return cls(
+            vector_share=settings.hybrid_vector_share,
+            min_similarity=settings.search_min_similarity,
+            min_coverage=settings.search_min_coverage,
+        )
 
 
 def fusion_profile(model: str | None) -> FusionProfile:
@@ -346,12 +359,18 @@ async def search_knowledge(
     min_similarity: float | None = None,
     min_coverage: float | None = None,
     floor: bool = True,
+    tuning: SearchTuning | None = None,
 ) -> SearchResult:
     """Search one guild's knowledge (optionally one channel) in the given mode.
 
-    ``vector_share``, ``min_similarity`` and ``min_coverage`` override the embedder's
+    ``tuning`` (the settings' overrides) and, above it, ``vector_share``,
+    ``min_similarity`` and ``min_coverage`` override the embedder's
     :class:`FusionProfile`; ``floor=False`` turns the relevance floor off (benchmarks).
     """
+    if tuning is not None:
+        vector_share = tuning.vector_share if vector_share is None else vector_share
+        min_similarity = tuning.min_similarity if min_similarity is None else min_similarity
+        min_coverage = tuning.min_coverage if min_coverage is None else min_coverage
     if mode not in SEARCH_MODES:
         raise ValueError(f"unknown search mode {mode!r}; use one of {', '.join(SEARCH_MODES)}")
     text = normalize_for_query(query)

@@ -40,7 +40,7 @@ from kotonoha_bot.models import EmbeddingConfig
 
 if TYPE_CHECKING:
     from kotonoha_bot.config import Settings
-    from kotonoha_bot.db.base import DatabaseProtocol
+    from kotonoha_bot.db.contract import DatabaseProtocol
 
 __all__ = [
     "EmbeddingProvider",
