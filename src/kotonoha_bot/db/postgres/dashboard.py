@@ -27,6 +27,7 @@ from kotonoha_bot.db.dashboard_meta import (
     encode_pause,
 )
 from kotonoha_bot.db.postgres.schema import ANN_INDEX_NAME, IndexType
+from kotonoha_bot.db.postgres.sql import Params
 from kotonoha_bot.models import (
     BackupRecord,
     ChunkInfo,
@@ -227,22 +228,20 @@ class PostgresDashboard:
     ) -> list[SessionInfo]:
         check_ids("finding sessions", guild_id, channel_id, user_id)
         check_page(offset, limit)
-        params: list[Any] = [guild_id]
-        sql = f"SELECT {_SESSION_COLS} FROM sessions s WHERE s.guild_id = $1"
+        params = Params()
+        sql = f"SELECT {_SESSION_COLS} FROM sessions s WHERE s.guild_id = {params.add(guild_id)}"
         if channel_id is not None:
-            params.append(channel_id)
-            sql += f" AND (s.channel_id = ${len(params)} OR s.thread_id = ${len(params)})"
+            n = params.add(channel_id)
+            sql += f" AND (s.channel_id = {n} OR s.thread_id = {n})"
         if user_id is not None:
-            params.append(user_id)
-            n = len(params)
+            n = params.add(user_id)
             sql += (
-                f" AND (s.user_id = ${n} OR EXISTS (SELECT 1 FROM messages m"
-                f" WHERE m.session_key = s.session_key AND m.author_id = ${n}))"
+                f" AND (s.user_id = {n} OR EXISTS (SELECT 1 FROM messages m"
+                f" WHERE m.session_key = s.session_key AND m.author_id = {n}))"
             )
-        params += [limit, offset]
         sql += (
             " ORDER BY s.last_active_at DESC, s.session_key"
-            f" LIMIT ${len(params) - 1} OFFSET ${len(params)}"
+            f" LIMIT {params.add(limit)} OFFSET {params.add(offset)}"
         )
 
         async def body(conn: Conn) -> list[SessionInfo]:

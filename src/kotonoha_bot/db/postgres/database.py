@@ -63,6 +63,7 @@ from kotonoha_bot.db.postgres.search_plan import (
     IndexPlan,
     exact_max_rows,
 )
+from kotonoha_bot.db.postgres.sql import Params
 from kotonoha_bot.db.tables import SOURCE_STATUS_SQL
 from kotonoha_bot.errors import (
     InvalidInputError,
@@ -258,23 +259,19 @@ class PostgreSQLDatabase(
         if limit is not None:
             check_limit(limit, "list_sessions")
         where: list[str] = []
-        params: list[Any] = []
+        params = Params()
         if guild_id is not None:
-            params.append(guild_id)
-            where.append(f"guild_id = ${len(params)}")
+            where.append(f"guild_id = {params.add(guild_id)}")
         if status is not None:
-            params.append(status)
-            where.append(f"status = ${len(params)}")
+            where.append(f"status = {params.add(status)}")
         if idle_before is not None:
-            params.append(idle_before.astimezone(UTC))
-            where.append(f"last_active_at < ${len(params)}")
+            where.append(f"last_active_at < {params.add(idle_before.astimezone(UTC))}")
         sql = f"SELECT {_SESSION_COLS} FROM sessions"
         if where:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY last_active_at, session_key"
         if limit is not None:
-            params.append(limit)
-            sql += f" LIMIT ${len(params)}"
+            sql += f" LIMIT {params.add(limit)}"
 
         async def body(conn: Conn) -> list[SessionInfo]:
             return [SessionInfo(**dict(r)) for r in await conn.fetch(sql, *params)]

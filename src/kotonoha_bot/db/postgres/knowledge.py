@@ -38,6 +38,7 @@ from kotonoha_bot.db.postgres.index import PostgresIndex
 from kotonoha_bot.db.postgres.schema import (
     ANN_INDEX_NAME,
 )
+from kotonoha_bot.db.postgres.sql import Params
 from kotonoha_bot.db.tables import SOURCE_STATUS_SQL, canonical_json
 from kotonoha_bot.errors import (
     InvalidInputError,
@@ -351,13 +352,11 @@ class PostgresKnowledge(PostgresIndex):
     ) -> list[KnowledgeSource]:
         check_ids("list_sources", guild_id)
         where: list[str] = []
-        params: list[Any] = []
+        params = Params()
         if guild_id is not None:
-            params.append(guild_id)
-            where.append(f"guild_id = ${len(params)}")
+            where.append(f"guild_id = {params.add(guild_id)}")
         if status is not None:
-            params.append(status)
-            where.append(f"status = ${len(params)}")
+            where.append(f"status = {params.add(status)}")
         sql = f"SELECT {_SOURCE_COLS} FROM knowledge_sources"
         if where:
             sql += " WHERE " + " AND ".join(where)

@@ -12,6 +12,7 @@ from datetime import date
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from kotonoha_bot.db.checks import check_ids, check_memory, check_memory_page, check_usage
+from kotonoha_bot.db.postgres.sql import Params
 from kotonoha_bot.errors import MemoryLimitError
 from kotonoha_bot.models import Memory, UsageRecord, utcnow
 
@@ -93,19 +94,16 @@ class PostgresMemories:
     ) -> list[Memory]:
         check_ids("memories", guild_id, user_id, before_id)
         check_memory_page(guild_id, user_id, limit)
+        params = Params()
         sql = (
             "SELECT id, guild_id, user_id, content, created_at FROM memories"
-            " WHERE guild_id IS NOT DISTINCT FROM $1"
+            f" WHERE guild_id IS NOT DISTINCT FROM {params.add(guild_id)}"
         )
-        params: list[Any] = [guild_id]
         if user_id is not None:
-            params.append(user_id)
-            sql += f" AND user_id = ${len(params)}"
+            sql += f" AND user_id = {params.add(user_id)}"
         if before_id is not None:
-            params.append(before_id)
-            sql += f" AND id < ${len(params)}"
-        params.append(limit)
-        sql += f" ORDER BY id DESC LIMIT ${len(params)}"
+            sql += f" AND id < {params.add(before_id)}"
+        sql += f" ORDER BY id DESC LIMIT {params.add(limit)}"
 
         async def body(conn: Conn) -> list[Memory]:
             return [_memory(r) for r in await conn.fetch(sql, *params)]
@@ -161,17 +159,15 @@ class PostgresMemories:
         user_id: int | None = None,
     ) -> list[UsageRecord]:
         check_ids("usage", guild_id, user_id)
+        params = Params()
         sql = (
             "SELECT day, guild_id, user_id, model, calls, input_tokens, output_tokens"
-            " FROM llm_usage WHERE day >= $1 AND day <= $2"
+            f" FROM llm_usage WHERE day >= {params.add(since)} AND day <= {params.add(until)}"
         )
-        params: list[Any] = [since, until]
         if guild_id is not None:
-            params.append(guild_id)
-            sql += f" AND guild_id = ${len(params)}"
+            sql += f" AND guild_id = {params.add(guild_id)}"
         if user_id is not None:
-            params.append(user_id)
-            sql += f" AND user_id = ${len(params)}"
+            sql += f" AND user_id = {params.add(user_id)}"
         sql += " ORDER BY day, guild_id, user_id, model"
 
         async def body(conn: Conn) -> list[UsageRecord]:
