@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from tests.hostile.support import PASSWORD, kotonoha, sqlite_counts
 
@@ -300,6 +301,15 @@ def _mount(work: Path, case: Case, size: str = "1M") -> Path:
         raise PermissionError("cannot mount a tmpfs here")
     case.teardown.append(lambda: subprocess.run(["umount", "-l", str(disk)], check=False))
     return disk
+
+
+def _with_setup(
+    factory: Callable[[Case], Setup], area: str, when: str, code: int, kept: str, **kw: Any
+) -> Case:
+    """A case whose setup needs the case itself (its mount lives in the case's teardown)."""
+    case = Case(area, when, lambda w: ([], {}), code, kept, **kw)
+    object.__setattr__(case, "setup", factory(case))
+    return case
 
 
 def _disk_full(case: Case) -> Setup:
@@ -625,35 +635,33 @@ def build() -> list[Case]:
             live=None,
         ),
     ]
-    full = Case(
-        "files",
-        "`kb ingest` while the disk holding the database is full",
-        lambda w: ([], {}),
-        1,
-        "every committed row; the failed write was rolled back",
-        live="disk/kb.db",
-        needs_mount=True,
-    )
-    object.__setattr__(full, "setup", _disk_full(full))
-    ro = Case(
-        "files",
-        "`kb ingest` into a database on a read-only mount",
-        lambda w: ([], {}),
-        1,
-        "the database, unchanged",
-        live="disk/kb.db",
-        needs_mount=True,
-    )
-    object.__setattr__(ro, "setup", _read_only(ro))
-    locked = Case(
-        "files",
-        "`kb ingest` while another process holds the write lock (busy timeout 100 ms)",
-        lambda w: ([], {}),
-        1,
-        "the database, unchanged; retry later",
-    )
-    object.__setattr__(locked, "setup", _locked(locked))
-    cases += [full, ro, locked]
+    cases += [
+        _with_setup(
+            _disk_full,
+            "files",
+            "`kb ingest` while the disk holding the database is full",
+            1,
+            "every committed row; the failed write was rolled back",
+            live="disk/kb.db",
+            needs_mount=True,
+        ),
+        _with_setup(
+            _read_only,
+            "files",
+            "`kb ingest` into a database on a read-only mount",
+            1,
+            "the database, unchanged",
+            live="disk/kb.db",
+            needs_mount=True,
+        ),
+        _with_setup(
+            _locked,
+            "files",
+            "`kb ingest` while another process holds the write lock (busy timeout 100 ms)",
+            1,
+            "the database, unchanged; retry later",
+        ),
+    ]
     cases += [
         Case(
             "ingest",
