@@ -72,6 +72,13 @@ class Sim:
         roles = [guild.create_role(f"admin-{name}", permissions=ADMIN_PERMISSIONS)] if admin else []
         return guild.add_member(user, roles=roles)
 
+    def room(
+        self, name: str = "ミナ"
+    ) -> tuple[simcord.GuildHandle, simcord.ChannelHandle, simcord.MemberActor]:
+        """Most tests' stage: a guild, its #general and one member called ``name``."""
+        guild = self.guild()
+        return guild, guild.create_text_channel("general"), self.member(guild, name)
+
     # --- acting ---------------------------------------------------------------------
 
     async def mention(

@@ -74,9 +74,7 @@ async def test_every_command_is_synced_with_help_and_shown_by_permission(
 
 async def test_chat_status_and_reset(make_sim: SimFactory) -> None:
     async with make_sim() as sim:
-        guild = sim.guild()
-        general = guild.create_text_channel("general")
-        mina = sim.member(guild, "ミナ")
+        guild, general, mina = sim.room()
         status = await mina.slash(general, "chat status")
         assert status.ephemeral and answer(status) == texts.STATUS_NONE
 
@@ -157,9 +155,7 @@ async def test_eavesdrop_command_needs_manage_channels_and_a_text_channel(
     make_sim: SimFactory,
 ) -> None:
     async with make_sim(discord_mention_thread=True) as sim:
-        guild = sim.guild()
-        general = guild.create_text_channel("general")
-        mina = sim.member(guild, "ミナ")
+        guild, general, mina = sim.room()
         moderator = guild.add_member(
             sim.env.create_user("mod", global_name="モデレーター"),
             roles=[

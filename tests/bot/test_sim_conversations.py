@@ -47,9 +47,7 @@ async def test_a_mention_is_answered_as_a_reply_while_typing_and_stored(
     make_sim: SimFactory, db: DatabaseProtocol
 ) -> None:
     async with make_sim() as sim:
-        guild = sim.guild()
-        general = guild.create_text_channel("general")
-        mina = sim.member(guild, "ミナ")
+        guild, general, mina = sim.room()
         message = await sim.mention(mina, general, "こんにちは")
         (reply,) = [m for m in general.history() if m.author.bot]
         assert reply.content == "echo: こんにちは"
@@ -80,9 +78,7 @@ async def test_a_mention_is_answered_as_a_reply_while_typing_and_stored(
 
 async def test_a_reply_to_the_bot_counts_as_a_mention(make_sim: SimFactory) -> None:
     async with make_sim() as sim:
-        guild = sim.guild()
-        general = guild.create_text_channel("general")
-        mina = sim.member(guild, "ミナ")
+        _guild, general, mina = sim.room()
         await sim.mention(mina, general, "最初")
         bot_message = next(m for m in general.history() if m.author.bot)
         await mina.send(general, "つづき", reply_to=bot_message)
@@ -93,9 +89,7 @@ async def test_bots_system_messages_and_unaddressed_talk_are_ignored(
     make_sim: SimFactory,
 ) -> None:
     async with make_sim() as sim:
-        guild = sim.guild()
-        general = guild.create_text_channel("general")
-        mina = sim.member(guild, "ミナ")
+        guild, general, mina = sim.room()
         other_bot = guild.add_member(sim.env.create_user("helper", bot=True))
         await mina.send(general, "独り言")  # no mention, eavesdrop is off
         assert sim.bot.user is not None
@@ -206,9 +200,7 @@ async def test_a_failed_send_is_logged_and_the_turn_still_stored(
     make_sim: SimFactory, db: DatabaseProtocol
 ) -> None:
     async with make_sim() as sim:
-        guild = sim.guild()
-        general = guild.create_text_channel("general")
-        mina = sim.member(guild, "ミナ")
+        _guild, general, mina = sim.room()
         sim.env.inject_error("POST", f"/channels/{general.id}/messages", status=500)
         await sim.mention(mina, general, "届くかな")
         assert sim.bot_messages(general) == []  # Discord refused the reply
@@ -223,9 +215,7 @@ async def test_the_rate_limit_queues_then_politely_refuses(make_sim: SimFactory)
     clock = Clock()
     limiter = RateLimiter(user_per_minute=2, guild_per_minute=100, queue=1, clock=clock)
     async with make_sim(handler_kwargs={"limiter": limiter}) as sim:
-        guild = sim.guild()
-        general = guild.create_text_channel("general")
-        mina = sim.member(guild, "ミナ")
+        _guild, general, mina = sim.room()
         for i in range(5):
             await sim.mention(mina, general, f"m{i}")
         # Two answered at once, the third waits for its token (virtual time), two refused.
@@ -288,9 +278,7 @@ async def test_a_message_deleted_before_an_interjection_never_reaches_it(
     clock = Clock()
     tracker = EavesdropTracker(cooldown=300, judge_interval=30, clock=clock)
     async with make_sim(handler_kwargs={"eavesdrop": tracker}) as sim:
-        guild = sim.guild()
-        general = guild.create_text_channel("general")
-        mina = sim.member(guild, "ミナ")
+        guild, general, mina = sim.room()
         await sim.chat.set_eavesdrop(guild.id, general.id, True)
         sim.api.script("messages", [Reply(text="no")])
         oops = await mina.send(general, "間違えて書いた暗証番号4321")

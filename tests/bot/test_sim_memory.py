@@ -26,9 +26,7 @@ async def test_a_deleted_message_leaves_sessions_knowledge_and_the_next_prompt(
     make_sim: SimFactory,
 ) -> None:
     async with make_sim() as sim:
-        guild = sim.guild()
-        general = guild.create_text_channel("general")
-        mina = sim.member(guild, "ミナ")
+        guild, general, mina = sim.room()
         secret = await sim.mention(mina, general, f"わたしの電話番号は{PHONE}です")
         await sim.mention(mina, general, "猫の名前はタマです")
         assert sim.bot_messages(general) == [
@@ -82,9 +80,7 @@ async def test_a_bulk_delete_removes_every_message_and_the_bots_replies(
 
 async def test_an_edit_replaces_the_text_everywhere(make_sim: SimFactory) -> None:
     async with make_sim() as sim:
-        guild = sim.guild()
-        general = guild.create_text_channel("general")
-        mina = sim.member(guild, "ミナ")
+        guild, general, mina = sim.room()
         said = await sim.mention(mina, general, "集合は駅の北口で10時")
         await sim.mention(mina, general, "持ち物はお弁当")
         await sim.archive()
@@ -251,9 +247,7 @@ async def test_kb_search_links_conversation_knowledge_back_to_discord(
     make_sim: SimFactory,
 ) -> None:
     async with make_sim() as sim:
-        guild = sim.guild()
-        general = guild.create_text_channel("general")
-        mina = sim.member(guild, "ミナ")
+        guild, general, mina = sim.room()
         said = await sim.mention(mina, general, "文化祭の準備は金曜日です")
         await sim.archive()
         result = await mina.slash(general, "kb search", query="文化祭")
@@ -347,9 +341,7 @@ async def test_usage_comes_from_the_openai_compatible_servers_numbers(
     make_sim: SimFactory, provider: str
 ) -> None:
     async with make_sim(llm_provider=provider, openai_api_key="sk-test") as sim:
-        guild = sim.guild()
-        general = guild.create_text_channel("general")
-        mina = sim.member(guild, "ミナ")
+        guild, general, mina = sim.room()
         sim.api.script("chat", [Reply(text="ok", usage=(77, 5))])
         await sim.mention(mina, general, "hello")
         used = await sim.db.list_usage(since=sim.chat.usage.today(), until=sim.chat.usage.today())
@@ -392,9 +384,7 @@ async def test_messages_from_before_a_restart_are_followed_too(make_sim: SimFact
     from kotonoha_bot.bot.client import KotonohaBot
 
     async with make_sim() as sim:
-        guild = sim.guild()
-        general = guild.create_text_channel("general")
-        mina = sim.member(guild, "ミナ")
+        _guild, general, mina = sim.room()
         old_secret = await sim.mention(mina, general, "古い秘密はSAKURA")
         old_plan = await sim.mention(mina, general, "予定は月曜")
         await sim.archive()
@@ -427,9 +417,7 @@ async def test_a_delete_during_a_storage_outage_is_retried_not_lost(
         open_database(url, settings=settings) as db,
         sim_factory(db, fake_api, tmp_path, [])(sqlite_busy_timeout_ms=50) as sim,
     ):
-        guild = sim.guild()
-        general = guild.create_text_channel("general")
-        mina = sim.member(guild, "ミナ")
+        _guild, general, mina = sim.room()
         secret = await sim.mention(mina, general, "消したい話KIWI")
         blocker = sqlite3.connect(sqlite_path_from_url(url), isolation_level=None)
         blocker.execute("BEGIN IMMEDIATE")  # another process writing
