@@ -18,7 +18,8 @@ one with the most cushion (the sum of every margin capped at 0.03, so one class
 far ahead does not buy a thin one), then the highest sum of hybrid scores. The
 relevance floor is chosen after: the (similarity, coverage) pair that rejects the
 most no-answer queries while the answerable ones keep at least 95 % of their
-recall. The profiles printed here are the ones in ``FUSION_PROFILES``; the test
+recall. The exact-match lead (``exact_lead_sources``) is a fixed rule, not tuned:
+every profile of the grid has the shipped value. The profiles printed here are the ones in ``FUSION_PROFILES``; the test
 half is only printed, never used to choose.
 """
 
@@ -48,7 +49,12 @@ from kotonoha_bot.knowledge.evaluation import (
     score_query,
     source_name,
 )
-from kotonoha_bot.knowledge.search import FusionProfile, fuse, nothing_relevant
+from kotonoha_bot.knowledge.search import (
+    EXACT_LEAD_SOURCES,
+    FusionProfile,
+    fuse,
+    nothing_relevant,
+)
 from kotonoha_bot.models import SearchHit
 from kotonoha_bot.text import japanese_share
 
@@ -170,7 +176,7 @@ GRID: dict[str, tuple[float, ...]] = {
 def grid(sample: int = 0) -> list[FusionProfile]:
     """The profiles tried; ``sample`` > 0 draws that many with a fixed seed."""
     profiles = [
-        FusionProfile(a, p, b, int(d), None, None, g, lang, lead)
+        FusionProfile(a, p, b, int(d), None, None, g, lang, lead, EXACT_LEAD_SOURCES)
         for a, p, b, d, g, lang, lead in itertools.product(*GRID.values())
     ]
     if sample:
