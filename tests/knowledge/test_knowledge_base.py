@@ -365,6 +365,8 @@ def test_a_whole_match_in_few_sources_cannot_be_demoted_below_rank_one() -> None
     led = fuse(vector, keyword, replace(scores_only, exact_lead_sources=3), top_k=5)
     assert [r.hit.chunk_id for r in led] == [3] + [i for i in plain if i != 3]
     assert led[0].score < led[1].score  # the lead is a rule, the scores stay true
+    assert led[0].exact_lead and led[0].as_dict()["exact_lead"] is True
+    assert not any(r.exact_lead for r in led[1:])
 
 
 def test_a_whole_match_in_many_sources_or_a_partial_one_does_not_lead() -> None:

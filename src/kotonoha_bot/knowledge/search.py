@@ -181,6 +181,8 @@ class RankedHit:
     keyword_rank: int | None = None
     vector_part: float = 0.0
     keyword_part: float = 0.0
+    exact_lead: bool = False
+    """Ranked first by the exact-match lead, not by its score (hybrid only)."""
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready form (used by ``kb search --json``)."""
@@ -199,6 +201,7 @@ class RankedHit:
             "keyword_rank": self.keyword_rank,
             "vector_part": round(self.vector_part, 6),
             "keyword_part": round(self.keyword_part, 6),
+            "exact_lead": self.exact_lead,
             "guild_id": h.guild_id,
             "channel_id": h.channel_id,
             "content": h.content,
@@ -327,6 +330,7 @@ def fuse(
             keyword_rank=e["keyword_rank"],
             vector_part=e["vector_part"],
             keyword_part=e["keyword_part"],
+            exact_lead=e["hit"].chunk_id == exact,
         )
         for e in ranked[:top_k]
     ]
