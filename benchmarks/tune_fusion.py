@@ -9,7 +9,10 @@ scores every profile of a grid with the real fusion function
 ``--sample N`` scores N profiles of the grid drawn with a fixed seed (the whole grid
 takes ~20 min per embedder on this machine), and the ``--refine`` best of them are
 walked further by coordinate ascent over the grid's values; ``--embedder`` tunes one
-embedder; ``--cache DIR`` keeps each embedder's candidates between runs.
+embedder; ``--cache DIR`` keeps each embedder's candidates between runs; ``--check`` only
+scores the shipped profiles: their worst margin on each half, the share of
+bootstrap resamples of that half in which hybrid is >= both halves in every class,
+and how many queries rank below their better half.
 
 Objective on dev, per embedder: for every class and both recall@5 and MRR, the
 *margin* of hybrid over the better of vector and keyword. The profile whose worst
@@ -18,8 +21,10 @@ one with the most cushion (the sum of every margin capped at 0.03, so one class
 far ahead does not buy a thin one), then the highest sum of hybrid scores. The
 relevance floor is chosen after: the (similarity, coverage) pair that rejects the
 most no-answer queries while the answerable ones keep at least 95 % of their
-recall. The profiles printed here are the ones in ``FUSION_PROFILES``; the test
-half is only printed, never used to choose.
+recall. The exact-match lead (``exact_lead_sources``) is a fixed rule, not tuned:
+every profile of the grid has the shipped value. The profiles printed here are
+the ones in ``FUSION_PROFILES``; the test half is only printed, never used to
+choose.
 """
 
 from __future__ import annotations
@@ -34,6 +39,9 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 from benchmarks.bench_retrieval import CLASSES, CONVERSATIONS, CORPUS, QUERIES, embedders
 from kotonoha_bot.config import Settings
@@ -48,7 +56,13 @@ from kotonoha_bot.knowledge.evaluation import (
     score_query,
     source_name,
 )
-from kotonoha_bot.knowledge.search import FusionProfile, fuse, nothing_relevant
+from kotonoha_bot.knowledge.search import (
+    EXACT_LEAD_SOURCES,
+    FusionProfile,
+    fuse,
+    fusion_profile,
+    nothing_relevant,
+)
 from kotonoha_bot.models import SearchHit
 from kotonoha_bot.text import japanese_share
 
@@ -170,7 +184,7 @@ GRID: dict[str, tuple[float, ...]] = {
 def grid(sample: int = 0) -> list[FusionProfile]:
     """The profiles tried; ``sample`` > 0 draws that many with a fixed seed."""
     profiles = [
-        FusionProfile(a, p, b, int(d), None, None, g, lang, lead)
+        FusionProfile(a, p, b, int(d), None, None, g, lang, lead, EXACT_LEAD_SOURCES)
         for a, p, b, d, g, lang, lead in itertools.product(*GRID.values())
     ]
     if sample:
@@ -193,7 +207,8 @@ def refine(
         improved = False
         for name, values in GRID.items():
             for value in values:
-                p = replace(best, **{name: value})
+                change: dict[str, Any] = {name: value}
+                p = replace(best, **change)
                 if p == best:
                     continue
                 sc = score(p)
@@ -220,6 +235,74 @@ async def candidates(
     return cands
 
 
+def per_query(
+    queries: list[LabelledQuery], cands: dict[str, Candidates], profile: FusionProfile
+) -> tuple[list[int], np.ndarray]:
+    """Class index and (vector, keyword, hybrid) x (recall@5, RR) of each answerable query."""
+    classes: list[int] = []
+    rows: list[list[tuple[float, float]]] = []
+    for q in queries:
+        if not q.relevant:
+            continue
+        c = cands[q.id]
+        classes.append(CLASSES.index(q.cls))
+        rows.append(
+            [
+                score_query(sources(c.vector), q.relevant),
+                score_query(sources(c.keyword), q.relevant),
+                score_query(hybrid_sources(c, profile), q.relevant),
+            ]
+        )
+    return classes, np.array(rows)
+
+
+def robustness(classes: list[int], rows: np.ndarray, draws: int = 1000) -> tuple[float, int]:
+    """Share of bootstrap resamples (within each class) where hybrid >= both halves in
+    every class and metric, and the number of queries where hybrid is below the better
+    half on either metric.
+
+    It says how much "hybrid >= both in every cell" of one half of 31 queries a class
+    is luck: a fusion whose per-query losses and wins balance passes in about as many
+    resamples as it fails.
+    """
+    rng = np.random.default_rng(11)
+    cls = np.array(classes)
+    members = [np.flatnonzero(cls == c) for c in range(len(CLASSES))]
+    ok = 0
+    for _ in range(draws):
+        passed = True
+        for idx in members:
+            pick = rows[rng.choice(idx, len(idx))]
+            mean = pick.mean(axis=0)  # (3 modes, 2 metrics)
+            if np.any(mean[2] < np.maximum(mean[0], mean[1]) - 1e-9):
+                passed = False
+                break
+        ok += passed
+    losses = int(np.sum(np.any(rows[:, 2] < np.maximum(rows[:, 0], rows[:, 1]) - 1e-9, axis=1)))
+    return ok / draws, losses
+
+
+def check_shipped(
+    name: str,
+    model: str,
+    cands: dict[str, Candidates],
+    dev: list[LabelledQuery],
+    test: list[LabelledQuery],
+) -> None:
+    """``--check``: the shipped profile's margins and how robust they are, dev and test."""
+    profile = fusion_profile(model)
+    print(f"\n== {name} ({model}): shipped profile {profile}")
+    for split, qs in (("dev", dev), ("test", test)):
+        t = table(qs, cands, profile)
+        share, losses = robustness(*per_query(qs, cands, profile))
+        m = margins(t, t)
+        print(
+            f"  {split}: worst margin {min(m):+.3f}; hybrid >= both in every class in"
+            f" {share:.0%} of bootstrap resamples; {losses} of"
+            f" {sum(1 for q in qs if q.relevant)} queries below their better half"
+        )
+
+
 async def main(args: argparse.Namespace) -> None:
     all_queries = load_queries(QUERIES)
     dev = [q for q in all_queries if q.split == "dev"]
@@ -239,6 +322,9 @@ async def main(args: argparse.Namespace) -> None:
                 if cache is not None:
                     cache.write_bytes(pickle.dumps(cands))
             await emb.aclose()
+            if args.check:
+                check_shipped(name, emb.model, cands, dev, test)
+                continue
             halves = table(dev, cands, None)
 
             def score(p: FusionProfile) -> tuple[float, float, float]:
@@ -279,4 +365,7 @@ if __name__ == "__main__":
     parser.add_argument("--embedder", default="", help="tune only this one")
     parser.add_argument("--refine", type=int, default=3, help="best samples walked further")
     parser.add_argument("--cache", default="", help="folder keeping each embedder's candidates")
+    parser.add_argument(
+        "--check", action="store_true", help="only score the shipped profiles (no tuning)"
+    )
     asyncio.run(main(parser.parse_args()))

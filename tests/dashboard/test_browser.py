@@ -169,6 +169,13 @@ async def test_the_playground_shows_three_modes_with_ranks_and_what_the_floor_dr
     assert re.fullmatch(r"\d+|—", cells[2].strip()) and re.fullmatch(r"\d+|—", cells[3].strip())
     assert re.fullmatch(r"\d\.\d{3}", cells[6].strip())
     assert "LT-1042" in await page.inner_text("#hits-keyword")
+    # A bug id found whole in one file is put first by the exact-match lead, and the
+    # page marks the row (its score alone would not say why it is first).
+    await page.fill("#q", "LT-1163")
+    await page.click("#run-search")
+    await page.wait_for_selector("#hits-hybrid .lead")
+    first = await hybrid.first.locator("td").all_inner_texts()
+    assert "↑" in first[0] and "Known issues" in first[1]  # the file listing LT-1163
     # Floors no hit can reach drop everything, and the page says so.
     await page.fill("#q", "zqxj wvyk ぴよぴよ")
     await page.fill("#min_similarity", "0.999")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -27,7 +28,15 @@ from kotonoha_bot.knowledge.embeddings.base import embedding_config
 from kotonoha_bot.knowledge.embeddings.hashing import HashingEmbeddingProvider
 from kotonoha_bot.knowledge.embeddings.openai_api import OpenAIEmbeddingProvider
 from kotonoha_bot.knowledge.ingest import embed_pending, ingest_paths, reembed
-from kotonoha_bot.knowledge.search import FusionProfile, fuse, nothing_relevant, search_knowledge
+from kotonoha_bot.knowledge.search import (
+    DEFAULT_PROFILE,
+    EXACT_LEAD_SOURCES,
+    FUSION_PROFILES,
+    FusionProfile,
+    fuse,
+    nothing_relevant,
+    search_knowledge,
+)
 from kotonoha_bot.models import ChatSession, Message, SearchHit
 from tests.fakes.api_server import FakeAPIServer, Reply, fake_api_fixture
 
@@ -342,6 +351,37 @@ def test_keyword_lead_puts_full_matches_first_in_keyword_order() -> None:
     assert [r.hit.chunk_id for r in fused[2:]] == [5, 3]
     for r in fused:
         assert r.score == pytest.approx(r.vector_part + r.keyword_part)
+
+
+def test_a_whole_match_in_few_sources_cannot_be_demoted_below_rank_one() -> None:
+    # The vector side is sure of chunk 1; the keyword side found the query's code
+    # whole in chunk 3 only. With a high vector share the scores put 1 first, the
+    # exact-match lead puts 3 first and leaves the rest in fused order.
+    vector = [_hit(1, similarity=0.9), _hit(2, similarity=0.8), _hit(3, similarity=0.2)]
+    keyword = [_hit(3, coverage=1.0), _hit(2, coverage=0.3)]
+    scores_only = FusionProfile(0.9, 4.0, 1.0, 10, None, None)
+    plain = [r.hit.chunk_id for r in fuse(vector, keyword, scores_only, top_k=5)]
+    assert plain[0] == 1
+    led = fuse(vector, keyword, replace(scores_only, exact_lead_sources=3), top_k=5)
+    assert [r.hit.chunk_id for r in led] == [3] + [i for i in plain if i != 3]
+    assert led[0].score < led[1].score  # the lead is a rule, the scores stay true
+    assert led[0].exact_lead and led[0].as_dict()["exact_lead"] is True
+    assert not any(r.exact_lead for r in led[1:])
+
+
+def test_a_whole_match_in_many_sources_or_a_partial_one_does_not_lead() -> None:
+    vector = [_hit(1, similarity=0.9), _hit(2, similarity=0.8), _hit(3, similarity=0.2)]
+    profile = FusionProfile(0.9, 4.0, 1.0, 10, None, None, exact_lead_sources=2)
+    everywhere = [_hit(i, coverage=1.0) for i in (3, 4, 5)]  # three sources > 2
+    assert fuse(vector, everywhere, profile, top_k=5)[0].hit.chunk_id == 1
+    partial = [_hit(3, coverage=0.9)]
+    assert fuse(vector, partial, profile, top_k=5)[0].hit.chunk_id == 1
+
+
+def test_every_shipped_profile_has_the_exact_match_lead() -> None:
+    for profile in (*FUSION_PROFILES.values(), DEFAULT_PROFILE):
+        assert profile.exact_lead_sources == EXACT_LEAD_SOURCES > 0
+    assert FusionProfile(0.5, 1.0, 1.0, 10, None, None).exact_lead_sources == 0
 
 
 def test_language_bonus_lifts_a_hit_in_the_other_language_only_when_asked() -> None:

@@ -192,6 +192,10 @@ TEXTS: dict[str, tuple[str, str]] = {
         "ボットは参考情報を送りません",
     ),
     "below_floor": ("below the floor", "下限未満"),
+    "exact_lead": (
+        "first by the exact-match lead: it holds every informative term of the query",
+        "完全一致の優先: クエリの情報を持つ語をすべて含むため先頭",
+    ),
     "no_hits": ("No hits.", "該当なし。"),
     "settings_to_copy": ("Settings for .env", ".env 用の設定"),
     "warnings": ("Warnings", "警告"),

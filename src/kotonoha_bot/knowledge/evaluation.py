@@ -118,9 +118,16 @@ async def build_example_knowledge(
     conversations: Path,
     *,
     guild_id: int = 1,
+    max_chars: int = 800,
+    overlap_chars: int = 100,
 ) -> int:
-    """Ingest the corpus and archive the conversations; returns chunks written."""
-    report = await ingest_paths(db, embedder, [corpus], guild_id=guild_id)
+    """Ingest the corpus and archive the conversations; returns chunks written.
+
+    ``max_chars`` / ``overlap_chars`` are the chunker's (the settings' defaults).
+    """
+    report = await ingest_paths(
+        db, embedder, [corpus], guild_id=guild_id, max_chars=max_chars, overlap_chars=overlap_chars
+    )
     await db.set_embedding_config(embedding_config(embedder))
     added = 0
     for session in load_conversations(conversations):

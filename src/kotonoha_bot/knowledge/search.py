@@ -24,6 +24,16 @@ high; ``l`` gives the other language that distance back (measured on the held-ou
 half: raw e5 over the OpenAI API, cross-lingual recall@5 0.19 as vector search, 0.47
 as hybrid with ``l`` = 0.6). ``keyword_lead`` (off unless a profile sets it) puts
 keyword hits covering the whole query first, in keyword order.
+**Exact-match lead.** Scores can still demote the keyword half's one confident
+answer: a code or name ("#C8374B", "LT-1163") found whole in one to three
+documents, which the vector side ranks second because another chunk is more similar
+overall.
+So when the keyword hits holding every informative term of the query come from at
+most ``exact_lead_sources`` sources (3 in every shipped profile), the first of them
+is ranked first whatever the fused scores say, and the rest follow in fused order. It
+is a structural rule, not a weight: it fires only on a whole match in few sources
+(on the 310 labelled queries: 58 of the 62 keyword-class ones, 3 about earlier
+conversations, 1 paraphrase, 1 no-answer, no cross-lingual one).
 ``a``, ``b``, ``p``, ``l``, ``depth`` and the gate of ``t`` form a
 :class:`FusionProfile`, tuned per embedder on the dev half of the labelled set
 (``python -m benchmarks.tune_fusion``: the profile whose worst class is furthest
@@ -92,21 +102,44 @@ class FusionProfile:
     """Keyword hits whose coverage reaches this go first, in keyword order (0 = off): a
     chunk holding every informative term of the query (a code, a file name, a
     channel) is the answer more surely than any similarity says."""
+    exact_lead_sources: int = 0
+    """The exact-match lead (0 = off): when the keyword hits that hold *every*
+    informative term of the query come from at most this many sources, the first of
+    them in keyword order is ranked first, whatever the scores say. A code, a file
+    name or a channel found whole in one or two documents is the keyword half's
+    confident answer, and fusion may not demote it below rank 1; found in many
+    documents, the match no longer singles one out and the scores decide."""
 
+
+#: The exact-match lead of every shipped profile: a whole match in at most three sources
+#: leads. Chosen on the dev half as the largest value that lowers no dev margin (1, 2
+#: and 3 score the same there; 5 puts a wrong file first for "LT-1042", a bug named in
+#: five documents).
+EXACT_LEAD_SOURCES = 3
+#: Coverage that counts as "every informative term" (coverage is a float share).
+FULL_COVERAGE = 0.999
 
 #: Tuned on the dev half of examples/queries.json (310 queries) by
 #: ``python -m benchmarks.tune_fusion --sample 600 --refine 3`` (docs/KNOWLEDGE.md has
 #: the held-out results). Floors: the (similarity, coverage) pair that turns away the
 #: most no-answer queries while answerable ones keep at least 95 % of their recall.
 FUSION_PROFILES: dict[str, FusionProfile] = {
-    "hashing-ngram-v1": FusionProfile(0.05, 1.0, 0.8, 20, 0.1, 0.6, 0.0, 1.0),
-    "multilingual-e5-small-q4-lc": FusionProfile(0.4, 2.0, 1.0, 10, 0.325, 0.6, 0.5, 0.2),
-    "multilingual-e5-small-q4": FusionProfile(0.05, 2.0, 0.9, 20, 0.812, 0.6, 0.9, 0.6),
+    "hashing-ngram-v1": FusionProfile(
+        0.05, 1.0, 0.8, 20, 0.1, 0.6, 0.0, 1.0, exact_lead_sources=EXACT_LEAD_SOURCES
+    ),
+    "multilingual-e5-small-q4-lc": FusionProfile(
+        0.4, 2.0, 1.0, 10, 0.325, 0.6, 0.5, 0.2, exact_lead_sources=EXACT_LEAD_SOURCES
+    ),
+    "multilingual-e5-small-q4": FusionProfile(
+        0.05, 2.0, 0.9, 20, 0.812, 0.6, 0.9, 0.6, exact_lead_sources=EXACT_LEAD_SOURCES
+    ),
 }
 #: Semantic models not measured here (OpenAI, other servers): the weights of raw e5
 #: served over the OpenAI API (an uncentred semantic model, like most), no floor
 #: (similarity scales differ too much between models to guess one).
-DEFAULT_PROFILE = FusionProfile(0.05, 2.0, 0.9, 20, None, None, 0.9, 0.6)
+DEFAULT_PROFILE = FusionProfile(
+    0.05, 2.0, 0.9, 20, None, None, 0.9, 0.6, exact_lead_sources=EXACT_LEAD_SOURCES
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,6 +183,8 @@ class RankedHit:
     keyword_rank: int | None = None
     vector_part: float = 0.0
     keyword_part: float = 0.0
+    exact_lead: bool = False
+    """Ranked first by the exact-match lead, not by its score (hybrid only)."""
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready form (used by ``kb search --json``)."""
@@ -168,6 +203,7 @@ class RankedHit:
             "keyword_rank": self.keyword_rank,
             "vector_part": round(self.vector_part, 6),
             "keyword_part": round(self.keyword_part, 6),
+            "exact_lead": self.exact_lead,
             "guild_id": h.guild_id,
             "channel_id": h.channel_id,
             "content": h.content,
@@ -268,6 +304,7 @@ def fuse(
             )
             e["keyword_rank"] = rank
     lead = profile.keyword_lead
+    exact = _exact_lead(kw, profile.exact_lead_sources)
     for e in entries.values():
         e["score"] = e["vector_part"] + e["keyword_part"]
         # Lead hits first, in the keyword list's own order (ties among full matches are
@@ -280,6 +317,7 @@ def fuse(
     ranked = sorted(
         entries.values(),
         key=lambda e: (
+            e["hit"].chunk_id != exact,
             e["lead"] is None,
             e["lead"] or 0,
             -e["score"],
@@ -294,9 +332,20 @@ def fuse(
             keyword_rank=e["keyword_rank"],
             vector_part=e["vector_part"],
             keyword_part=e["keyword_part"],
+            exact_lead=e["hit"].chunk_id == exact,
         )
         for e in ranked[:top_k]
     ]
+
+
+def _exact_lead(keyword_hits: list[SearchHit], max_sources: int) -> int | None:
+    """The chunk id the exact-match lead puts first, or None (see ``exact_lead_sources``)."""
+    if max_sources <= 0:
+        return None
+    whole = [h for h in keyword_hits if (h.coverage or 0.0) >= FULL_COVERAGE]
+    if not whole or len({h.source_id for h in whole}) > max_sources:
+        return None
+    return whole[0].chunk_id
 
 
 def _entry(hit: SearchHit) -> dict[str, Any]:
