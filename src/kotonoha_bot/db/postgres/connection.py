@@ -177,6 +177,24 @@ class SearchConnection(asyncpg.Connection):  # type: ignore[misc]  # asyncpg is 
 
     #: The session default read back from the server when the connection was opened.
     ef_search: int | None = None
+    _session_untouched = False
+
+    def session_untouched(self) -> None:
+        """Its current user changes no session state (no SET, cursor, LISTEN or
+        advisory lock; SET LOCAL ends with its transaction), so handing it back to the
+        pool needs no reset statement: a search is then one round trip, not two.
+
+        An open transaction is still rolled back on release (asyncpg always does that).
+        """
+        self._session_untouched = True
+
+    def get_reset_query(self) -> str:
+        """asyncpg's reset (RESET ALL etc.), skipped once after ``session_untouched``."""
+        if self._session_untouched:
+            self._session_untouched = False
+            return ""
+        query: str = super().get_reset_query()
+        return query
 
 
 async def _init_connection(conn: Conn) -> None:
@@ -254,7 +272,7 @@ class PostgresConnection(AsyncLifecycle):
                 "SELECT reltuples FROM pg_class WHERE oid = 'knowledge_chunks'::regclass"
             )
             self._table_rows = max(int(rows or 0), 0)
-            self._pool_ef = ef_search_for(self._table_rows, self._settings.hnsw_ef_search)
+            self._pool_ef = self._graph_ef()
         finally:
             await conn.close()
         self._pool = await self._create_pool(self._dsn)
@@ -313,16 +331,17 @@ class PostgresConnection(AsyncLifecycle):
         """Record the table's size; when it moves ef_search to another band, the pools follow.
 
         The pooled connections carry ef_search as a session default (one statement per
-        search). When the graph grows (or shrinks) past a step of ``ef_search_for``, the
-        pools get the new value for every connection they open from now on and their
-        open connections are expired (asyncpg replaces each on its next acquire, or on
-        release when it is in use), so the usual search stays one statement instead of
-        a transaction with ``SET LOCAL``. Until a connection is replaced, searches on it
-        use ``SET LOCAL`` (``_needs_local_settings`` compares with the value the
-        connection reported when it was opened), so no search runs with the old value.
+        search). When the graph grows (or shrinks) past a step of ``ef_search_for`` (or
+        the embedding width changes), the pools get the new value for every connection
+        they open from now on and their open connections are expired (asyncpg replaces
+        each on its next acquire, or on release when it is in use), so the usual search
+        stays one statement instead of a transaction with ``SET LOCAL``. Until a
+        connection is replaced, searches on it use ``SET LOCAL``
+        (``_needs_local_settings`` compares with the value the connection reported when
+        it was opened), so no search runs with the old value.
         """
         self._table_rows = table_rows
-        ef = ef_search_for(table_rows, self._settings.hnsw_ef_search)
+        ef = self._graph_ef()
         if ef == self._pool_ef:
             return
         self._pool_ef = ef
@@ -564,9 +583,14 @@ class PostgresConnection(AsyncLifecycle):
         """The pooled connections' ef_search: the setting, else by the size at start-up."""
         return self._pool_ef
 
+    def _graph_ef(self) -> int:
+        """ef_search for the graph's size and width (the setting when pinned)."""
+        dimension = self._config.dimension if self._config else None
+        return ef_search_for(self._table_rows, self._settings.hnsw_ef_search, dimension)
+
     def _ef_search(self, limit: int) -> int:
         """This search's ef_search: by the graph's size, never below the candidates wanted."""
-        return max(ef_search_for(self._table_rows, self._settings.hnsw_ef_search), limit)
+        return max(self._graph_ef(), limit)
 
     def _search_settings(self) -> dict[str, str]:
         """Connection defaults for approximate search (both index types, pgvector 0.8+)."""

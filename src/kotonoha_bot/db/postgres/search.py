@@ -154,6 +154,7 @@ class PostgresSearch(PostgresConnection):
         index_ref = count_params.add(ANN_INDEX_NAME)
 
         async def body(conn: Conn) -> list[Any]:
+            conn.session_untouched()  # SELECTs and SET LOCAL only
             size = self._cached_scope_size(size_key, bound)
             if size is None:
                 # The index's definition and the table's size ride along: searches follow
@@ -320,6 +321,7 @@ class PostgresSearch(PostgresConnection):
         )
 
         async def body(conn: Conn) -> list[Any]:
+            conn.session_untouched()  # SELECTs and SET LOCAL only
             lexemes = [_tsquery_lexeme(t) for t in terms]
             async with conn.transaction(readonly=True):
                 await conn.execute("SET LOCAL enable_seqscan = off")
