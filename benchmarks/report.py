@@ -657,7 +657,8 @@ def write_report(results: dict[str, Any]) -> None:
         lines.append("- Skipped: " + "; ".join(results["skipped"]) + ".")
     for m in results.get("merged", []):
         lines.append(
-            f"- Data sets from a second command, run at the same time on the same host:"
+            f"- Data sets from a second command on the same host (its own data, queries"
+            f" and systems; compare within it):"
             f" `.venv/bin/{m.get('command')}` (started {m.get('started')}, `uptime` load"
             f" average {_load(m)})."
         )
