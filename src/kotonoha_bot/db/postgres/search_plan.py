@@ -16,8 +16,8 @@ The rules below were chosen with ``python -m benchmarks`` (docs/PERFORMANCE.md) 
   channel of 100k x 1536: 0.90 through the index in about the time of the exact scan).
 - **ef_search by graph size and width** (``ef_search_for``; ``HNSW_EF_SEARCH`` pins
   it): the smallest ef_search whose whole-guild recall@10 reached 0.97 on the benchmark's
-  data (``benchmarks/data.py``, 50 queries, server-side ``EXPLAIN ANALYZE`` beside the
-  client's time, m=24 / ef_construction=128 halfvec graph; issue 16 round 3):
+  data (``benchmarks/data.py``, 50 queries, m=24 / ef_construction=128 halfvec graph;
+  ``python -m benchmarks.pg_ef_sweep --n N --dim D``, issue 16 round 3):
 
   ======= ============================== ==============================
   rows    1536 dims                      384 dims
