@@ -70,7 +70,7 @@ class Settings(BaseSettings):
         ge=1,
         le=1000,
         description="HNSW: query-time list; empty = by the table's size and width (up to"
-        " 30k / 300k rows: 100 / 32 above 768 dims, 160 / 56 up to 768; then 100).",
+        " 30k rows: 100, or 160 up to 768 dims; up to 300k: 64; then 100).",
     )
     ivfflat_lists: int = Field(
         0, ge=0, description="IVFFlat lists; 0 = rows/1000 (min 10) at build time."

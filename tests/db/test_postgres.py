@@ -326,10 +326,11 @@ def test_exact_scan_threshold_and_ef_search_follow_the_measured_rules() -> None:
     assert use_exact(10_000, 10_000, 384) is False  # the index: 10k x 384 exact took 12 ms
     assert use_exact(10_000, 100_000, 1536, setting=0) is False
     assert ef_search_for(10_000) == 100  # small graphs: neighbours stand out less
-    assert ef_search_for(100_000) == ef_search_for(100_000, dimension=1536) == 32
+    assert ef_search_for(100_000) == ef_search_for(100_000, dimension=1536) == 64
     assert ef_search_for(10_000, dimension=384) == 160  # narrow vectors need more
-    assert ef_search_for(100_000, dimension=384) == 56
-    assert ef_search_for(100_000, dimension=1024) == 32
+    assert ef_search_for(10_000, dimension=768) == 160
+    assert ef_search_for(10_000, dimension=1024) == 100
+    assert ef_search_for(100_000, dimension=384) == 64
     assert ef_search_for(10_000_000) == ef_search_for(10_000_000, dimension=384) == 100
     assert ef_search_for(10_000_000, 123) == 123  # HNSW_EF_SEARCH pins it
 
