@@ -176,7 +176,7 @@ class OursPostgres(System):
     """kotonoha's PostgreSQLDatabase (HNSW, then IVFFlat) through the public contract."""
 
     blocking = False
-    HNSW_EF = (16, 24, 40, 64, 100)
+    HNSW_EF = (16, 24, 32, 40, 56, 64, 100, 160)
 
     def default_variant(self) -> str:
         """Our settings' defaults (HNSW_EF_SEARCH unset = chosen by the index's size)."""
@@ -346,7 +346,7 @@ class RawPostgres(System):
         if number == "auto":  # what ours chose for this graph
             from kotonoha_bot.db.postgres.search_plan import ef_search_for
 
-            number = str(ef_search_for(self.ours.rows))
+            number = str(ef_search_for(self.ours.rows, dimension=self.ours.dim))
         # Startup parameters, not SET: the pool's RESET ALL on release keeps these.
         gucs = (
             {"hnsw.ef_search": number, "hnsw.iterative_scan": "relaxed_order"}

@@ -132,6 +132,60 @@ async def test_search_settings_are_connection_defaults(pg_url: str, settings: Se
         assert f"hnsw.ef_search = {ef_search_for(100_000)}" in statements
 
 
+async def test_pooled_connections_follow_the_table_past_an_ef_search_step(
+    pg_url: str, settings: Settings
+) -> None:
+    """When the table grows past a step of ``ef_search_for``, the pools reopen their
+    connections with the new ef_search, so searches are one statement again: after the
+    first search that notices (its own connection is older: SET LOCAL), every pooled
+    connection reports the new value and no search needs SET LOCAL."""
+    dim, small, big = 4, 200, 30_500
+    small_ef, big_ef = ef_search_for(small, dimension=dim), ef_search_for(big, dimension=dim)
+    assert small_ef != big_ef  # the step this test crosses
+    rng = np.random.default_rng(16)
+    centres = unit(rng, 8, dim)
+    vectors = clustered(rng, big, centres)
+
+    async def pooled_ef(db: PostgreSQLDatabase) -> set[str]:
+        pool = db.require_pool()
+        conns = [await pool.acquire() for _ in range(settings.database_pool_max_size)]
+        try:
+            return {str(await c.fetchval("SHOW hnsw.ef_search")) for c in conns}
+        finally:
+            for c in conns:
+                await pool.release(c)
+
+    async with PostgreSQLDatabase(pg_url, settings=settings) as db:
+        await db.set_embedding_config(EmbeddingConfig("t", dim))
+        await db.save_source(
+            KnowledgeSource(guild_id=1, uri="a", title="a"), chunks_for(vectors[:small])
+        )
+        await db.similarity_search(vectors[0], guild_id=1, top_k=10)
+        assert await pooled_ef(db) == {str(small_ef)}
+        # The guild grows past the step (a second source: the scope sizes are re-counted).
+        await db.save_source(
+            KnowledgeSource(guild_id=1, uri="b", title="b"),
+            chunks_for(vectors[small:], start=small),
+        )
+        before = dict(db.search_counts)
+        queries = clustered(rng, 12, centres)
+        for q in queries:
+            hits = await db.similarity_search(q, guild_id=1, top_k=10)
+            assert len(hits) == 10
+        counts = db.search_counts
+        assert counts["approximate"] - before.get("approximate", 0) == len(queries)
+        # At most the search that noticed the growth ran on a connection opened before it.
+        assert counts["approximate_set_local"] - before.get("approximate_set_local", 0) <= 1
+        assert await pooled_ef(db) == {str(big_ef)}
+        set_local = counts["approximate_set_local"]
+        for q in queries:
+            await db.similarity_search(q, guild_id=1, top_k=10)
+        assert db.search_counts["approximate_set_local"] == set_local
+    # A process started on the grown table opens its pool with the new value at once.
+    async with PostgreSQLDatabase(pg_url, settings=settings) as db:
+        assert await pooled_ef(db) == {str(big_ef)}
+
+
 async def test_vectors_use_the_binary_codec(pg: PostgreSQLDatabase, pg_url: str) -> None:
     await pg.set_embedding_config(EmbeddingConfig("t", 4))
     vec = np.array([0.1, -2.5, 3.0e-7, 1234.5678], np.float32)
@@ -272,8 +326,12 @@ def test_exact_scan_threshold_and_ef_search_follow_the_measured_rules() -> None:
     assert use_exact(10_000, 10_000, 384) is False  # the index: 10k x 384 exact took 12 ms
     assert use_exact(10_000, 100_000, 1536, setting=0) is False
     assert ef_search_for(10_000) == 100  # small graphs: neighbours stand out less
-    assert ef_search_for(100_000) == 64
-    assert ef_search_for(10_000_000) == 100
+    assert ef_search_for(100_000) == ef_search_for(100_000, dimension=1536) == 64
+    assert ef_search_for(10_000, dimension=384) == 160  # narrow vectors need more
+    assert ef_search_for(10_000, dimension=768) == 160
+    assert ef_search_for(10_000, dimension=1024) == 100
+    assert ef_search_for(100_000, dimension=384) == 64
+    assert ef_search_for(10_000_000) == ef_search_for(10_000_000, dimension=384) == 100
     assert ef_search_for(10_000_000, 123) == 123  # HNSW_EF_SEARCH pins it
 
 

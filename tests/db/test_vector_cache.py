@@ -18,6 +18,7 @@ from kotonoha_bot.config import Settings
 from kotonoha_bot.db import open_database
 from kotonoha_bot.db.sqlite.vector_cache import (
     CACHE_KINDS,
+    DEFAULT_CACHE_KIND,
     FIT_ROWS,
     SHORTLIST_MAX,
     VectorCache,
@@ -52,6 +53,13 @@ def search(cache: VectorCache, vectors: np.ndarray, q: np.ndarray, channel: int 
     if sl.exact:
         return sl.ranked
     return rerank(q, [(cid, vectors[cid].tobytes()) for cid, _ in sl.ranked], k)
+
+
+def test_the_cache_and_the_setting_have_one_default_kind(tmp_path: Path) -> None:
+    """A VectorCache made without a kind and the SQLITE_VECTOR_CACHE default agree
+    (int4 since issue 16's round 2; the backend without settings uses the same constant)."""
+    setting = Settings.model_fields["sqlite_vector_cache"].default
+    assert VectorCache(8).kind == DEFAULT_CACHE_KIND == setting == "int4"
 
 
 @pytest.mark.parametrize("kind", ["int4", "int8"])

@@ -166,9 +166,44 @@ def _register_url_secrets(url: DatabaseURL) -> None:
         register_secret(secret)
 
 
+class SearchConnection(asyncpg.Connection):  # type: ignore[misc]  # asyncpg is untyped
+    """A pooled connection that knows the ``hnsw.ef_search`` it was opened with.
+
+    The pools change their connections' ef_search as the table grows
+    (``PostgresConnection._follow_table_size``); a search compares what it needs with
+    what its own connection carries, so one opened before a change is never trusted
+    to hold the new value.
+    """
+
+    #: The session default read back from the server when the connection was opened.
+    ef_search: int | None = None
+    _session_untouched = False
+
+    def session_untouched(self) -> None:
+        """Its current user changes no session state (no SET, cursor, LISTEN or
+        advisory lock; SET LOCAL ends with its transaction), so handing it back to the
+        pool needs no reset statement: a search is then one round trip, not two.
+
+        An open transaction is still rolled back on release (asyncpg always does that).
+        """
+        self._session_untouched = True
+
+    def get_reset_query(self) -> str:
+        """asyncpg's reset (RESET ALL etc.), skipped once after ``session_untouched``."""
+        if self._session_untouched:
+            self._session_untouched = False
+            return ""
+        query: str = super().get_reset_query()
+        return query
+
+
 async def _init_connection(conn: Conn) -> None:
-    """Pool ``init``: the binary pgvector codecs (vector, halfvec, sparsevec)."""
+    """Pool ``init``: the binary pgvector codecs (vector, halfvec, sparsevec), and the
+    connection's own ef_search (asked, not assumed: the pool's arguments may have changed
+    while it connected)."""
     await register_vector(conn)
+    value = await conn.fetchval("SHOW hnsw.ef_search")
+    conn.ef_search = int(value) if str(value).isdigit() else None
 
 
 class PostgresConnection(AsyncLifecycle):
@@ -187,6 +222,7 @@ class PostgresConnection(AsyncLifecycle):
         self._read_url = (
             DatabaseURL.parse(settings.database_read_url) if settings.database_read_url else None
         )
+        self._read_dsn = self._read_url.dsn() if self._read_url else None
         if self._read_url:
             _register_url_secrets(self._read_url)
             self.capabilities = self.capabilities | {CAP_READ_REPLICA}
@@ -202,6 +238,8 @@ class PostgresConnection(AsyncLifecycle):
         self._live_precision: IndexPrecision | None = None
         self._table_rows = 0
         self._pool_ef = ef_search_for(0, settings.hnsw_ef_search)
+        #: Bumped whenever the pools' connect arguments change (see _follow_table_size).
+        self._pool_generation = 0
         self._pool: Any = None
         self._read_pool: Any = None
         self._config: EmbeddingConfig | None = None
@@ -234,7 +272,7 @@ class PostgresConnection(AsyncLifecycle):
                 "SELECT reltuples FROM pg_class WHERE oid = 'knowledge_chunks'::regclass"
             )
             self._table_rows = max(int(rows or 0), 0)
-            self._pool_ef = ef_search_for(self._table_rows, self._settings.hnsw_ef_search)
+            self._pool_ef = self._graph_ef()
         finally:
             await conn.close()
         self._pool = await self._create_pool(self._dsn)
@@ -266,21 +304,54 @@ class PostgresConnection(AsyncLifecycle):
                 dsn,
                 min_size=self._min_size,
                 max_size=self._max_size,
-                timeout=self._acquire_timeout,
-                command_timeout=self._command_timeout,
                 init=_init_connection,
-                # JIT compilation costs more than it saves on these short queries. The
-                # vector-search settings are session defaults of every pooled connection
-                # (they survive asyncpg's RESET ALL on release), so an ordinary search is
-                # one statement: no transaction and SET LOCAL round trips around it.
-                server_settings={
-                    "application_name": "kotonoha-bot",
-                    "jit": "off",
-                    **self._search_settings(),
-                },
+                connection_class=SearchConnection,
+                **self._pool_connect_kwargs(),
             ),
             where=where,
         )
+
+    def _pool_connect_kwargs(self) -> dict[str, Any]:
+        """What every pooled connection is opened with (also when the settings change)."""
+        return {
+            "timeout": self._acquire_timeout,
+            "command_timeout": self._command_timeout,
+            # JIT compilation costs more than it saves on these short queries. The
+            # vector-search settings are session defaults of every pooled connection
+            # (they survive asyncpg's RESET ALL on release), so an ordinary search is
+            # one statement: no transaction and SET LOCAL round trips around it.
+            "server_settings": {
+                "application_name": "kotonoha-bot",
+                "jit": "off",
+                **self._search_settings(),
+            },
+        }
+
+    async def _follow_table_size(self, table_rows: int) -> None:
+        """Record the table's size; when it moves ef_search to another band, the pools follow.
+
+        The pooled connections carry ef_search as a session default (one statement per
+        search). When the graph grows (or shrinks) past a step of ``ef_search_for`` (or
+        the embedding width changes), the pools get the new value for every connection
+        they open from now on and their open connections are expired (asyncpg replaces
+        each on its next acquire, or on release when it is in use), so the usual search
+        stays one statement instead of a transaction with ``SET LOCAL``. Until a
+        connection is replaced, searches on it use ``SET LOCAL``
+        (``_needs_local_settings`` compares with the value the connection reported when
+        it was opened), so no search runs with the old value.
+        """
+        self._table_rows = table_rows
+        ef = self._graph_ef()
+        if ef == self._pool_ef:
+            return
+        self._pool_ef = ef
+        self._pool_generation += 1
+        kwargs = self._pool_connect_kwargs()
+        for pool, dsn in ((self._pool, self._dsn), (self._read_pool, self._read_dsn)):
+            if pool is not None:
+                pool.set_connect_args(dsn, **kwargs)
+                await pool.expire_connections()
+        log.info("hnsw.ef_search of pooled connections now %d (%d rows)", ef, table_rows)
 
     async def _migrate(self, conn: Conn) -> None:
         async with conn.transaction():
@@ -512,9 +583,14 @@ class PostgresConnection(AsyncLifecycle):
         """The pooled connections' ef_search: the setting, else by the size at start-up."""
         return self._pool_ef
 
+    def _graph_ef(self) -> int:
+        """ef_search for the graph's size and width (the setting when pinned)."""
+        dimension = self._config.dimension if self._config else None
+        return ef_search_for(self._table_rows, self._settings.hnsw_ef_search, dimension)
+
     def _ef_search(self, limit: int) -> int:
         """This search's ef_search: by the graph's size, never below the candidates wanted."""
-        return max(ef_search_for(self._table_rows, self._settings.hnsw_ef_search), limit)
+        return max(self._graph_ef(), limit)
 
     def _search_settings(self) -> dict[str, str]:
         """Connection defaults for approximate search (both index types, pgvector 0.8+)."""

@@ -154,6 +154,7 @@ class PostgresSearch(PostgresConnection):
         index_ref = count_params.add(ANN_INDEX_NAME)
 
         async def body(conn: Conn) -> list[Any]:
+            conn.session_untouched()  # SELECTs and SET LOCAL only
             size = self._cached_scope_size(size_key, bound)
             if size is None:
                 # The index's definition and the table's size ride along: searches follow
@@ -167,14 +168,15 @@ class PostgresSearch(PostgresConnection):
                     *count_params,
                 )
                 size = int(row["size"])
-                self._table_rows = max(int(row["table_rows"] or 0), size)
+                await self._follow_table_size(max(int(row["table_rows"] or 0), size))
                 self._live_precision = IndexPlan.precision_of(row["indexdef"])
                 self._remember_scope_size(size_key, bound, size)
             if size == 0:
                 return []
             if size > top_k and not use_exact(size, self._table_rows, dim, setting):
                 guc, sql, limit = self.ann_statements(config.dimension, scope, len(params), top_k)
-                if self._needs_local_settings(limit):
+                if self._needs_local_settings(limit, conn.ef_search):
+                    self.search_counts["approximate_set_local"] += 1
                     async with conn.transaction(readonly=True):
                         await conn.execute(guc)
                         rows = list(await conn.fetch(sql, *params, limit, top_k))
@@ -190,11 +192,20 @@ class PostgresSearch(PostgresConnection):
 
         return await self._run("searching knowledge", body, read_replica=True)
 
-    def _needs_local_settings(self, limit: int) -> bool:
-        """True when the connection defaults do not fit this search (SET LOCAL needed)."""
+    def _needs_local_settings(self, limit: int, connection_ef: int | None = -1) -> bool:
+        """True when the connection defaults do not fit this search (SET LOCAL needed).
+
+        ``connection_ef`` is the ef_search the search's connection was opened with
+        (``SearchConnection.ef_search``; None: unknown); left out, the pools' current
+        default.
+        """
         if self._pgvector_version < (0, 8):
             return True  # no iterative scan: the connection defaults mean nothing
-        return self._index_type == "hnsw" and self._ef_search(limit) != self._default_ef_search()
+        if self._index_type != "hnsw":
+            return False
+        if connection_ef == -1:
+            connection_ef = self._default_ef_search()
+        return self._ef_search(limit) != connection_ef
 
     def _live_plan(self, dimension: int) -> IndexPlan:
         """The plan of the index searches should use: the existing one, else the configured."""
@@ -310,6 +321,7 @@ class PostgresSearch(PostgresConnection):
         )
 
         async def body(conn: Conn) -> list[Any]:
+            conn.session_untouched()  # SELECTs and SET LOCAL only
             lexemes = [_tsquery_lexeme(t) for t in terms]
             async with conn.transaction(readonly=True):
                 await conn.execute("SET LOCAL enable_seqscan = off")

@@ -14,12 +14,33 @@ The rules below were chosen with ``python -m benchmarks`` (docs/PERFORMANCE.md) 
   ``FILTERED_EXACT_SCAN_BUDGET_S`` (about 19,000 rows at 1536 dims): for it the
   iterative index scan walks far through other scopes' rows and loses recall (a 10 %
   channel of 100k x 1536: 0.90 through the index in about the time of the exact scan).
-- **ef_search by graph size** (``ef_search_for``; ``HNSW_EF_SEARCH`` pins it). Measured
-  with the m=24 / ef_construction=128 halfvec graph at 1536 dims: 10k rows need
-  ef_search 100 for recall 0.96 (their neighbours stand out less from the rest); 100k
-  rows reach 0.955 at 40, 0.980 at 64 (5.5 ms, below Chroma's 5.8 ms at 0.976).
-  Above 300k rows nothing was measured on PostgreSQL (the graph outgrows the
-  benchmark's maintenance_work_mem), so 100 is a conservative guess.
+- **ef_search by graph size and width** (``ef_search_for``; ``HNSW_EF_SEARCH`` pins
+  it), measured on the benchmark's data (``benchmarks/data.py``, 50 queries, m=24 /
+  ef_construction=128 halfvec graph): recall@10 of a whole-guild search by ef_search,
+  from ``python -m benchmarks.pg_ef_sweep --n N --dim D`` and ``python -m benchmarks``
+  (issue 16, rounds 2 and 3; each build of the graph is another random draw):
+
+  ============ ===================================== ==============================
+  graph        ef_search: recall@10                  chosen
+  ============ ===================================== ==============================
+  10k x 1536   64: 0.950, 100: 0.972-0.974           100
+  10k x 384    100: 0.962-0.964, 160: 0.988          160
+  100k x 1536  32: 0.994 / 0.896, 40: 0.996 / 0.896, 64 (0.96-1.00)
+               64: 1.000 / 0.960, 100: 0.980
+  100k x 384   40: 0.952-0.972, 56: 0.998, 64: 0.996 64
+  ============ ===================================== ==============================
+
+  Small graphs need more (their neighbours stand out less from the rest), and 384-dim
+  vectors of this mixture more than 1536-dim ones. The 100k x 1536 graph differs a lot
+  from build to build: in one, 32 already gave 0.994; in another, 5 of the 50 queries
+  stayed stuck in the wrong part of the graph up to ef_search 40 (0.896) — so the
+  chosen value is the one that held in every build measured, not the cheapest of one.
+  Widths up to ``NARROW_MAX_DIM`` take the 384 row, wider ones the 1536 row (nothing
+  between was measured). Above 300k rows nothing was measured on PostgreSQL (the graph
+  outgrows the benchmark's maintenance_work_mem), so ``EF_SEARCH_LARGEST`` is a
+  conservative guess. A larger m or ef_construction bought little at 10k x 1536 (m=32:
+  0.958 at ef_search 40 for 30 % more index pages read; ef_construction 256: +0.004),
+  so the graph keeps m=24/128.
 - **What is indexed.** ``IndexPlan`` renders the DDL: HNSW (``m``, ``ef_construction``)
   or IVFFlat, over the stored column or, for halfvec precision, over
   ``l2_normalize(embedding)::halfvec(N)`` — half the index's memory, the same recall
@@ -51,9 +72,13 @@ EXACT_SCAN_BUDGET_S = 0.004
 FILTERED_MAX_SHARE = 0.25
 FILTERED_EXACT_SCAN_BUDGET_S = 0.05
 
-#: (largest graph size, ef_search): the HNSW candidate list by vectors in the index.
+#: (largest graph size, ef_search): the HNSW candidate list by vectors in the index,
+#: for wide (1536-dim) and narrow (384-dim) embeddings; see the module docstring.
 EF_SEARCH_BY_ROWS: tuple[tuple[int, int], ...] = ((30_000, 100), (300_000, 64))
+EF_SEARCH_BY_ROWS_NARROW: tuple[tuple[int, int], ...] = ((30_000, 160), (300_000, 64))
 EF_SEARCH_LARGEST = 100
+#: Embeddings up to this width use the narrow table (the geometric middle of 384, 1536).
+NARROW_MAX_DIM = 768
 
 #: Candidates taken from a halfvec index per result, before the exact re-sort.
 HALFVEC_OVERFETCH = 2
@@ -85,11 +110,13 @@ def use_exact(scope_rows: int, table_rows: int, dimension: int, setting: int | N
     return filtered and scope_rows <= filtered_exact_max_rows(dimension, setting)
 
 
-def ef_search_for(index_rows: int, setting: int | None = None) -> int:
-    """The HNSW ef_search for a graph of ``index_rows`` vectors (``HNSW_EF_SEARCH`` pins it)."""
+def ef_search_for(index_rows: int, setting: int | None = None, dimension: int | None = None) -> int:
+    """The HNSW ef_search for a graph of ``index_rows`` vectors of ``dimension`` (unknown:
+    the wide table); ``HNSW_EF_SEARCH`` pins it."""
     if setting is not None:
         return setting
-    for rows, ef in EF_SEARCH_BY_ROWS:
+    narrow = dimension is not None and dimension <= NARROW_MAX_DIM
+    for rows, ef in EF_SEARCH_BY_ROWS_NARROW if narrow else EF_SEARCH_BY_ROWS:
         if index_rows <= rows:
             return ef
     return EF_SEARCH_LARGEST

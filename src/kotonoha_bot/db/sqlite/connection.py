@@ -34,7 +34,7 @@ from kotonoha_bot.db.contract import AsyncLifecycle
 from kotonoha_bot.db.sqlite.files import OURS, check_openable, create_private, translate
 from kotonoha_bot.db.sqlite.schema import LATEST_SCHEMA_VERSION, MIGRATIONS, split_sql
 from kotonoha_bot.db.sqlite.values import ts as _ts
-from kotonoha_bot.db.sqlite.vector_cache import CacheKind, VectorCache
+from kotonoha_bot.db.sqlite.vector_cache import DEFAULT_CACHE_KIND, CacheKind, VectorCache
 from kotonoha_bot.db.url import DatabaseURL
 from kotonoha_bot.errors import (
     DatabaseError,
@@ -78,7 +78,9 @@ class SQLiteConnection(AsyncLifecycle):
     def __init__(self, url: str | DatabaseURL, *, settings: Settings | None = None) -> None:
         self.path: Path = sqlite_path_from_url(url)
         self._busy_timeout_ms = settings.sqlite_busy_timeout_ms if settings else 5000
-        self._cache_kind: CacheKind = settings.sqlite_vector_cache if settings else "int4"
+        self._cache_kind: CacheKind = (
+            settings.sqlite_vector_cache if settings else DEFAULT_CACHE_KIND
+        )
         self._conn: aiosqlite.Connection | None = None
         self._lock = asyncio.Lock()
         self._cache: VectorCache | None = None

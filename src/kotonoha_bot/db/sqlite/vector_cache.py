@@ -38,6 +38,7 @@ import numpy.typing as npt
 from kotonoha_bot.db.sqlite.vector_codecs import (
     CACHE_KINDS,
     CODECS,
+    DEFAULT_CACHE_KIND,
     F32,
     F64,
     CacheKind,
@@ -47,7 +48,15 @@ from kotonoha_bot.db.sqlite.vector_codecs import (
 )
 from kotonoha_bot.models import Vector
 
-__all__ = ["CACHE_KINDS", "CacheKind", "Shortlist", "VectorCache", "candidate_count", "rerank"]
+__all__ = [
+    "CACHE_KINDS",
+    "DEFAULT_CACHE_KIND",
+    "CacheKind",
+    "Shortlist",
+    "VectorCache",
+    "candidate_count",
+    "rerank",
+]
 
 
 #: Candidates re-ranked exactly, per result asked for (and at least this many). Chosen by
@@ -125,7 +134,7 @@ class VectorCache:
     process's write, a re-embed).
     """
 
-    def __init__(self, dimension: int, kind: CacheKind = "int4") -> None:
+    def __init__(self, dimension: int, kind: CacheKind = DEFAULT_CACHE_KIND) -> None:
         self.dimension = dimension
         self.kind: CacheKind = kind
         target = CODECS[kind](dimension)

@@ -20,6 +20,10 @@ CacheKind = Literal["int4", "int8", "binary", "float32"]
 
 CACHE_KINDS: tuple[CacheKind, ...] = ("int4", "int8", "binary", "float32")
 
+#: The kind a cache gets when nobody chooses one (``SQLITE_VECTOR_CACHE``'s default is
+#: the same; a test holds the two together).
+DEFAULT_CACHE_KIND: CacheKind = "int4"
+
 
 IntArray = npt.NDArray[np.int64]
 
