@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import pickle
 import re
 import tempfile
 from collections.abc import Callable
@@ -34,7 +33,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from benchmarks.bench_retrieval import CLASSES, QUERIES, embedders
-from benchmarks.tune_fusion import Candidates, candidates, hybrid_sources, sources
+from benchmarks.tune_fusion import Candidates, cached_candidates, hybrid_sources, sources
 from kotonoha_bot.knowledge.evaluation import LabelledQuery, load_queries, score_query, source_name
 from kotonoha_bot.knowledge.search import FusionProfile, fusion_profile
 
@@ -133,13 +132,7 @@ async def main(args: argparse.Namespace) -> None:
     print("|---|---|---|---|---|---|")
     with contextlib.ExitStack() as stack:
         for name, emb in embedders(stack):
-            cache = Path(args.cache) / f"candidates-{name}.pickle" if args.cache else None
-            if cache is not None and cache.exists():
-                cands = pickle.loads(cache.read_bytes())
-            else:
-                cands = await candidates(name, emb, tmp, queries)
-                if cache is not None:
-                    cache.write_bytes(pickle.dumps(cands))
+            cands = await cached_candidates(name, emb, tmp, queries, args.cache)
             profile = fusion_profile(emb.model)
             await emb.aclose()
             for label, structure in STRUCTURES.items():

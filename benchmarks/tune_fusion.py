@@ -217,6 +217,20 @@ def refine(
     return best, best_score
 
 
+async def cached_candidates(
+    name: str, emb: EmbeddingProvider, tmp: Path, queries: list[LabelledQuery], cache_dir: str
+) -> dict[str, Candidates]:
+    """``candidates``, kept in ``cache_dir`` (when given) so a re-run skips the embedding."""
+    cache = Path(cache_dir) / f"candidates-{name}.pickle" if cache_dir else None
+    if cache is not None and cache.exists():
+        cands: dict[str, Candidates] = pickle.loads(cache.read_bytes())
+        return cands
+    cands = await candidates(name, emb, tmp, queries)
+    if cache is not None:
+        cache.write_bytes(pickle.dumps(cands))
+    return cands
+
+
 async def candidates(
     name: str, emb: EmbeddingProvider, tmp: Path, queries: list[LabelledQuery]
 ) -> dict[str, Candidates]:
@@ -314,13 +328,7 @@ async def main(args: argparse.Namespace) -> None:
             if args.embedder and name != args.embedder:
                 await emb.aclose()
                 continue
-            cache = Path(args.cache) / f"candidates-{name}.pickle" if args.cache else None
-            if cache is not None and cache.exists():
-                cands = pickle.loads(cache.read_bytes())
-            else:
-                cands = await candidates(name, emb, tmp, all_queries)
-                if cache is not None:
-                    cache.write_bytes(pickle.dumps(cands))
+            cands = await cached_candidates(name, emb, tmp, all_queries, args.cache)
             await emb.aclose()
             if args.check:
                 check_shipped(name, emb.model, cands, dev, test)
