@@ -23,7 +23,7 @@ from kotonoha_bot.cli.common import (
     print_json,
     run_async,
 )
-from kotonoha_bot.cli.kb import _open, _print_hits, _progress
+from kotonoha_bot.cli.kb import open_knowledge, print_hits, progress_bar
 from kotonoha_bot.knowledge.embeddings import embedding_config
 from kotonoha_bot.knowledge.ingest import find_files, ingest_paths, reembed
 from kotonoha_bot.knowledge.search import SearchTuning, search_knowledge
@@ -58,7 +58,7 @@ async def demo(
     settings = get_settings()
     asked = [q.strip() for q in questions.read_text("utf-8").splitlines() if q.strip()]
     files = find_files([corpus])
-    async with _open(settings, database, target=True) as (db, embedder):
+    async with open_knowledge(settings, database, target=True) as (db, embedder):
         recorded = await db.get_embedding_config()
         if recorded is not None and recorded != embedding_config(embedder):
             err_console.print(
@@ -70,7 +70,7 @@ async def demo(
             f"knowledge base: {db.location}  embedder: {embedder.name} ({embedder.model},"
             f" {embedder.dimension} dims)"
         )
-        with _progress() as progress:
+        with progress_bar() as progress:
             task = progress.add_task("ingesting", total=len(files))
             report = await ingest_paths(
                 db,
@@ -99,7 +99,7 @@ async def demo(
             )
             answers.append({"question": question, "hits": [h.as_dict() for h in result.hits]})
             if not as_json:
-                _print_hits(result, question)
+                print_hits(result, question)
     if as_json:
         print_json({"embedder": embedder.model, "answers": answers})
         return

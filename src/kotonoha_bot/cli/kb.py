@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated
@@ -43,7 +44,8 @@ ChannelOption = Annotated[
 ]
 
 
-def _progress() -> Progress:
+def progress_bar() -> Progress:
+    """The progress bar every long knowledge command shows on stderr."""
     return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -55,7 +57,9 @@ def _progress() -> Progress:
 
 
 @asynccontextmanager
-async def _open(settings: Settings, database: str | None, *, target: bool = False):  # type: ignore[no-untyped-def]
+async def open_knowledge(
+    settings: Settings, database: str | None, *, target: bool = False
+) -> AsyncIterator[tuple[DatabaseProtocol, EmbeddingProvider]]:
     """The database and its embedder: the recorded model, or (``target``) the configured one."""
     async with open_database(database_url(settings, database), settings=settings) as db:
         recorded = None if target else await db.get_embedding_config()
@@ -84,8 +88,8 @@ async def ingest(
     """
     settings = get_settings()
     files = find_files(paths)  # for the progress bar; ingest reports what it skipped
-    async with _open(settings, database) as (db, embedder):
-        with _progress() as progress:
+    async with open_knowledge(settings, database) as (db, embedder):
+        with progress_bar() as progress:
             task = progress.add_task("ingesting", total=len(files))
             report = await ingest_paths(
                 db,
@@ -133,7 +137,8 @@ async def ingest(
         raise typer.Exit(1)
 
 
-def _print_hits(result: SearchResult, query: str) -> None:
+def print_hits(result: SearchResult, query: str) -> None:
+    """A search result as a table on stdout, or why nothing was found."""
     if not result.hits:
         out_console.print(f"no results for {query!r}")
         if result.dropped and result.floor is not None:
@@ -187,7 +192,7 @@ async def search(
     if mode not in SEARCH_MODES:
         raise fail(f"--mode must be one of {', '.join(SEARCH_MODES)}, got {mode!r}", 2)
     settings = get_settings()
-    async with _open(settings, database) as (db, embedder):
+    async with open_knowledge(settings, database) as (db, embedder):
         await _check_model(db, embedder)
         result = await search_knowledge(
             db,
@@ -218,7 +223,7 @@ async def search(
             }
         )
     else:
-        _print_hits(result, query)
+        print_hits(result, query)
 
 
 async def _check_model(db: DatabaseProtocol, embedder: EmbeddingProvider) -> None:
@@ -240,9 +245,9 @@ async def embed_pending_cmd(
     Example: kotonoha kb embed-pending
     """
     settings = get_settings()
-    async with _open(settings, database) as (db, embedder):
+    async with open_knowledge(settings, database) as (db, embedder):
         total = (await db.stats()).pending_chunks
-        with _progress() as progress:
+        with progress_bar() as progress:
             task = progress.add_task("embedding", total=total)
             done = await embed_pending(
                 db,
@@ -271,7 +276,7 @@ async def reembed_cmd(
     Example: EMBEDDING_PROVIDER=openai kotonoha kb reembed --yes
     """
     settings = get_settings()
-    async with _open(settings, database, target=True) as (db, embedder):
+    async with open_knowledge(settings, database, target=True) as (db, embedder):
         current = await db.get_embedding_config()
         target = f"{embedder.model} ({embedder.dimension} dims)"
         if current is not None and (current.model, current.dimension) == (
@@ -288,7 +293,7 @@ async def reembed_cmd(
                 abort=True,
                 err=True,
             )
-        with _progress() as progress:
+        with progress_bar() as progress:
             task = progress.add_task("re-embedding", total=stats.chunks)
             status = await db.reembed_status()
             if status is not None and (status.target.model, status.target.dimension) == (
@@ -320,7 +325,7 @@ async def archive_cmd(
     Example: kotonoha kb archive --idle-minutes 0
     """
     settings = get_settings()
-    async with _open(settings, database) as (db, embedder):
+    async with open_knowledge(settings, database) as (db, embedder):
         report = await archive_idle_sessions(
             db,
             embedder,
