@@ -19,6 +19,7 @@ from kotonoha_bot.bot.memory_cog import format_explanation
 from kotonoha_bot.chat import ChatService, Conversation, Incoming
 from kotonoha_bot.chat.judge import RELEVANCE_SYSTEM_PROMPT, parse_relevant
 from kotonoha_bot.chat.usage import usage_model
+from kotonoha_bot.config import Settings
 from kotonoha_bot.db import DatabaseProtocol
 from kotonoha_bot.models import UsageRecord, utcnow
 from tests.chat.support import (
@@ -30,7 +31,7 @@ from tests.chat.support import (
     sent_system,
     sent_turns,
 )
-from tests.fakes.api_server import FakeAPIServer, Reply, echo_reply, fake_api_fixture
+from tests.fakes.api_server import Endpoint, FakeAPIServer, Reply, echo_reply, fake_api_fixture
 
 GUILD, CHANNEL, USER = 111, 10, 100
 QUESTION = "次の定例会議はいつ、どこで開かれますか"
@@ -63,20 +64,20 @@ def conv() -> Conversation:
     return Conversation.mention(GUILD, CHANNEL, USER)
 
 
-def endpoint(settings: Any) -> str:
+def endpoint(settings: Settings) -> Endpoint:
     return "messages" if settings.llm_provider == "anthropic" else "chat"
 
 
-def judge_calls(fake: FakeAPIServer, name: str) -> list[Any]:
+def judge_calls(fake: FakeAPIServer, name: Endpoint) -> list[Any]:
     return [
-        r.json for r in fake.requests_for(name)  # type: ignore[arg-type]
-        if RELEVANCE_SYSTEM_PROMPT in sent_system(r.json)
+        r.json for r in fake.requests_for(name) if RELEVANCE_SYSTEM_PROMPT in sent_system(r.json)
     ]
 
 
-def answer_calls(fake: FakeAPIServer, name: str) -> list[Any]:
+def answer_calls(fake: FakeAPIServer, name: Endpoint) -> list[Any]:
     return [
-        r.json for r in fake.requests_for(name)  # type: ignore[arg-type]
+        r.json
+        for r in fake.requests_for(name)
         if RELEVANCE_SYSTEM_PROMPT not in sent_system(r.json)
     ]
 
