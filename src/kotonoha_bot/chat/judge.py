@@ -65,6 +65,13 @@ No other text."""
 
 # One JSON list of integers (possibly empty), wherever it sits in the reply.
 _LIST_RE = re.compile(r"\[\s*(?:-?\d+\s*(?:,\s*-?\d+\s*)*)?\]")
+# The judge prompt's own tags: a snippet must not close its block or open another.
+_JUDGE_TAG_RE = re.compile(r"<(/?)(snippets?|question)\b", re.IGNORECASE)
+
+
+def _quoted(text: str) -> str:
+    """``text`` with every tag of the answer's and the judge's prompts neutralised."""
+    return _JUDGE_TAG_RE.sub(lambda m: f"&lt;{m.group(1)}{m.group(2)}", escape_tags(text))
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,11 +118,9 @@ def judge_prompt(question: str, hits: Sequence[RankedHit]) -> str:
         if len(text) > SNIPPET_CHARS:
             text = text[: SNIPPET_CHARS - 1] + "…"
         source = describe_source(ranked.hit).replace('"', "'").replace("\n", " ")
-        blocks.append(
-            f'<snippet n="{i}" source="{escape_tags(source)}">\n{escape_tags(text)}\n</snippet>'
-        )
+        blocks.append(f'<snippet n="{i}" source="{_quoted(source)}">\n{_quoted(text)}\n</snippet>')
     return (
-        f"<question>\n{escape_tags(question.strip())}\n</question>\n\n"
+        f"<question>\n{_quoted(question.strip())}\n</question>\n\n"
         "<snippets>\n" + "\n".join(blocks) + "\n</snippets>\n\n"
         "Which snippets help answer the question? Reply with only a JSON list of their numbers."
     )
