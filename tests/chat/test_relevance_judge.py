@@ -279,6 +279,20 @@ async def test_with_the_judge_off_no_extra_call_is_made(
     assert "関連性の判定" not in format_explanation(explained)
 
 
+async def test_a_turn_without_references_makes_no_judge_call(
+    db: DatabaseProtocol, fake_api: FakeAPIServer, tmp_path: Path
+) -> None:
+    settings = chat_settings(tmp_path, retrieval_judge="llm")
+    async with chat_service(db, fake_api, settings) as service:
+        await with_documents(service)
+        await service.respond(Conversation.dm(30, USER), said())  # a DM retrieves nothing
+        await service.respond(conv(), said("はじめまして"))  # the floor leaves nothing
+        trace = service.traces.last(GUILD, USER)
+    assert len(fake_api.requests_for("messages")) == 2
+    assert judge_calls(fake_api, "messages") == []
+    assert trace is not None and trace.references == () and trace.judge == "off"
+
+
 def test_only_one_list_of_candidate_numbers_is_a_judgement() -> None:
     assert parse_relevant("[2, 1]", 3) == {1, 2}
     assert parse_relevant("```json\n[3]\n```", 3) == {3}
