@@ -139,6 +139,20 @@ class Settings(BaseSettings):
         le=1,
         description="Relevance floor: share of query terms matched that also vouches for a hit.",
     )
+    retrieval_judge: Literal["off", "llm"] = Field(
+        "off",
+        description="llm = one short LLM call reads the retrieved references before each"
+        " answer and keeps only the relevant ones (fails open); off = all go in.",
+    )
+    retrieval_judge_model: str | None = Field(
+        None, description="Model of the relevance judge; empty = LLM_MODEL (the chat model)."
+    )
+    retrieval_judge_max_candidates: int = Field(
+        8, ge=1, le=50, description="References the judge reads at most; the rest pass unjudged."
+    )
+    retrieval_judge_timeout: float = Field(
+        10.0, gt=0, description="Seconds the judge may take; slower = references pass unjudged."
+    )
     archive_idle_minutes: float = Field(
         60.0, gt=0, description="Sessions idle this long are archived into knowledge."
     )

@@ -47,6 +47,12 @@ def format_explanation(ex: Explanation, limit: int = DISCORD_LIMIT) -> str:
             lines.append(f"  {i}. {ref.label} ({ref.score:.3f}){where}{gone}")
     else:
         lines.append(texts.WHY_REFS_NONE)
+    if t.judge == "judged":
+        lines.append(texts.WHY_JUDGED.format(out=len(t.judged_out)))
+        lines += [texts.WHY_JUDGED_OUT.format(label=r.label, score=r.score) for r in t.judged_out]
+    elif t.judge != "off":
+        cause = texts.WHY_UNJUDGED_CAUSES.get(t.judge, t.judge)
+        lines.append(texts.WHY_UNJUDGED.format(cause=cause))
     if ex.memories or ex.memories_deleted:
         lines.append(texts.WHY_MEMORIES.format(count=len(ex.memories) + ex.memories_deleted))
         lines += [f"  - #{m.memory_id} {_line(m.content)}" for m in ex.memories]

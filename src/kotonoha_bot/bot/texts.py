@@ -87,6 +87,15 @@ WHY_HISTORY = "- 会話の履歴: {used}件（この会話の全 {total}件の�
 WHY_REFS_NONE = "- 参考にした知識: なし"
 WHY_REFS = "- 参考にした知識: {count}件"
 WHY_REF_GONE = "（削除済み）"
+WHY_JUDGED = "- 関連性の判定（LLM）: {out}件を関係なしとして除外"
+WHY_JUDGED_OUT = "  - 除外: {label} ({score:.3f})"
+WHY_UNJUDGED = "- 関連性の判定（LLM）: できず（{cause}）、参考はそのまま使用"
+WHY_UNJUDGED_CAUSES = {
+    "timeout": "時間切れ",
+    "error": "APIエラー",
+    "budget": "今日のトークン上限",
+    "unparsed": "答えを読み取れず",
+}
 WHY_MEMORIES_NONE = "- あなたの記憶: なし"
 WHY_MEMORIES = "- あなたの記憶: {count}件"
 WHY_MEMORIES_DELETED = "  - （そのあと削除された記憶 {count}件）"

@@ -3,12 +3,14 @@
 ``respond``: open the session -> store the user's message (with where it is on
 Discord and its turn) -> check the daily budgets (:mod:`kotonoha_bot.chat.usage`) ->
 retrieve knowledge (this channel first, then the rest of the same guild; nothing in a
-DM) -> the speaker's own memories (:mod:`kotonoha_bot.chat.memories`) -> build the
-prompt (system prompt, history within ``HISTORY_TOKEN_BUDGET``, memories and
-references as quoted data) -> ask the LLM -> record its reported usage -> store the
-reply -> note what it used (:mod:`kotonoha_bot.chat.why`) -> archive the turns that no
-longer fit the history (so they stay findable) -> return it. The reply is stored
-before the caller shows it (see :mod:`kotonoha_bot.chat.sessions`).
+DM) -> with ``RETRIEVAL_JUDGE=llm``, one short LLM call keeps only the references that
+help (:mod:`kotonoha_bot.chat.judge`; fails open) -> the speaker's own memories
+(:mod:`kotonoha_bot.chat.memories`) -> build the prompt (system prompt, history
+within ``HISTORY_TOKEN_BUDGET``, memories and references as quoted data) -> ask the
+LLM -> record its reported usage -> store the reply -> note what it used
+(:mod:`kotonoha_bot.chat.why`) -> archive the turns that no longer fit the history
+(so they stay findable) -> return it. The reply is stored before the caller shows it
+(see :mod:`kotonoha_bot.chat.sessions`).
 
 Edits and deletes on Discord, and ``forget``, go to storage first (which removes the
 messages and every chunk built from them), then :func:`kotonoha_bot.chat.changes.catch_up`
@@ -29,6 +31,7 @@ from datetime import datetime, timedelta
 
 from kotonoha_bot.chat.changes import DiscordChanges
 from kotonoha_bot.chat.conversation import Conversation, Incoming
+from kotonoha_bot.chat.judge import RelevanceJudge
 from kotonoha_bot.chat.llm_health import LLMHealth
 from kotonoha_bot.chat.memories import MemoryBook
 from kotonoha_bot.chat.prompt import (
@@ -128,6 +131,7 @@ class ChatService(KnowledgeRetrieval):
         self.retention = GuildRetention(db, settings.data_retention_days, clock=clock)
         self.memories = MemoryBook(db, settings)
         self.usage = UsageMeter(db, settings, clock=clock)
+        self.judge = RelevanceJudge(llm, settings, self.usage)
         self.traces = TraceBook()
         self.llm_health = LLMHealth(provider=llm.name, model=llm.model)
         self.changes = DiscordChanges(db, embedder, self.sessions, settings)
@@ -162,7 +166,11 @@ class ChatService(KnowledgeRetrieval):
                 budget=self.settings.history_token_budget,
                 multi_party=conv.multi_party,
             )
-            hits = await self.retrieve(conv, query, history_from=oldest)
+            retrieved = await self.retrieve(conv, query, history_from=oldest)
+            judgement = await self.judge.judge(
+                query, retrieved, guild_id=conv.guild_id, user_id=speaker
+            )
+            hits = judgement.kept
             memories = await self.memories.for_turn(conv.guild_id, speaker)
             system = build_system_prompt(
                 self.settings.system_prompt, conv.session_type, memories=bool(memories)
@@ -215,6 +223,7 @@ class ChatService(KnowledgeRetrieval):
                 hits=hits,
                 memories=memories,
                 reply=answer,
+                judgement=judgement,
             )
             archived_upto = handle.session.last_archived_message_index
         if conv.guild_id is not None and oldest - 1 > archived_upto:

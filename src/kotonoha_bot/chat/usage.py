@@ -13,6 +13,13 @@ refused *before* anything is asked of the LLM (or the embedder) once the recorde
 total has reached a budget; the call that crosses it is still answered, so a day
 may end a little above the budget (by at most one reply). Failing to record usage
 is logged and never fails a turn.
+
+**Kinds.** A call is recorded under its kind: the answer (and the eavesdrop judgment)
+under the model's own name, the relevance judge (:mod:`kotonoha_bot.chat.judge`) under
+``relevance-judge:<model>``, so ``kotonoha usage`` and the dashboard list its cost on a
+line of its own while the budgets count both. The judge asks :meth:`UsageMeter.headroom`
+first and is skipped when its call could cross a budget: it never spends the tokens the
+answer needs.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import date, datetime
+from typing import Literal
 
 from kotonoha_bot.config import Settings
 from kotonoha_bot.db.contract import DatabaseProtocol
@@ -33,6 +41,15 @@ log = logging.getLogger("kotonoha_bot.chat")
 
 #: Users listed in a usage summary (the heaviest first).
 TOP_USERS = 5
+#: What a usage row's model starts with for each kind of call other than the answer.
+KIND_PREFIXES = {"judge": "relevance-judge:"}
+
+UsageKind = Literal["answer", "judge"]
+
+
+def usage_model(model: str, kind: UsageKind = "answer") -> str:
+    """The model column of a usage row: the model, prefixed by its kind unless an answer."""
+    return KIND_PREFIXES.get(kind, "") + model
 
 
 def scope_key(guild_id: int | None) -> int:
@@ -135,13 +152,43 @@ class UsageMeter:
             log.warning("could not read usage for the budget check: %s", exc)
         return None
 
-    async def record(self, guild_id: int | None, user_id: int | None, reply: LLMReply) -> None:
-        """Add one call's reported tokens to today's row (never raises)."""
+    async def headroom(self, guild_id: int | None, user_id: int | None) -> int | None:
+        """Tokens left today before the tightest budget of this guild/user; None = no limit.
+
+        0 when a budget is used up. When usage cannot be read the answer is 0: a caller
+        asking whether an *optional* call fits (the relevance judge) then skips it.
+        """
+        s = self._settings
+        left: list[int] = []
+        day = self.today()
+        try:
+            if guild_id is not None and s.guild_daily_token_budget:
+                used = await self._db.tokens_used(day=day, guild_id=guild_id)
+                left.append(s.guild_daily_token_budget - used)
+            if user_id is not None and s.user_daily_token_budget:
+                used = await self._db.tokens_used(
+                    day=day, guild_id=scope_key(guild_id), user_id=user_id
+                )
+                left.append(s.user_daily_token_budget - used)
+        except KotonohaError as exc:
+            log.warning("could not read usage for the budget check: %s", exc)
+            return 0
+        return max(min(left), 0) if left else None
+
+    async def record(
+        self,
+        guild_id: int | None,
+        user_id: int | None,
+        reply: LLMReply,
+        *,
+        kind: UsageKind = "answer",
+    ) -> None:
+        """Add one call's reported tokens to today's row of its kind (never raises)."""
         try:
             await self._db.record_usage(
                 UsageRecord(
                     day=self.today(),
-                    model=reply.model or "unknown",
+                    model=usage_model(reply.model or "unknown", kind),
                     guild_id=scope_key(guild_id),
                     user_id=user_id or 0,
                     calls=1,

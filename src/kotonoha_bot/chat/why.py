@@ -3,9 +3,10 @@
 After every answered turn the pipeline notes, for the speaker in that scope (a guild,
 or their DMs), how much history it sent, which knowledge hits (chunk, label, score)
 and which of the speaker's memories went into the prompt, and the tokens the provider
-reported. Only ids, labels and scores are kept — no message text — so a message
-deleted later does not live on here; links are looked up when asked (a deleted
-chunk then shows as gone).
+reported; with the relevance judge on, also whether it decided (or why the references
+passed unjudged) and which hits it judged out. Only ids, labels and scores are kept
+— no message text — so a message deleted later does not live on here; links are
+looked up when asked (a deleted chunk then shows as gone).
 
 The notes live in this process's memory (the last answer since it started; the
 newest :data:`MAX_TRACES` people): with several bot processes on one PostgreSQL, the
@@ -19,6 +20,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
+from kotonoha_bot.chat.judge import Judgement, Verdict
 from kotonoha_bot.chat.prompt import describe_source
 from kotonoha_bot.db.contract import DatabaseProtocol
 from kotonoha_bot.knowledge.search import RankedHit
@@ -52,6 +54,23 @@ class AnswerTrace:
     model: str
     input_tokens: int
     output_tokens: int
+    #: The relevance judge: ``off``, ``judged`` (its choice applied) or why it did not
+    #: decide (``timeout``, ``error``, ``budget``, ``unparsed``: references unjudged).
+    judge: Verdict = "off"
+    #: Hits the judge read and left out of the prompt.
+    judged_out: tuple[TracedReference, ...] = ()
+
+
+def _traced(hits: Sequence[RankedHit]) -> tuple[TracedReference, ...]:
+    return tuple(
+        TracedReference(
+            chunk_id=h.hit.chunk_id,
+            label=describe_source(h.hit),
+            score=h.score,
+            conversation=h.hit.metadata.get("kind") in ("conversation", "summary"),
+        )
+        for h in hits
+    )
 
 
 def answer_trace(
@@ -64,6 +83,7 @@ def answer_trace(
     hits: Sequence[RankedHit],
     memories: Sequence[Memory],
     reply: LLMReply,
+    judgement: Judgement | None = None,
 ) -> AnswerTrace:
     """The trace of an answer just stored: ``messages`` ends with this turn (its user
     messages and the reply, ``turn_size`` in all); history was sent from ``history_from``."""
@@ -73,19 +93,13 @@ def answer_trace(
         session_key=session_key,
         history_messages=sum(1 for m in before[history_from:] if m.role != "system"),
         session_messages=sum(1 for m in before if m.role != "system"),
-        references=tuple(
-            TracedReference(
-                chunk_id=h.hit.chunk_id,
-                label=describe_source(h.hit),
-                score=h.score,
-                conversation=h.hit.metadata.get("kind") in ("conversation", "summary"),
-            )
-            for h in hits
-        ),
+        references=_traced(hits),
         memory_ids=tuple(m.memory_id for m in memories if m.memory_id is not None),
         model=reply.model,
         input_tokens=reply.input_tokens,
         output_tokens=reply.output_tokens,
+        judge=judgement.verdict if judgement else "off",
+        judged_out=_traced(judgement.judged_out) if judgement else (),
     )
 
 

@@ -72,6 +72,7 @@ class AnthropicProvider:
         *,
         max_tokens: int | None = None,
         temperature: float | None = None,
+        model: str | None = None,
     ) -> LLMReply:
         """Answer the conversation; ``LLMError`` when Claude fails after the SDK's retries.
 
@@ -89,7 +90,7 @@ class AnthropicProvider:
         started = time.monotonic()
         try:
             response = await self._client.messages.create(
-                model=self._model,
+                model=model or self._model,
                 max_tokens=max_tokens or self._max_tokens,
                 system=system if system.strip() else anthropic.omit,
                 messages=params,
@@ -107,7 +108,7 @@ class AnthropicProvider:
         text = "".join(block.text for block in response.content if block.type == "text")
         reply = LLMReply(
             text=text,
-            model=response.model or self._model,
+            model=response.model or model or self._model,
             input_tokens=response.usage.input_tokens,
             output_tokens=response.usage.output_tokens,
             stop_reason=response.stop_reason,

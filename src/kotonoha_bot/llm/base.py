@@ -73,8 +73,13 @@ class LLMProvider(Protocol):
         *,
         max_tokens: int | None = None,
         temperature: float | None = None,
+        model: str | None = None,
     ) -> LLMReply:
-        """Answer the conversation; ``LLMError`` when the model fails after retries."""
+        """Answer the conversation; ``LLMError`` when the model fails after retries.
+
+        ``model`` asks another model of the same provider for this one call (e.g. a
+        cheaper one for the relevance judge); None = :attr:`model`.
+        """
         ...
 
     async def aclose(self) -> None:

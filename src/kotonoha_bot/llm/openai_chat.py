@@ -69,6 +69,7 @@ class OpenAIChatProvider:
         *,
         max_tokens: int | None = None,
         temperature: float | None = None,
+        model: str | None = None,
     ) -> LLMReply:
         """Answer the conversation; ``LLMError`` when the server fails after the SDK's retries."""
         params: list[ChatCompletionMessageParam] = []
@@ -83,7 +84,7 @@ class OpenAIChatProvider:
         try:
             # max_tokens rather than max_completion_tokens: every compatible server knows it.
             response = await self._client.chat.completions.create(
-                model=self._model,
+                model=model or self._model,
                 messages=params,
                 max_tokens=max_tokens or self._max_tokens,
                 temperature=self._temperature if temperature is None else temperature,
@@ -104,7 +105,7 @@ class OpenAIChatProvider:
         usage = response.usage
         reply = LLMReply(
             text=choice.message.content or "",
-            model=response.model or self._model,
+            model=response.model or model or self._model,
             input_tokens=usage.prompt_tokens if usage else 0,
             output_tokens=usage.completion_tokens if usage else 0,
             stop_reason=choice.finish_reason,
