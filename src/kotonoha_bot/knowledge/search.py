@@ -131,14 +131,14 @@ FUSION_PROFILES: dict[str, FusionProfile] = {
         0.4, 2.0, 1.0, 20, 0.3, 0.6, 0.0, 0.2, exact_lead_sources=EXACT_LEAD_SOURCES
     ),
     "multilingual-e5-small-q4": FusionProfile(
-        0.05, 2.0, 0.9, 20, 0.812, 0.6, 0.9, 0.6, exact_lead_sources=EXACT_LEAD_SOURCES
+        0.3, 6.0, 0.7, 20, 0.806, 0.8, 0.0, 0.4, exact_lead_sources=EXACT_LEAD_SOURCES
     ),
 }
 #: Semantic models not measured here (OpenAI, other servers): the weights of raw e5
 #: served over the OpenAI API (an uncentred semantic model, like most), no floor
 #: (similarity scales differ too much between models to guess one).
 DEFAULT_PROFILE = FusionProfile(
-    0.05, 2.0, 0.9, 20, None, None, 0.9, 0.6, exact_lead_sources=EXACT_LEAD_SOURCES
+    0.3, 6.0, 0.7, 20, None, None, 0.0, 0.4, exact_lead_sources=EXACT_LEAD_SOURCES
 )
 
 
