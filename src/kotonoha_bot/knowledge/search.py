@@ -121,8 +121,9 @@ FULL_COVERAGE = 0.999
 
 #: Tuned on the dev half of examples/queries.json (451 of its 902 queries; round 4 of
 #: issue 11) by ``python -m benchmarks.tune_fusion --sample 600 --refine 3``
-#: (docs/KNOWLEDGE.md has the held-out results). Floors: the (similarity, coverage) pair that turns away the
-#: most no-answer queries while answerable ones keep at least 95 % of their recall.
+#: (docs/KNOWLEDGE.md has the held-out results). Floors: the (similarity, coverage)
+#: pair that turns away the most no-answer queries while answerable ones keep at least
+#: 95 % of their recall.
 FUSION_PROFILES: dict[str, FusionProfile] = {
     "hashing-ngram-v1": FusionProfile(
         0.1, 1.0, 0.9, 20, 0.174, 0.6, 0.0, 0.2, exact_lead_sources=EXACT_LEAD_SOURCES
