@@ -1,9 +1,11 @@
 """Retrieval quality floors on the labelled example set: a regression fails CI.
 
 The same measurement as ``python -m benchmarks.bench_retrieval`` (the shared
-``kotonoha_bot.knowledge.evaluation``), on SQLite, over all 310 queries. Floors sit a
-little under the values measured when they were set (docs/KNOWLEDGE.md), so noise
-from one query does not fail the suite but a real regression does. Quality only:
+``kotonoha_bot.knowledge.evaluation``), on SQLite, over the held-out test half (451 of
+the 902 queries: the half the fusion weights were not tuned on, and the one
+docs/KNOWLEDGE.md reports). Floors sit ~0.02-0.03 under the values measured when they
+were set, so noise from a query or two does not fail the suite but a real regression
+does. Quality only:
 timings belong to benchmarks/. The e5 engine is loaded once per process (shared by
 every provider), so the e5 cases cost one ingest of the corpus (~20-40 s).
 """
@@ -32,29 +34,29 @@ CLASSES = ("keyword", "paraphrase", "crosslingual", "conversation")
 
 #: (recall@5, MRR) floors of hybrid search as the bot runs it (with the relevance floor).
 HYBRID_FLOORS: dict[str, dict[str, tuple[float, float]]] = {
-    # measured at be689e3 (bench_retrieval --split all): 0.984/0.984, 0.766/0.688,
-    # 0.761/0.552, 0.903/0.848 (the exact-match lead lifted keyword MRR from 0.968)
+    # measured at 2fb6d98 (bench_retrieval --scale 0, test half): 0.970/0.980,
+    # 0.844/0.748, 0.735/0.515, 0.860/0.778
     "e5": {
-        "keyword": (0.95, 0.95),
-        "paraphrase": (0.73, 0.65),
-        "crosslingual": (0.73, 0.52),
-        "conversation": (0.87, 0.81),
+        "keyword": (0.94, 0.95),
+        "paraphrase": (0.82, 0.72),
+        "crosslingual": (0.71, 0.49),
+        "conversation": (0.83, 0.75),
     },
-    # measured at be689e3: 0.992/1.000, 0.813/0.683, 0.118/0.045, 0.548/0.536
+    # measured at 2fb6d98: 0.980/0.990, 0.768/0.705, 0.093/0.043, 0.360/0.347
     "hashing": {
-        "keyword": (0.96, 0.96),
-        "paraphrase": (0.78, 0.65),
-        "crosslingual": (0.09, 0.03),
-        "conversation": (0.52, 0.50),
+        "keyword": (0.95, 0.96),
+        "paraphrase": (0.74, 0.68),
+        "crosslingual": (0.07, 0.03),
+        "conversation": (0.33, 0.32),
     },
 }
 #: How far (recall@5 or MRR) hybrid without the floor may fall below the better half
-#: (measured on all 310: at most 0.015, hashing paraphrase MRR).
+#: (measured on the test half: at most 0.025, hashing paraphrase recall; e5 none).
 MAX_DEFICIT = 0.03
-#: Share of no-answer queries given no reference at all (measured: e5 0.323, hashing 0),
-#: and recall kept by the answerable ones (measured: e5 0.944, hashing 1.000).
-NO_ANSWER_FLOOR = {"e5": 0.29, "hashing": 0.0}
-RECALL_KEPT_FLOOR = {"e5": 0.92, "hashing": 0.97}
+#: Share of no-answer queries given no reference at all (measured: e5 0.127, hashing
+#: 0.127), and recall kept by the answerable ones (measured: e5 0.957, hashing 0.977).
+NO_ANSWER_FLOOR = {"e5": 0.10, "hashing": 0.10}
+RECALL_KEPT_FLOOR = {"e5": 0.93, "hashing": 0.95}
 
 
 def e5_provider() -> EmbeddingProvider:
@@ -76,7 +78,7 @@ async def measured(
         await build_example_knowledge(
             db, embedder, EXAMPLES / "corpus", EXAMPLES / "conversations.json"
         )
-        result = await evaluate(db, embedder, load_queries(EXAMPLES / "queries.json"))
+        result = await evaluate(db, embedder, load_queries(EXAMPLES / "queries.json", split="test"))
     await embedder.aclose()
     yield name, result
 
