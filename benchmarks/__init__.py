@@ -3,4 +3,22 @@
 Run ``python -m benchmarks`` (all systems, writes docs/PERFORMANCE.md and docs/plots/)
 or ``python -m benchmarks.bench_sqlite`` (the SQLite backend alone). The comparison
 systems are in the ``bench`` extra: ``pip install -e '.[dev,bench]'``.
+
+Importing this package (which ``python -m benchmarks...`` does before anything else)
+sets ``OPENBLAS_THREAD_TIMEOUT`` unless it is set already: after each multi-threaded
+BLAS call (numpy's exact reference, the float32 cache's scan) OpenBLAS keeps its worker
+thread spinning for about 2^28 cycles (~90 ms of CPU on this host) waiting for more
+work. The systems take turns query by query, so with the default one of the two cores
+was burning in the benchmark's own process for the whole side-by-side run, slowing
+whichever system came next (most of all the two-process PostgreSQL: client and
+server), but not the ef_search sweeps, which run without numpy (issue 16, round 4).
+With 2^4 cycles the workers sleep right away; the BLAS calls still use every thread.
+It has to be set before numpy is first imported, hence here.
 """
+
+import os
+
+#: log2 of the cycles an idle OpenBLAS worker spins before it sleeps (OpenBLAS's minimum).
+OPENBLAS_THREAD_TIMEOUT = "4"
+
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", OPENBLAS_THREAD_TIMEOUT)

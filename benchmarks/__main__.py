@@ -482,6 +482,8 @@ def versions() -> dict[str, str]:
         out["sqlite (apsw)"] = apsw.sqlite_lib_version()
     # OPENBLAS_CORETYPE pins an older kernel on some hosts; say which one numpy ran.
     out["OPENBLAS_CORETYPE"] = os.environ.get("OPENBLAS_CORETYPE", "unset")
+    # Idle BLAS workers spin this long (log2 cycles) before sleeping; see benchmarks/__init__.
+    out["OPENBLAS_THREAD_TIMEOUT"] = os.environ.get("OPENBLAS_THREAD_TIMEOUT", "unset")
     with contextlib.suppress(Exception):
         from threadpoolctl import threadpool_info
 

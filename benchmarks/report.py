@@ -632,7 +632,13 @@ def write_report(results: dict[str, Any]) -> None:
         " QPS 8: 8 concurrent clients (coroutines for our async backends, threads for the"
         " others) over the queries twice, one system at a time. The raw SQL runs on the same"
         " table and index as ours. Chroma keeps one collection per guild (so a guild search has"
-        " no filter; a channel is a `where` filter).",
+        " no filter; a channel is a `where` filter). Idle OpenBLAS workers sleep at once"
+        " (`OPENBLAS_THREAD_TIMEOUT=4`, set by `benchmarks/__init__.py`; see Versions): with"
+        " OpenBLAS's default, each numpy or float32-cache search left a worker spinning for"
+        " ~90 ms of CPU, so one of the 2 cores burned through the whole side-by-side run"
+        " (the systems take turns every few ms) but not through the sweeps, which run"
+        " without numpy; runs before issue 16's round 4 had that (our PostgreSQL's defaults"
+        " then looked 1.4-2.1x slower than the same ef_search in its sweep).",
         "- Our SQLite runs with each `SQLITE_VECTOR_CACHE` kind on one database file:"
         f" *{SQLITE}* is the default, *{SQLITE_F32}* is the exact float32 scan of the cache"
         f" it replaced, *{SQLITE_I8}* the previous default's width, *binary* the sign-bit"
