@@ -5,7 +5,8 @@ or ``python -m benchmarks.bench_sqlite`` (the SQLite backend alone). The compari
 systems are in the ``bench`` extra: ``pip install -e '.[dev,bench]'``.
 
 Importing this package (which ``python -m benchmarks...`` does before anything else)
-sets ``OPENBLAS_THREAD_TIMEOUT`` unless it is set already: after each multi-threaded
+sets ``OPENBLAS_THREAD_TIMEOUT`` unless it is set already (through
+:mod:`kotonoha_bot`, which the bot needs as well): after each multi-threaded
 BLAS call (numpy's exact reference, the float32 cache's scan) OpenBLAS keeps its worker
 thread spinning for about 2^28 cycles (~90 ms of CPU on this host) waiting for more
 work. The systems take turns query by query, so with the default one of the two cores
@@ -16,9 +17,6 @@ With 2^4 cycles the workers sleep right away; the BLAS calls still use every thr
 It has to be set before numpy is first imported, hence here.
 """
 
-import os
-
-#: log2 of the cycles an idle OpenBLAS worker spins before it sleeps (OpenBLAS's minimum).
-OPENBLAS_THREAD_TIMEOUT = "4"
-
-os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", OPENBLAS_THREAD_TIMEOUT)
+# kotonoha_bot's own __init__ sets it (the bot needs it as much as the benchmark does);
+# importing the package here, first, gives every benchmark process it before numpy.
+import kotonoha_bot  # noqa: F401
