@@ -17,10 +17,16 @@ import pytest
 
 from kotonoha_bot.bot.memory_cog import format_explanation
 from kotonoha_bot.chat import ChatService, Conversation, Incoming
-from kotonoha_bot.chat.judge import RELEVANCE_SYSTEM_PROMPT, judge_prompt, parse_relevant
+from kotonoha_bot.chat.judge import (
+    RELEVANCE_SYSTEM_PROMPT,
+    SNIPPET_CHARS,
+    judge_prompt,
+    parse_relevant,
+)
 from kotonoha_bot.chat.usage import usage_model
 from kotonoha_bot.config import Settings
 from kotonoha_bot.db import DatabaseProtocol
+from kotonoha_bot.knowledge.ingest import ingest_text
 from kotonoha_bot.knowledge.search import RankedHit
 from kotonoha_bot.models import SearchHit, UsageRecord, utcnow
 from tests.chat.support import (
@@ -193,7 +199,10 @@ async def test_a_failing_judge_keeps_every_reference_and_warns_once_without_secr
     async with chat_service(db, fake_api, settings) as service:
         await with_documents(service)
         retrieved = await service.retrieve(conv(), QUESTION)
-        fake_api.script("messages", [Reply(500), Reply(), Reply(529), Reply()])
+        leaky = f"upstream rejected key {API_KEY}"  # a provider quoting the key back
+        fake_api.script(
+            "messages", [Reply(500, message=leaky), Reply(), Reply(529, message=leaky), Reply()]
+        )
         first = await service.respond(conv(), said())
         second = await service.respond(conv(), said(QUESTION + "？"))
         trace = service.traces.last(GUILD, USER)
@@ -221,6 +230,10 @@ async def test_a_slow_judge_times_out_and_keeps_every_reference(
     assert reply.ok and len(reply.knowledge) == len(retrieved)
     assert references_sent(fake_api.last("messages").json) == len(retrieved)
     assert trace is not None and trace.judge == "timeout"
+    # The abandoned call may still be billed: its prompt's estimate counts for the budgets.
+    rows = await db.list_usage(since=utcnow().date(), until=utcnow().date(), guild_id=GUILD)
+    (judged,) = [r for r in rows if r.model.startswith(usage_model("", "judge"))]
+    assert judged.calls == 1 and judged.input_tokens > 100 and judged.output_tokens == 0
 
 
 async def test_the_judge_is_skipped_when_its_call_could_cross_the_budget(
@@ -240,6 +253,89 @@ async def test_the_judge_is_skipped_when_its_call_could_cross_the_budget(
     assert RELEVANCE_SYSTEM_PROMPT not in sent_system(only.json)
     assert reply.ok and len(reply.knowledge) == len(retrieved)
     assert trace is not None and trace.judge == "budget"
+
+
+async def test_the_judge_runs_when_the_budget_has_room_for_it(
+    db: DatabaseProtocol, fake_api: FakeAPIServer, tmp_path: Path
+) -> None:
+    settings = chat_settings(tmp_path, retrieval_judge="llm", user_daily_token_budget=100_000)
+    await db.record_usage(
+        UsageRecord(day=utcnow().date(), model="m", guild_id=GUILD, user_id=USER, input_tokens=980)
+    )
+    async with chat_service(db, fake_api, settings) as service:
+        await with_documents(service)
+        await service.respond(conv(), said())
+        trace = service.traces.last(GUILD, USER)
+    assert len(judge_calls(fake_api, "messages")) == 1
+    assert trace is not None and trace.judge == "judged"
+
+
+async def test_references_beyond_the_candidate_bound_pass_unjudged(
+    db: DatabaseProtocol, fake_api: FakeAPIServer, tmp_path: Path
+) -> None:
+    settings = chat_settings(tmp_path, retrieval_judge="llm", retrieval_judge_max_candidates=1)
+    async with chat_service(db, fake_api, settings) as service:
+        await with_documents(service)
+        retrieved = await service.retrieve(conv(), QUESTION)
+        assert len(retrieved) >= 2
+        fake_api.script("messages", [Reply(text="[]")])  # the one candidate read: judged out
+        reply = await service.respond(conv(), said())
+        trace = service.traces.last(GUILD, USER)
+    (judged,) = judge_calls(fake_api, "messages")
+    assert request_text(judged).count("<snippet n=") == 1
+    assert trace is not None and trace.judge == "judged"
+    assert [r.chunk_id for r in trace.judged_out] == [retrieved[0].hit.chunk_id]
+    assert [h.hit.chunk_id for h in reply.knowledge] == [h.hit.chunk_id for h in retrieved[1:]]
+    assert references_sent(fake_api.last("messages").json) == len(retrieved) - 1
+
+
+async def test_a_reference_the_judge_read_only_in_part_is_not_judged_out(
+    db: DatabaseProtocol, fake_api: FakeAPIServer, tmp_path: Path
+) -> None:
+    settings = chat_settings(tmp_path, retrieval_judge="llm")
+    long_text = "# 定例会議の記録\n" + "定例会議の記録です。議題は多岐にわたりました。" * 60
+    long_text += f"\n次の定例会議は火曜日の夜、会議室{MARKER}で開かれます。"
+    assert long_text.index(MARKER) > SNIPPET_CHARS
+    async with chat_service(db, fake_api, settings) as service:
+        await ingest_text(
+            service.db,
+            service.embedder,
+            uri="long-minutes.md",
+            text=long_text,
+            guild_id=GUILD,
+            max_chars=4000,
+        )
+        retrieved = await service.retrieve(conv(), QUESTION)
+        assert [MARKER in h.hit.content for h in retrieved] == [True]
+        reply = await service.respond(conv(), said())  # the judge sees no marker: names none
+        trace = service.traces.last(GUILD, USER)
+    (judged,) = judge_calls(fake_api, "messages")
+    assert MARKER not in request_text(judged)
+    assert trace is not None and trace.judge == "judged" and trace.judged_out == ()
+    assert [MARKER in h.hit.content for h in reply.knowledge] == [True]
+
+
+async def test_a_malformed_answer_the_sdk_lets_through_keeps_every_reference(
+    db: DatabaseProtocol, fake_api: FakeAPIServer, tmp_path: Path
+) -> None:
+    # An OpenAI-compatible server answering with a null message and null token counts.
+    malformed = {
+        "id": "chatcmpl-1",
+        "object": "chat.completion",
+        "created": 0,
+        "model": "judge",
+        "choices": [{"index": 0, "message": None, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": None, "completion_tokens": None, "total_tokens": None},
+    }
+    settings = chat_settings(tmp_path, "openai", retrieval_judge="llm")
+    async with chat_service(db, fake_api, settings) as service:
+        await with_documents(service)
+        retrieved = await service.retrieve(conv(), QUESTION)
+        fake_api.script("chat", [Reply(200, body=malformed)])
+        reply = await service.respond(conv(), said())
+        trace = service.traces.last(GUILD, USER)
+    assert reply.ok and len(reply.knowledge) == len(retrieved)
+    assert trace is not None and trace.judge == "unparsed"
 
 
 async def test_memory_why_shows_the_references_the_judge_left_out(

@@ -3,9 +3,10 @@
 Every quality number in docs/KNOWLEDGE.md and every floor in test_retrieval_quality.py
 is only as good as these labels, so they are checked mechanically: each answerable
 query carries an ``evidence`` span copied from one of its ``relevant`` sources (after
-NFKC and whitespace normalisation, the same folding the search applies), so a label
-that points at a source which does not say the answer fails here instead of skewing
-recall. No-answer queries must point at nothing. Splits alternate within each class,
+NFKC and whitespace normalisation, the same folding the search applies), so a query
+none of whose sources says the answer fails here instead of skewing recall. A second
+relevant source that words the answer differently is not checked (one that states the
+fact in other words, or in the other language, must stay listed). No-answer queries must point at nothing. Splits alternate within each class,
 so dev (tuning) and test (reporting) stay the same size per class.
 """
 

@@ -14,14 +14,18 @@ Invariants:
   the call could cross, or an answer that is not exactly one JSON list of candidate
   numbers all leave the references as they were (unjudged). Each cause is warned about
   once per process (then logged at debug), with the provider's one-line error, never
-  a key. The judge can only *remove* references, never add or reorder them.
+  a key and never the model's answer text (it may quote the guild's knowledge). Any
+  other exception of the call fails open the same way (by its type name). The judge
+  can only *remove* references, never add or reorder them.
 - **Bounded.** At most ``RETRIEVAL_JUDGE_MAX_CANDIDATES`` references are read, each
-  cut to :data:`SNIPPET_CHARS`; references beyond the bound pass unjudged. The answer
-  is at most :data:`JUDGE_MAX_TOKENS` tokens.
+  cut to :data:`SNIPPET_CHARS`; references beyond the bound, and those the cut
+  shortened (the judge did not read all of them), pass unjudged. The answer is at
+  most :func:`judge_max_tokens` tokens (about 4 a candidate).
 - **Paid for and capped.** Its tokens are recorded under their own kind
   (:func:`kotonoha_bot.chat.usage.usage_model`) for the guild and the speaker, so the
   daily budgets count them; the call is skipped when its estimated size exceeds the
   headroom left (the answer must not be refused because the judge spent the budget).
+  A call that times out is counted at its prompt's estimate (the provider may bill it).
 - **Traced.** The outcome (ran or why not, which chunks were judged out) goes into the
   answer's trace (``/memory why``).
 """
@@ -41,12 +45,13 @@ from kotonoha_bot.chat.usage import UsageMeter
 from kotonoha_bot.config import Settings
 from kotonoha_bot.errors import LLMError
 from kotonoha_bot.knowledge.search import RankedHit
-from kotonoha_bot.llm.base import ChatTurn, LLMProvider
+from kotonoha_bot.llm.base import ChatTurn, LLMProvider, LLMReply
 
 log = logging.getLogger("kotonoha_bot.chat")
 
-#: Tokens the judge may answer with (a JSON list of a few numbers).
-JUDGE_MAX_TOKENS = 64
+#: Tokens the judge may answer with: a JSON list of numbers needs about 4 a candidate
+#: (``judge_max_tokens``); the cap keeps a runaway answer short.
+JUDGE_MAX_TOKENS = 256
 #: Characters of each candidate snippet the judge reads.
 SNIPPET_CHARS = 800
 
@@ -88,6 +93,11 @@ class Judgement:
     def ran(self) -> bool:
         """Whether the judge's answer decided the references."""
         return self.verdict == "judged"
+
+
+def judge_max_tokens(candidates: int) -> int:
+    """Answer tokens for a list naming up to ``candidates`` numbers (``[1, 2, …]``)."""
+    return min(16 + 4 * candidates, JUDGE_MAX_TOKENS)
 
 
 def parse_relevant(text: str, candidates: int) -> set[int] | None:
@@ -160,7 +170,9 @@ class RelevanceJudge:
         candidates = hits[: s.retrieval_judge_max_candidates]
         rest = hits[len(candidates) :]
         prompt = judge_prompt(question, candidates)
-        needed = estimate_tokens(RELEVANCE_SYSTEM_PROMPT + prompt) + JUDGE_MAX_TOKENS
+        answer_tokens = judge_max_tokens(len(candidates))
+        asked = estimate_tokens(RELEVANCE_SYSTEM_PROMPT + prompt)
+        needed = asked + answer_tokens
         headroom = await self._usage.headroom(guild_id, user_id)
         if headroom is not None and needed > headroom:
             self._fail_open("budget", f"~{needed} tokens needed, {headroom} left today")
@@ -170,25 +182,42 @@ class RelevanceJudge:
                 reply = await self._llm.complete(
                     RELEVANCE_SYSTEM_PROMPT,
                     [ChatTurn("user", prompt)],
-                    max_tokens=JUDGE_MAX_TOKENS,
+                    max_tokens=answer_tokens,
                     temperature=0.0,
                     model=self.model,
                 )
         except TimeoutError:
+            # The provider may bill a request it was still answering: count the prompt's
+            # estimate, so that a judge too slow for its timeout cannot spend unseen.
+            billed = LLMReply(text="", model=self.model, input_tokens=asked, output_tokens=0)
+            await self._usage.record(guild_id, user_id, billed, kind="judge")
             self._fail_open("timeout", f"no answer within {s.retrieval_judge_timeout:g} s")
             return Judgement("timeout", hits)
         except LLMError as exc:
             self._fail_open("error", str(exc))
             return Judgement("error", hits)
+        except Exception as exc:  # an optional step: nothing may stop the answer
+            # A malformed answer the SDK did not reject, a provider bug: the type only
+            # (an SDK's message can quote the request).
+            self._fail_open("error", f"unexpected {type(exc).__name__}")
+            return Judgement("error", hits)
         await self._usage.record(guild_id, user_id, reply, kind="judge")
         relevant = parse_relevant(reply.text, len(candidates))
         if relevant is None:
+            # The answer's text stays out of warnings: it may quote the guild's knowledge.
+            log.debug("relevance judge answered %s", _preview(reply.text))
             self._fail_open(
-                "unparsed", f"answer {_preview(reply.text)} is not a list of 1..{len(candidates)}"
+                "unparsed",
+                f"an answer of {len(reply.text)} characters (stop: {reply.stop_reason})"
+                f" is not a list of 1..{len(candidates)}",
             )
             return Judgement("unparsed", hits, candidates=len(candidates))
-        kept = [h for i, h in enumerate(candidates, 1) if i in relevant]
-        out = [h for i, h in enumerate(candidates, 1) if i not in relevant]
+        # A snippet cut to SNIPPET_CHARS may hold its answer past the cut: the judge did
+        # not read all of it, so it cannot judge it out (archived conversation windows
+        # have no character cap).
+        cut = {i for i, h in enumerate(candidates, 1) if len(h.hit.content.strip()) > SNIPPET_CHARS}
+        kept = [h for i, h in enumerate(candidates, 1) if i in relevant or i in cut]
+        out = [h for i, h in enumerate(candidates, 1) if i not in relevant and i not in cut]
         log.debug("relevance judge kept %d of %d references", len(kept), len(candidates))
         return Judgement("judged", kept + rest, out, len(candidates))
 

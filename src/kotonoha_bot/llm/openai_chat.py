@@ -103,11 +103,14 @@ class OpenAIChatProvider:
             raise LLMError(f"{self.name}: the answer held no choices")
         choice = response.choices[0]
         usage = response.usage
+        # Compatible servers are not all strict about the schema the SDK does not check:
+        # a null message or null token counts read as empty / 0, not as a crash.
+        message = choice.message
         reply = LLMReply(
-            text=choice.message.content or "",
+            text=(message.content if message is not None else None) or "",
             model=response.model or model or self._model,
-            input_tokens=usage.prompt_tokens if usage else 0,
-            output_tokens=usage.completion_tokens if usage else 0,
+            input_tokens=(usage.prompt_tokens if usage else 0) or 0,
+            output_tokens=(usage.completion_tokens if usage else 0) or 0,
             stop_reason=choice.finish_reason,
         )
         log.debug(
