@@ -6,8 +6,9 @@ query carries an ``evidence`` span copied from one of its ``relevant`` sources (
 NFKC and whitespace normalisation, the same folding the search applies), so a query
 none of whose sources says the answer fails here instead of skewing recall. A second
 relevant source that words the answer differently is not checked (one that states the
-fact in other words, or in the other language, must stay listed). No-answer queries must point at nothing. Splits alternate within each class,
-so dev (tuning) and test (reporting) stay the same size per class.
+fact in other words, or in the other language, must stay listed). No-answer queries
+must point at nothing. Splits alternate within each class, so dev (tuning) and test
+(reporting) stay the same size per class.
 """
 
 from __future__ import annotations
