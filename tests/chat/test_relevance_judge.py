@@ -10,9 +10,11 @@ from __future__ import annotations
 import json
 import logging
 import re
+import sqlite3
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 
 from kotonoha_bot.bot.memory_cog import format_explanation
@@ -268,6 +270,42 @@ async def test_the_judge_runs_when_the_budget_has_room_for_it(
         trace = service.traces.last(GUILD, USER)
     assert len(judge_calls(fake_api, "messages")) == 1
     assert trace is not None and trace.judge == "judged"
+
+
+async def test_unreadable_usage_skips_the_judge_as_an_error_not_as_a_used_up_budget(
+    db: DatabaseProtocol,
+    database_url: str,
+    fake_api: FakeAPIServer,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="kotonoha_bot")
+    settings = chat_settings(tmp_path, retrieval_judge="llm", user_daily_token_budget=100_000)
+    async with chat_service(db, fake_api, settings) as service:
+        await with_documents(service)
+        retrieved = await service.retrieve(conv(), QUESTION)
+        await break_usage_table(database_url)  # damaged by hand, by another program
+        reply = await service.respond(conv(), said())
+        trace = service.traces.last(GUILD, USER)
+    assert judge_calls(fake_api, "messages") == []
+    assert reply.ok and len(reply.knowledge) == len(retrieved)
+    assert trace is not None and trace.judge == "error"
+    (warning,) = [r for r in caplog.records if "relevance judge skipped" in r.getMessage()]
+    assert "usage could not be read" in warning.getMessage()
+
+
+async def break_usage_table(database_url: str) -> None:
+    """Rename the usage table behind the bot's back, as a damaged database would be."""
+    if database_url.startswith("sqlite"):
+        path = database_url.removeprefix("sqlite:///")
+        with sqlite3.connect(path) as raw:
+            raw.execute("ALTER TABLE llm_usage RENAME TO llm_usage_gone")
+        return
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute("ALTER TABLE llm_usage RENAME TO llm_usage_gone")
+    finally:
+        await conn.close()
 
 
 async def test_references_beyond_the_candidate_bound_pass_unjudged(

@@ -43,7 +43,7 @@ from typing import Literal
 from kotonoha_bot.chat.prompt import describe_source, escape_tags, estimate_tokens
 from kotonoha_bot.chat.usage import UsageMeter
 from kotonoha_bot.config import Settings
-from kotonoha_bot.errors import LLMError
+from kotonoha_bot.errors import KotonohaError, LLMError
 from kotonoha_bot.knowledge.search import RankedHit
 from kotonoha_bot.llm.base import ChatTurn, LLMProvider, LLMReply
 
@@ -173,7 +173,11 @@ class RelevanceJudge:
         answer_tokens = judge_max_tokens(len(candidates))
         asked = estimate_tokens(RELEVANCE_SYSTEM_PROMPT + prompt)
         needed = asked + answer_tokens
-        headroom = await self._usage.headroom(guild_id, user_id)
+        try:
+            headroom = await self._usage.headroom(guild_id, user_id)
+        except KotonohaError as exc:
+            self._fail_open("error", f"today's usage could not be read ({exc})")
+            return Judgement("error", hits)
         if headroom is not None and needed > headroom:
             self._fail_open("budget", f"~{needed} tokens needed, {headroom} left today")
             return Judgement("budget", hits)

@@ -155,24 +155,21 @@ class UsageMeter:
     async def headroom(self, guild_id: int | None, user_id: int | None) -> int | None:
         """Tokens left today before the tightest budget of this guild/user; None = no limit.
 
-        0 when a budget is used up. When usage cannot be read the answer is 0: a caller
-        asking whether an *optional* call fits (the relevance judge) then skips it.
+        0 when a budget is used up. When usage cannot be read the storage error is
+        raised: the caller (the relevance judge, an optional call) skips its call and
+        says why, rather than reporting a used-up budget that is not.
         """
         s = self._settings
         left: list[int] = []
         day = self.today()
-        try:
-            if guild_id is not None and s.guild_daily_token_budget:
-                used = await self._db.tokens_used(day=day, guild_id=guild_id)
-                left.append(s.guild_daily_token_budget - used)
-            if user_id is not None and s.user_daily_token_budget:
-                used = await self._db.tokens_used(
-                    day=day, guild_id=scope_key(guild_id), user_id=user_id
-                )
-                left.append(s.user_daily_token_budget - used)
-        except KotonohaError as exc:
-            log.warning("could not read usage for the budget check: %s", exc)
-            return 0
+        if guild_id is not None and s.guild_daily_token_budget:
+            used = await self._db.tokens_used(day=day, guild_id=guild_id)
+            left.append(s.guild_daily_token_budget - used)
+        if user_id is not None and s.user_daily_token_budget:
+            used = await self._db.tokens_used(
+                day=day, guild_id=scope_key(guild_id), user_id=user_id
+            )
+            left.append(s.user_daily_token_budget - used)
         return max(min(left), 0) if left else None
 
     async def record(
