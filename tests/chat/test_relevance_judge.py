@@ -96,6 +96,12 @@ async def with_documents(service: ChatService) -> None:
         await add_document(service, GUILD, uri, text)
 
 
+async def judge_usage(db: DatabaseProtocol) -> list[UsageRecord]:
+    """Today's usage rows of the guild recorded under the judge's kind."""
+    rows = await db.list_usage(since=utcnow().date(), until=utcnow().date(), guild_id=GUILD)
+    return [r for r in rows if r.model.startswith(usage_model("", "judge"))]
+
+
 def references_sent(body: Any) -> int:
     """References in the turn being answered (echoed earlier turns quote theirs too)."""
     return sent_turns(body)[-1][1].count("<reference id=")
@@ -215,8 +221,7 @@ async def test_a_failing_judge_keeps_every_reference_and_warns_once_without_secr
     assert len(warnings) == 1 and "HTTP 500" in warnings[0].getMessage()
     assert API_KEY not in caplog.text
     # A failed judge call reported no usage: nothing recorded under the judge's kind.
-    rows = await db.list_usage(since=utcnow().date(), until=utcnow().date(), guild_id=GUILD)
-    assert not [r for r in rows if r.model.startswith(usage_model("", "judge"))]
+    assert await judge_usage(db) == []
 
 
 async def test_a_slow_judge_times_out_and_keeps_every_reference(
@@ -233,16 +238,26 @@ async def test_a_slow_judge_times_out_and_keeps_every_reference(
     assert references_sent(fake_api.last("messages").json) == len(retrieved)
     assert trace is not None and trace.judge == "timeout"
     # The abandoned call may still be billed: its prompt's estimate counts for the budgets.
-    rows = await db.list_usage(since=utcnow().date(), until=utcnow().date(), guild_id=GUILD)
-    (judged,) = [r for r in rows if r.model.startswith(usage_model("", "judge"))]
+    (judged,) = await judge_usage(db)
     assert judged.calls == 1 and judged.input_tokens > 100 and judged.output_tokens == 0
 
 
-async def test_the_judge_is_skipped_when_its_call_could_cross_the_budget(
-    db: DatabaseProtocol, fake_api: FakeAPIServer, tmp_path: Path
+@pytest.mark.parametrize(
+    ("budget", "verdict", "judge_calls_made"),
+    [
+        (1000, "budget", 0),  # 980 of 1000 used: the turn is answered, the judge does not fit
+        (100_000, "judged", 1),  # room left: the judge runs
+    ],
+)
+async def test_the_judge_runs_only_when_the_budget_has_room_for_its_call(
+    db: DatabaseProtocol,
+    fake_api: FakeAPIServer,
+    tmp_path: Path,
+    budget: int,
+    verdict: str,
+    judge_calls_made: int,
 ) -> None:
-    settings = chat_settings(tmp_path, retrieval_judge="llm", user_daily_token_budget=1000)
-    # 980 of 1000 tokens used today: the turn is still answered, the judge does not fit.
+    settings = chat_settings(tmp_path, retrieval_judge="llm", user_daily_token_budget=budget)
     await db.record_usage(
         UsageRecord(day=utcnow().date(), model="m", guild_id=GUILD, user_id=USER, input_tokens=980)
     )
@@ -251,25 +266,11 @@ async def test_the_judge_is_skipped_when_its_call_could_cross_the_budget(
         retrieved = await service.retrieve(conv(), QUESTION)
         reply = await service.respond(conv(), said())
         trace = service.traces.last(GUILD, USER)
-    (only,) = fake_api.requests_for("messages")
-    assert RELEVANCE_SYSTEM_PROMPT not in sent_system(only.json)
-    assert reply.ok and len(reply.knowledge) == len(retrieved)
-    assert trace is not None and trace.judge == "budget"
-
-
-async def test_the_judge_runs_when_the_budget_has_room_for_it(
-    db: DatabaseProtocol, fake_api: FakeAPIServer, tmp_path: Path
-) -> None:
-    settings = chat_settings(tmp_path, retrieval_judge="llm", user_daily_token_budget=100_000)
-    await db.record_usage(
-        UsageRecord(day=utcnow().date(), model="m", guild_id=GUILD, user_id=USER, input_tokens=980)
-    )
-    async with chat_service(db, fake_api, settings) as service:
-        await with_documents(service)
-        await service.respond(conv(), said())
-        trace = service.traces.last(GUILD, USER)
-    assert len(judge_calls(fake_api, "messages")) == 1
-    assert trace is not None and trace.judge == "judged"
+    assert len(judge_calls(fake_api, "messages")) == judge_calls_made
+    assert len(answer_calls(fake_api, "messages")) == 1
+    assert reply.ok and trace is not None and trace.judge == verdict
+    if verdict == "budget":
+        assert len(reply.knowledge) == len(retrieved)
 
 
 async def test_unreadable_usage_skips_the_judge_as_an_error_not_as_a_used_up_budget(

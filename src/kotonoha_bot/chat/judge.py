@@ -86,13 +86,11 @@ class Judgement:
     verdict: Verdict
     kept: list[RankedHit]
     judged_out: list[RankedHit] = field(default_factory=list)
-    #: Candidates the judge read (0 when it did not run).
-    candidates: int = 0
 
-    @property
-    def ran(self) -> bool:
-        """Whether the judge's answer decided the references."""
-        return self.verdict == "judged"
+
+def _read_whole(ranked: RankedHit) -> bool:
+    """Whether the judge's snippet holds the whole chunk (not cut at SNIPPET_CHARS)."""
+    return len(ranked.hit.content.strip()) <= SNIPPET_CHARS
 
 
 def judge_max_tokens(candidates: int) -> int:
@@ -125,7 +123,7 @@ def judge_prompt(question: str, hits: Sequence[RankedHit]) -> str:
     blocks = []
     for i, ranked in enumerate(hits, 1):
         text = ranked.hit.content.strip()
-        if len(text) > SNIPPET_CHARS:
+        if not _read_whole(ranked):
             text = text[: SNIPPET_CHARS - 1] + "…"
         source = describe_source(ranked.hit).replace('"', "'").replace("\n", " ")
         blocks.append(f'<snippet n="{i}" source="{_quoted(source)}">\n{_quoted(text)}\n</snippet>')
@@ -215,15 +213,16 @@ class RelevanceJudge:
                 f"an answer of {len(reply.text)} characters (stop: {reply.stop_reason})"
                 f" is not a list of 1..{len(candidates)}",
             )
-            return Judgement("unparsed", hits, candidates=len(candidates))
+            return Judgement("unparsed", hits)
         # A snippet cut to SNIPPET_CHARS may hold its answer past the cut: the judge did
         # not read all of it, so it cannot judge it out (archived conversation windows
         # have no character cap).
-        cut = {i for i, h in enumerate(candidates, 1) if len(h.hit.content.strip()) > SNIPPET_CHARS}
-        kept = [h for i, h in enumerate(candidates, 1) if i in relevant or i in cut]
-        out = [h for i, h in enumerate(candidates, 1) if i not in relevant and i not in cut]
+        kept: list[RankedHit] = []
+        out: list[RankedHit] = []
+        for i, ranked in enumerate(candidates, 1):
+            (kept if i in relevant or not _read_whole(ranked) else out).append(ranked)
         log.debug("relevance judge kept %d of %d references", len(kept), len(candidates))
-        return Judgement("judged", kept + rest, out, len(candidates))
+        return Judgement("judged", kept + rest, out)
 
     def _fail_open(self, verdict: Verdict, detail: str) -> None:
         # Once per cause at warning level: a provider outage must not flood the log.

@@ -128,28 +128,41 @@ class UsageMeter:
         """The current UTC day (budgets and reports count by it)."""
         return self._clock().date()
 
+    async def _budgets_used(
+        self, guild_id: int | None, user_id: int | None
+    ) -> list[tuple[str, int, int, int]]:
+        """``(who, id, used today, budget)`` for each daily budget that applies (guild first).
+
+        Raises the storage error when usage cannot be read (the callers decide).
+        """
+        s = self._settings
+        day = self.today()
+        found: list[tuple[str, int, int, int]] = []
+        if guild_id is not None and s.guild_daily_token_budget:
+            used = await self._db.tokens_used(day=day, guild_id=guild_id)
+            found.append(("guild", guild_id, used, s.guild_daily_token_budget))
+        if user_id is not None and s.user_daily_token_budget:
+            used = await self._db.tokens_used(
+                day=day, guild_id=scope_key(guild_id), user_id=user_id
+            )
+            found.append(("user", user_id, used, s.user_daily_token_budget))
+        return found
+
     async def refusal(self, guild_id: int | None, user_id: int | None) -> str | None:
         """The budget message when a daily budget is used up, else None (go ahead)."""
         s = self._settings
         if not (s.guild_daily_token_budget or s.user_daily_token_budget):
             return None
-        day = self.today()
         try:
-            if guild_id is not None and s.guild_daily_token_budget:
-                used = await self._db.tokens_used(day=day, guild_id=guild_id)
-                if used >= s.guild_daily_token_budget:
-                    log.info("guild %d reached its daily token budget (%d)", guild_id, used)
-                    return s.budget_exceeded_message
-            if user_id is not None and s.user_daily_token_budget:
-                used = await self._db.tokens_used(
-                    day=day, guild_id=scope_key(guild_id), user_id=user_id
-                )
-                if used >= s.user_daily_token_budget:
-                    log.info("user %d reached the daily token budget (%d)", user_id, used)
-                    return s.budget_exceeded_message
+            budgets = await self._budgets_used(guild_id, user_id)
         except KotonohaError as exc:
             # Without the numbers the budget cannot be judged; answering is the kinder error.
             log.warning("could not read usage for the budget check: %s", exc)
+            return None
+        for who, key, used, budget in budgets:
+            if used >= budget:
+                log.info("%s %d reached its daily token budget (%d)", who, key, used)
+                return s.budget_exceeded_message
         return None
 
     async def headroom(self, guild_id: int | None, user_id: int | None) -> int | None:
@@ -159,17 +172,7 @@ class UsageMeter:
         raised: the caller (the relevance judge, an optional call) skips its call and
         says why, rather than reporting a used-up budget that is not.
         """
-        s = self._settings
-        left: list[int] = []
-        day = self.today()
-        if guild_id is not None and s.guild_daily_token_budget:
-            used = await self._db.tokens_used(day=day, guild_id=guild_id)
-            left.append(s.guild_daily_token_budget - used)
-        if user_id is not None and s.user_daily_token_budget:
-            used = await self._db.tokens_used(
-                day=day, guild_id=scope_key(guild_id), user_id=user_id
-            )
-            left.append(s.user_daily_token_budget - used)
+        left = [budget - used for _, _, used, budget in await self._budgets_used(guild_id, user_id)]
         return max(min(left), 0) if left else None
 
     async def record(
