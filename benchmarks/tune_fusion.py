@@ -170,7 +170,7 @@ def tune_floor(
 
 
 #: The values tried for each field of FusionProfile (floors are tuned after).
-GRID: dict[str, tuple[float, ...]] = {
+GRID: dict[str, tuple[Any, ...]] = {
     "vector_share": (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6),
     "coverage_power": (1.0, 2.0, 4.0, 6.0),
     "coverage_share": (0.7, 0.8, 0.9, 1.0),
@@ -178,14 +178,15 @@ GRID: dict[str, tuple[float, ...]] = {
     "coverage_gate": (0.0, 0.5, 0.7, 0.9),
     "language_bonus": (0.0, 0.2, 0.4, 0.6, 1.0),
     "keyword_lead": (0.0, 0.8, 0.99),
+    "leading_half": (None, "keyword", "vector"),
 }
 
 
 def grid(sample: int = 0) -> list[FusionProfile]:
     """The profiles tried; ``sample`` > 0 draws that many with a fixed seed."""
     profiles = [
-        FusionProfile(a, p, b, int(d), None, None, g, lang, lead, EXACT_LEAD_SOURCES)
-        for a, p, b, d, g, lang, lead in itertools.product(*GRID.values())
+        FusionProfile(a, p, b, int(d), None, None, g, lang, lead, EXACT_LEAD_SOURCES, half)
+        for a, p, b, d, g, lang, lead, half in itertools.product(*GRID.values())
     ]
     if sample:
         random.Random(11).shuffle(profiles)

@@ -384,6 +384,52 @@ def test_every_shipped_profile_has_the_exact_match_lead() -> None:
     assert FusionProfile(0.5, 1.0, 1.0, 10, None, None).exact_lead_sources == 0
 
 
+def test_a_leading_half_keeps_its_own_order_and_the_other_half_fills_behind() -> None:
+    # The vector side is sure of chunk 9 (the keyword side never found it); with a high
+    # vector share the scores put it first. Leading with the keyword half keeps the
+    # keyword order for every keyword hit, and chunk 9 only follows them.
+    vector = [_hit(9, similarity=0.95), _hit(2, similarity=0.9), _hit(1, similarity=0.2)]
+    keyword = [
+        replace(_hit(i, coverage=cov), score=bm25)
+        for i, cov, bm25 in ((1, 0.5, 3.0), (2, 0.5, 2.0), (3, 0.2, 1.0))
+    ]
+    plain = FusionProfile(0.9, 4.0, 1.0, 10, None, None)
+    assert [r.hit.chunk_id for r in fuse(vector, keyword, plain, top_k=5)][:2] == [9, 2]
+    led = fuse(vector, keyword, replace(plain, leading_half="keyword"), top_k=5)
+    assert [r.hit.chunk_id for r in led] == [1, 2, 3, 9]
+    for r in led:  # the order is a rule, the scores stay true
+        assert r.score == pytest.approx(r.vector_part + r.keyword_part)
+    # Leading with the vector half: the vector order, then keyword-only hits.
+    by_vector = fuse(vector, keyword, replace(plain, leading_half="vector"), top_k=5)
+    assert [r.hit.chunk_id for r in by_vector] == [9, 2, 1, 3]
+    # Fewer leading hits than places: the other half fills them.
+    alone = fuse(vector, [], replace(plain, leading_half="keyword"), top_k=2)
+    assert [r.hit.chunk_id for r in alone] == [9, 2]
+
+
+def test_a_tie_in_the_leading_half_is_broken_by_the_fused_score() -> None:
+    # Chunks 4 and 5 have the same keyword score (the database orders them by id); the
+    # vector side prefers 5, so the fused score puts 5 first. A lower keyword score
+    # (chunk 6) stays behind both, however similar it is.
+    keyword = [
+        replace(_hit(4, coverage=1.0), score=2.0),
+        replace(_hit(5, coverage=1.0), score=2.0),
+        replace(_hit(6, coverage=0.5), score=1.0),
+    ]
+    vector = [_hit(6, similarity=0.99), _hit(5, similarity=0.8), _hit(4, similarity=0.1)]
+    profile = FusionProfile(0.5, 4.0, 1.0, 10, None, None, leading_half="keyword")
+    assert [r.hit.chunk_id for r in fuse(vector, keyword, profile, top_k=5)] == [5, 4, 6]
+
+
+def test_the_exact_match_lead_still_comes_before_a_leading_half() -> None:
+    vector = [_hit(1, similarity=0.9), _hit(2, similarity=0.8), _hit(3, similarity=0.2)]
+    keyword = [_hit(3, coverage=1.0), _hit(2, coverage=0.3)]
+    profile = FusionProfile(0.9, 4.0, 1.0, 10, None, None, exact_lead_sources=3)
+    led = fuse(vector, keyword, replace(profile, leading_half="vector"), top_k=5)
+    assert [r.hit.chunk_id for r in led] == [3, 1, 2]
+    assert led[0].exact_lead
+
+
 def test_language_bonus_lifts_a_hit_in_the_other_language_only_when_asked() -> None:
     # An English question; the Japanese chunk answers it but the model ranks an English
     # chunk a little higher (its same-language preference).
