@@ -22,7 +22,10 @@ far ahead does not buy a thin one), then the highest sum of hybrid scores. The
 relevance floor is chosen after: the (similarity, coverage) pair that rejects the
 most no-answer queries while the answerable ones keep at least 95 % of their
 recall. The exact-match lead (``exact_lead_sources``) is a fixed rule, not tuned:
-every profile of the grid has the shipped value. The profiles printed here are
+every profile of the grid has the shipped value. The leading half
+(``leading_half``: none, keyword or vector) is a field of the grid like the
+weights: a profile that leads with one half is never below that half, and the
+objective decides whether that beats every weighting. The profiles printed here are
 the ones in ``FUSION_PROFILES``; the test half is only printed, never used to
 choose.
 """
