@@ -11,10 +11,13 @@ from collections.abc import Sequence
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
+from kotonoha_bot.config import Settings
+from kotonoha_bot.db import open_database
 from kotonoha_bot.db.contract import DatabaseProtocol
 from kotonoha_bot.errors import EmbeddingModelMismatchError
 from kotonoha_bot.knowledge.archive import (
@@ -33,6 +36,7 @@ from kotonoha_bot.knowledge.search import (
     EXACT_LEAD_SOURCES,
     FUSION_PROFILES,
     FusionProfile,
+    RankedHit,
     fuse,
     nothing_relevant,
     search_knowledge,
@@ -428,6 +432,43 @@ def test_the_exact_match_lead_still_comes_before_a_leading_half() -> None:
     led = fuse(vector, keyword, replace(profile, leading_half="vector"), top_k=5)
     assert [r.hit.chunk_id for r in led] == [3, 1, 2]
     assert led[0].exact_lead
+
+
+async def test_hybrid_ranks_the_same_on_both_backends_with_each_leading_half(
+    new_database_url: Any, settings: Settings
+) -> None:
+    """One ``fuse`` over each backend's halves: the same sources, order and scores."""
+    corpus = Path(__file__).parents[2] / "examples" / "corpus"
+    queries = (
+        "LT-1042",
+        "how do I grow herbs on a balcony",
+        "眠れない夜の対処法",
+        "When does the book club meet?",
+        "灯台の会議の締切",
+    )
+    emb = HashingEmbeddingProvider()
+    results = []
+    for kind in ("sqlite", "postgres"):
+        async with open_database(await new_database_url(kind), settings=settings) as backend:
+            await ingest_paths(backend, emb, [corpus], guild_id=1)
+            found = []
+            for q in queries:
+                shipped = await search_knowledge(backend, emb, q, guild_id=1, top_k=8, floor=False)
+                found.append([_ranked(r) for r in shipped.hits])
+                qvec = (await emb.embed_queries([q]))[0]
+                vector = await backend.similarity_search(qvec, guild_id=1, top_k=20)
+                keyword = await backend.keyword_search(q, guild_id=1, top_k=20)
+                for half in (None, "keyword", "vector"):
+                    profile = replace(FUSION_PROFILES[emb.model], leading_half=half)
+                    fused = fuse(vector, keyword, profile, top_k=8, query_language=0.0)
+                    found.append([_ranked(r) for r in fused])
+            results.append(found)
+    assert results[0] == results[1]
+    assert all(results[0])
+
+
+def _ranked(r: RankedHit) -> tuple[str, int, float, int | None, int | None]:
+    return (r.hit.source_uri, r.hit.chunk_index, round(r.score, 5), r.vector_rank, r.keyword_rank)
 
 
 def test_language_bonus_lifts_a_hit_in_the_other_language_only_when_asked() -> None:
