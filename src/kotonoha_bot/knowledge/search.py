@@ -37,9 +37,9 @@ conversations, 1 paraphrase, 1 no-answer, no cross-lingual one).
 **Leading half.** A profile may name one half that leads (``leading_half``): its
 hits keep that half's own order, ahead of every hit only the other half found, which
 fill the places behind in fused order (ties of the leading half's score are broken
-by the fused score). Hybrid is then never below the leading half, by construction;
-the tuner chooses it only where no weighting is above both halves on dev (an
-embedder whose vector half is weaker than keyword search everywhere).
+by the fused score). Hybrid is then never below the leading half, by construction.
+It is in the tuner's grid like the weights; on dev it won only for ``hashing``, whose
+vector half is weaker than keyword search in every class (led by keyword search).
 ``a``, ``b``, ``p``, ``l``, ``depth``, the gate of ``t`` and the leading half form a
 :class:`FusionProfile`, tuned per embedder on the dev half of the labelled set
 (``python -m benchmarks.tune_fusion``: the profile whose worst class is furthest
