@@ -22,7 +22,10 @@ far ahead does not buy a thin one), then the highest sum of hybrid scores. The
 relevance floor is chosen after: the (similarity, coverage) pair that rejects the
 most no-answer queries while the answerable ones keep at least 95 % of their
 recall. The exact-match lead (``exact_lead_sources``) is a fixed rule, not tuned:
-every profile of the grid has the shipped value. The profiles printed here are
+every profile of the grid has the shipped value. The leading half
+(``leading_half``: none, keyword or vector) is a field of the grid like the
+weights: a profile that leads with one half is never below that half, and the
+objective decides whether that beats every weighting. The profiles printed here are
 the ones in ``FUSION_PROFILES``; the test half is only printed, never used to
 choose.
 """
@@ -135,9 +138,18 @@ def objective(t: Table, halves: Table) -> tuple[float, float, float]:
 
 
 def floor_quality(
-    queries: list[LabelledQuery], cands: dict[str, Candidates], profile: FusionProfile
+    queries: list[LabelledQuery],
+    cands: dict[str, Candidates],
+    profile: FusionProfile,
+    recalls: dict[str, float] | None = None,
 ) -> tuple[float, float]:
-    """(no-answer precision, answerable recall kept) of ``profile``'s floor."""
+    """(no-answer precision, answerable recall kept) of ``profile``'s floor.
+
+    ``recalls`` (:func:`hybrid_recalls` of the same profile) saves fusing every query
+    again: the floor only decides whether the fused list is shown.
+    """
+    if recalls is None:
+        recalls = hybrid_recalls(queries, cands, profile)
     rejected = n_none = 0
     recall_raw = recall_floor = 0.0
     for q in queries:
@@ -147,10 +159,21 @@ def floor_quality(
             n_none += 1
             rejected += empty
             continue
-        r, _ = score_query(hybrid_sources(c, profile), q.relevant)
+        r = recalls[q.id]
         recall_raw += r
         recall_floor += 0.0 if empty else r
     return rejected / max(n_none, 1), recall_floor / recall_raw if recall_raw else 1.0
+
+
+def hybrid_recalls(
+    queries: list[LabelledQuery], cands: dict[str, Candidates], profile: FusionProfile
+) -> dict[str, float]:
+    """Recall@5 of hybrid without the floor, per answerable query."""
+    return {
+        q.id: score_query(hybrid_sources(cands[q.id], profile), q.relevant)[0]
+        for q in queries
+        if q.relevant
+    }
 
 
 def tune_floor(
@@ -161,16 +184,17 @@ def tune_floor(
 ) -> FusionProfile:
     best = (replace(profile, min_similarity=None, min_coverage=None), -1.0)
     sims = sorted({round(h.similarity or 0, 3) for c in cands.values() for h in c.vector[:1]})
+    recalls = hybrid_recalls(queries, cands, profile)  # the floor leaves the order alone
     for sim, cov in itertools.product(sims, (0.6, 0.7, 0.8, 0.9, 1.0)):
         p = replace(profile, min_similarity=sim, min_coverage=cov)
-        precision, k = floor_quality(queries, cands, p)
+        precision, k = floor_quality(queries, cands, p, recalls)
         if k >= kept and precision > best[1]:
             best = (p, precision)
     return best[0]
 
 
 #: The values tried for each field of FusionProfile (floors are tuned after).
-GRID: dict[str, tuple[float, ...]] = {
+GRID: dict[str, tuple[Any, ...]] = {
     "vector_share": (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6),
     "coverage_power": (1.0, 2.0, 4.0, 6.0),
     "coverage_share": (0.7, 0.8, 0.9, 1.0),
@@ -178,14 +202,15 @@ GRID: dict[str, tuple[float, ...]] = {
     "coverage_gate": (0.0, 0.5, 0.7, 0.9),
     "language_bonus": (0.0, 0.2, 0.4, 0.6, 1.0),
     "keyword_lead": (0.0, 0.8, 0.99),
+    "leading_half": (None, "keyword", "vector"),
 }
 
 
 def grid(sample: int = 0) -> list[FusionProfile]:
     """The profiles tried; ``sample`` > 0 draws that many with a fixed seed."""
     profiles = [
-        FusionProfile(a, p, b, int(d), None, None, g, lang, lead, EXACT_LEAD_SOURCES)
-        for a, p, b, d, g, lang, lead in itertools.product(*GRID.values())
+        FusionProfile(a, p, b, int(d), None, None, g, lang, lead, EXACT_LEAD_SOURCES, half)
+        for a, p, b, d, g, lang, lead, half in itertools.product(*GRID.values())
     ]
     if sample:
         random.Random(11).shuffle(profiles)

@@ -11,10 +11,13 @@ from collections.abc import Sequence
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
+from kotonoha_bot.config import Settings
+from kotonoha_bot.db import open_database
 from kotonoha_bot.db.contract import DatabaseProtocol
 from kotonoha_bot.errors import EmbeddingModelMismatchError
 from kotonoha_bot.knowledge.archive import (
@@ -33,6 +36,7 @@ from kotonoha_bot.knowledge.search import (
     EXACT_LEAD_SOURCES,
     FUSION_PROFILES,
     FusionProfile,
+    RankedHit,
     fuse,
     nothing_relevant,
     search_knowledge,
@@ -382,6 +386,89 @@ def test_every_shipped_profile_has_the_exact_match_lead() -> None:
     for profile in (*FUSION_PROFILES.values(), DEFAULT_PROFILE):
         assert profile.exact_lead_sources == EXACT_LEAD_SOURCES > 0
     assert FusionProfile(0.5, 1.0, 1.0, 10, None, None).exact_lead_sources == 0
+
+
+def test_a_leading_half_keeps_its_own_order_and_the_other_half_fills_behind() -> None:
+    # The vector side is sure of chunk 9 (the keyword side never found it); with a high
+    # vector share the scores put it first. Leading with the keyword half keeps the
+    # keyword order for every keyword hit, and chunk 9 only follows them.
+    vector = [_hit(9, similarity=0.95), _hit(2, similarity=0.9), _hit(1, similarity=0.2)]
+    keyword = [
+        replace(_hit(i, coverage=cov), score=bm25)
+        for i, cov, bm25 in ((1, 0.5, 3.0), (2, 0.5, 2.0), (3, 0.2, 1.0))
+    ]
+    plain = FusionProfile(0.9, 4.0, 1.0, 10, None, None)
+    assert [r.hit.chunk_id for r in fuse(vector, keyword, plain, top_k=5)][:2] == [9, 2]
+    led = fuse(vector, keyword, replace(plain, leading_half="keyword"), top_k=5)
+    assert [r.hit.chunk_id for r in led] == [1, 2, 3, 9]
+    for r in led:  # the order is a rule, the scores stay true
+        assert r.score == pytest.approx(r.vector_part + r.keyword_part)
+    # Leading with the vector half: the vector order, then keyword-only hits.
+    by_vector = fuse(vector, keyword, replace(plain, leading_half="vector"), top_k=5)
+    assert [r.hit.chunk_id for r in by_vector] == [9, 2, 1, 3]
+    # Fewer leading hits than places: the other half fills them.
+    alone = fuse(vector, [], replace(plain, leading_half="keyword"), top_k=2)
+    assert [r.hit.chunk_id for r in alone] == [9, 2]
+
+
+def test_a_tie_in_the_leading_half_is_broken_by_the_fused_score() -> None:
+    # Chunks 4 and 5 have the same keyword score (the database orders them by id); the
+    # vector side prefers 5, so the fused score puts 5 first. A lower keyword score
+    # (chunk 6) stays behind both, however similar it is.
+    keyword = [
+        replace(_hit(4, coverage=1.0), score=2.0),
+        replace(_hit(5, coverage=1.0), score=2.0),
+        replace(_hit(6, coverage=0.5), score=1.0),
+    ]
+    vector = [_hit(6, similarity=0.99), _hit(5, similarity=0.8), _hit(4, similarity=0.1)]
+    profile = FusionProfile(0.5, 4.0, 1.0, 10, None, None, leading_half="keyword")
+    assert [r.hit.chunk_id for r in fuse(vector, keyword, profile, top_k=5)] == [5, 4, 6]
+
+
+def test_the_exact_match_lead_still_comes_before_a_leading_half() -> None:
+    vector = [_hit(1, similarity=0.9), _hit(2, similarity=0.8), _hit(3, similarity=0.2)]
+    keyword = [_hit(3, coverage=1.0), _hit(2, coverage=0.3)]
+    profile = FusionProfile(0.9, 4.0, 1.0, 10, None, None, exact_lead_sources=3)
+    led = fuse(vector, keyword, replace(profile, leading_half="vector"), top_k=5)
+    assert [r.hit.chunk_id for r in led] == [3, 1, 2]
+    assert led[0].exact_lead
+
+
+async def test_hybrid_ranks_the_same_on_both_backends_with_each_leading_half(
+    new_database_url: Any, settings: Settings
+) -> None:
+    """One ``fuse`` over each backend's halves: the same sources, order and scores."""
+    corpus = Path(__file__).parents[2] / "examples" / "corpus"
+    queries = (
+        "LT-1042",
+        "how do I grow herbs on a balcony",
+        "眠れない夜の対処法",
+        "When does the book club meet?",
+        "灯台の会議の締切",
+    )
+    emb = HashingEmbeddingProvider()
+    results = []
+    for kind in ("sqlite", "postgres"):
+        async with open_database(await new_database_url(kind), settings=settings) as backend:
+            await ingest_paths(backend, emb, [corpus], guild_id=1)
+            found = []
+            for q in queries:
+                shipped = await search_knowledge(backend, emb, q, guild_id=1, top_k=8, floor=False)
+                found.append([_ranked(r) for r in shipped.hits])
+                qvec = (await emb.embed_queries([q]))[0]
+                vector = await backend.similarity_search(qvec, guild_id=1, top_k=20)
+                keyword = await backend.keyword_search(q, guild_id=1, top_k=20)
+                for half in (None, "keyword", "vector"):
+                    profile = replace(FUSION_PROFILES[emb.model], leading_half=half)
+                    fused = fuse(vector, keyword, profile, top_k=8, query_language=0.0)
+                    found.append([_ranked(r) for r in fused])
+            results.append(found)
+    assert results[0] == results[1]
+    assert all(results[0])
+
+
+def _ranked(r: RankedHit) -> tuple[str, int, float, int | None, int | None]:
+    return (r.hit.source_uri, r.hit.chunk_index, round(r.score, 5), r.vector_rank, r.keyword_rank)
 
 
 def test_language_bonus_lifts_a_hit_in_the_other_language_only_when_asked() -> None:

@@ -42,19 +42,21 @@ HYBRID_FLOORS: dict[str, dict[str, tuple[float, float]]] = {
         "crosslingual": (0.71, 0.49),
         "conversation": (0.83, 0.75),
     },
-    # measured at 2fb6d98: 0.980/0.990, 0.768/0.705, 0.093/0.043, 0.360/0.347
+    # measured at de466c1 (round 5, led by the keyword half): 0.980/0.987,
+    # 0.795/0.718, 0.102/0.050, 0.340/0.340
     "hashing": {
         "keyword": (0.95, 0.96),
-        "paraphrase": (0.74, 0.68),
-        "crosslingual": (0.07, 0.03),
-        "conversation": (0.33, 0.32),
+        "paraphrase": (0.77, 0.69),
+        "crosslingual": (0.08, 0.03),
+        "conversation": (0.31, 0.31),
     },
 }
 #: How far (recall@5 or MRR) hybrid without the floor may fall below the better half
-#: (measured on the test half: at most 0.025, hashing paraphrase recall; e5 none).
-MAX_DEFICIT = 0.03
+#: (measured on the test half at de466c1: none, for e5 and hashing; round 4's hashing
+#: fell 0.025 below its keyword half, which now leads it).
+MAX_DEFICIT = 0.02
 #: Share of no-answer queries given no reference at all (measured: e5 0.127, hashing
-#: 0.127), and recall kept by the answerable ones (measured: e5 0.957, hashing 0.977).
+#: 0.127), and recall kept by the answerable ones (measured: e5 0.957, hashing 0.979).
 NO_ANSWER_FLOOR = {"e5": 0.10, "hashing": 0.10}
 RECALL_KEPT_FLOOR = {"e5": 0.93, "hashing": 0.95}
 
