@@ -35,7 +35,8 @@ The rules below were chosen with ``python -m benchmarks`` (docs/PERFORMANCE.md) 
   vectors of this mixture more than 1536-dim ones for the same recall. The 100k x 1536
   graph differs a lot from build to build: in one, 32 already gave 0.994; in another,
   5 of the 50 queries stayed stuck in the wrong part of the graph up to ef_search 40
-  (0.896) — so the chosen value is the one that held in every build measured, not the cheapest of one.
+  (0.896) — so the chosen value is the one that held in every build measured, not the
+  cheapest of one.
   Widths up to ``NARROW_MAX_DIM`` take the 384 row, wider ones the 1536 row (nothing
   between was measured). Above 300k rows nothing was measured on PostgreSQL (the graph
   outgrows the benchmark's maintenance_work_mem), so ``EF_SEARCH_LARGEST`` is a
@@ -48,9 +49,9 @@ The rules below were chosen with ``python -m benchmarks`` (docs/PERFORMANCE.md) 
   SQLite where the issue's bound is 2x; 100 kept recall at 0.960-0.964 in every build
   measured. A larger m bought no more recall per buffer there either (m=32: 0.966 for
   3,640 buffers at ef 80; m=16 and ef_construction 256 no better than m=24/128), and
-  its exact scan stays several times slower than the walk (issue 16, round 5: ``python -m benchmarks.pg_ef_sweep
-  --n 10000 --dim 384 --ef 80,100,120,160 --graphs 24/128,32/128,16/128,24/256``;
-  docs/PERFORMANCE.md, "round 5").
+  its exact scan stays several times slower than the walk (issue 16, round 5:
+  ``python -m benchmarks.pg_ef_sweep --n 10000 --dim 384 --ef 80,100,120,160
+  --graphs 24/128,32/128,16/128,24/256``; docs/PERFORMANCE.md, "round 5").
 - **What is indexed.** ``IndexPlan`` renders the DDL: HNSW (``m``, ``ef_construction``)
   or IVFFlat, over the stored column or, for halfvec precision, over
   ``l2_normalize(embedding)::halfvec(N)`` — half the index's memory, the same recall
