@@ -15,9 +15,12 @@ every condition alike:
    search path counts (``approximate_set_local`` > 0 would mean extra round trips).
 2. **Does the group a search is interleaved with change it?** Phases of the benchmark's
    own ``interleaved`` (100 % scope) with [SQLite int4, ours, raw], [ours, raw] and
-   [a memory sweep the size of SQLite's codes, ours, raw], alternated ``--reps`` times;
-   the median of each phase's p50 and the server's CPU seconds per PostgreSQL search
-   (the whole server process tree: work done, not time waited for a core).
+   [a memory sweep the size of SQLite's codes, ours, raw] and, when the ``bench`` extra
+   is installed, [Chroma, ours, raw], alternated ``--reps`` times; the median of each
+   phase's p50, the server's CPU seconds per PostgreSQL search (the whole server
+   process tree: work done, not time waited for a core) and this process's CPU per
+   query round less the round's own wall time in the non-PostgreSQL system (what is
+   left burning: spinning worker threads would show here).
 
 Every line carries the load average: on the shared 2-core host compare within a line.
 """
@@ -40,7 +43,15 @@ from benchmarks import __main__ as bm
 from benchmarks.bench_sqlite import fill
 from benchmarks.data import GUILD_ID, ground_truth, make_dataset
 from benchmarks.pgserver import bench_server
-from benchmarks.systems import BATCH, TOP_K, OursPostgres, OursSQLite, RawPostgres, System
+from benchmarks.systems import (
+    BATCH,
+    TOP_K,
+    Chroma,
+    OursPostgres,
+    OursSQLite,
+    RawPostgres,
+    System,
+)
 
 
 def _load() -> str:
@@ -120,7 +131,13 @@ async def decompose(ours: OursPostgres, raw: RawPostgres, ds: Any, reps: int) ->
 
 
 async def groups(
-    sq: OursSQLite, ours: OursPostgres, raw: RawPostgres, ds: Any, reps: int, pid: int | None
+    sq: OursSQLite,
+    ours: OursPostgres,
+    raw: RawPostgres,
+    ds: Any,
+    reps: int,
+    pid: int | None,
+    chroma: System | None,
 ) -> None:
     truth = {"100%": ground_truth(ds, "100%")}
     junk = _MemorySweep(ds.n * ds.dim // 2)
@@ -129,15 +146,23 @@ async def groups(
         "[ours, raw]": [ours, raw],
         "[memory sweep, ours, raw]": [junk, ours, raw],
     }
+    if chroma is not None:
+        phases["[Chroma, ours, raw]"] = [chroma, ours, raw]
     p50: dict[str, dict[str, list[float]]] = {g: {"ours": [], "raw": []} for g in phases}
     cpu: dict[str, list[float]] = {g: [] for g in phases}
+    client: dict[str, list[float]] = {g: [] for g in phases}
     scopes, bm.SCOPES = bm.SCOPES, {"100%": None}
     try:
         for _ in range(reps):
             for g, systems in phases.items():
-                c0 = _server_cpu_s(pid)
+                c0, t0 = _server_cpu_s(pid), time.process_time()
                 out = await bm.interleaved(systems, ds, truth, g)
-                cpu[g].append((_server_cpu_s(pid) - c0) / (2 * (len(ds.queries) + bm.WARMUP)))
+                rounds = len(ds.queries) + bm.WARMUP
+                cpu[g].append((_server_cpu_s(pid) - c0) / (2 * rounds))
+                other = sum(
+                    out[s.name]["100%"]["mean"] for s in systems if s not in (ours, raw)
+                ) * len(ds.queries)
+                client[g].append((time.process_time() - t0 - other) / rounds)
                 p50[g]["ours"].append(out[ours.name]["100%"]["p50"])
                 p50[g]["raw"].append(out[raw.name]["100%"]["p50"])
     finally:
@@ -147,7 +172,8 @@ async def groups(
         print(
             f"   {g}: ours {np.median(p50[g]['ours']) * 1e3:.2f} ms,"
             f" raw {np.median(p50[g]['raw']) * 1e3:.2f} ms;"
-            f" server CPU per PostgreSQL search {np.median(cpu[g]) * 1e3:.2f} ms",
+            f" server CPU per PostgreSQL search {np.median(cpu[g]) * 1e3:.2f} ms;"
+            f" client CPU per round beyond the other system {np.median(client[g]) * 1e3:.2f} ms",
             flush=True,
         )
 
@@ -171,10 +197,21 @@ async def run(server: Any, args: argparse.Namespace) -> None:
             raw = RawPostgres(ours)
             await ours.use(ours.default_variant())
             await raw.use(raw.default_variant())
+            chroma: System | None = None
+            try:
+                import chromadb  # noqa: F401
+
+                chroma = Chroma()
+                await chroma.build(ds, Path(tmp))
+                await chroma.use(chroma.default_variant())
+            except ImportError:
+                chroma = None
             try:
                 await decompose(ours, raw, ds, args.reps)
-                await groups(sq, ours, raw, ds, args.reps, server.pid)
+                await groups(sq, ours, raw, ds, args.reps, server.pid, chroma)
             finally:
+                if chroma is not None:
+                    await chroma.close()
                 await ours.db.close()
                 await raw.close()
                 await sq.close()
