@@ -24,7 +24,7 @@ The rules below were chosen with ``python -m benchmarks`` (docs/PERFORMANCE.md) 
   graph        ef_search: recall@10                  chosen
   ============ ===================================== ==============================
   10k x 1536   64: 0.950, 100: 0.972-0.974           100
-  10k x 384    80: 0.946-0.948, 100: 0.960-0.964,     100
+  10k x 384    80: 0.946-0.948, 100: 0.958-0.964,     100
                120: 0.970, 160: 0.986-0.988
   100k x 1536  32: 0.994 / 0.896, 40: 0.996 / 0.896, 64 (0.96-1.00)
                64: 1.000 / 0.960, 100: 0.980
@@ -46,12 +46,13 @@ The rules below were chosen with ``python -m benchmarks`` (docs/PERFORMANCE.md) 
   At 10k x 384 the narrow row takes 100, not the 160 that reached 0.986: a search
   there is mostly the round trip and the graph walk, the walk grows with ef (index and
   heap buffers per search: 3,500 at 100, 4,850 at 160), and 160 left it at 2.2-2.5x our
-  SQLite where the issue's bound is 2x; 100 kept recall at 0.960-0.964 in every build
-  measured. A larger m bought no more recall per buffer there either (m=32: 0.966 for
-  3,640 buffers at ef 80; m=16 and ef_construction 256 no better than m=24/128), and
-  its exact scan stays several times slower than the walk (issue 16, round 5:
-  ``python -m benchmarks.pg_ef_sweep --n 10000 --dim 384 --ef 80,100,120,160
-  --graphs 24/128,32/128,16/128,24/256``; docs/PERFORMANCE.md, "round 5").
+  SQLite where the issue's bound is 2x; 100 kept recall at 0.958-0.964 in every build
+  measured (1.84x our SQLite in one run of ``python -m benchmarks``). A larger m
+  bought little there: m=32 at ef 80 reached 0.966-0.970 for 3,640 buffers, for a 12 %
+  larger index and a 70 % longer build; m=16 and ef_construction 256 did no better
+  than m=24/128; the exact scan stays several times slower than the walk (issue 16,
+  round 5: ``python -m benchmarks.pg_ef_sweep --n 10000 --dim 384 --ef 80,100,120,160
+  --graphs 24/128,32/128``; docs/PERFORMANCE.md, "Targeted measurements").
 - **What is indexed.** ``IndexPlan`` renders the DDL: HNSW (``m``, ``ef_construction``)
   or IVFFlat, over the stored column or, for halfvec precision, over
   ``l2_normalize(embedding)::halfvec(N)`` — half the index's memory, the same recall
