@@ -52,6 +52,7 @@ are exact, and the transfer tool moves and verifies the vectors bit for bit.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -80,8 +81,14 @@ EF_SEARCH_LARGEST = 100
 #: Embeddings up to this width use the narrow table (the geometric middle of 384, 1536).
 NARROW_MAX_DIM = 768
 
-#: Candidates taken from a halfvec index per result, before the exact re-sort.
-HALFVEC_OVERFETCH = 2
+#: Candidates taken from a halfvec index per result, before the exact re-sort (rounded
+#: up). halfvec rounding moves a cosine by ~1e-5 while the 10th and 11th neighbours of
+#: the benchmark's queries lie 2e-3 apart (median; 1e-5 at the closest): at 100k x 1536
+#: and x 384 the halfvec top 10 already held the exact top 10 in all 200 queries, and
+#: through the index 10, 15 and 20 candidates gave the same recall at every ef_search
+#: measured (issue 16 round 5, ``python -m benchmarks.pg_levers``). 1.5 keeps a margin
+#: for vectors closer than that; 2 read ~30 more buffers a search for nothing.
+HALFVEC_OVERFETCH = 1.5
 
 
 def exact_max_rows(dimension: int, setting: int | None = None) -> int:
@@ -171,7 +178,7 @@ class IndexPlan:
 
     def candidates(self, top_k: int) -> int:
         """Rows taken from the index before the exact re-sort."""
-        return top_k * HALFVEC_OVERFETCH if self.halfvec else top_k
+        return math.ceil(top_k * HALFVEC_OVERFETCH) if self.halfvec else top_k
 
     def ddl(self, name: str, *, concurrently: bool = False, lists: int | None = None) -> str:
         """CREATE INDEX for this plan on knowledge_chunks."""
