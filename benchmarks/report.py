@@ -11,6 +11,9 @@ from benchmarks.systems import HNSW_INSERT_ROWS, sqlite_name
 from benchmarks.util import mib, table
 from kotonoha_bot.config import Settings
 
+#: A hand-written section of targeted runs (each with its command and load) that the
+#: generated report keeps as it is, like the SQLite backend's section.
+TARGETED_BEGIN, TARGETED_END = "<!-- targeted:begin -->", "<!-- targeted:end -->"
 PLOTS = DOC.parent / "plots"
 RESULTS = PLOTS / "results.json"
 DEFAULT_KIND = str(Settings.model_fields["sqlite_vector_cache"].default)
@@ -573,6 +576,11 @@ def write_report(results: dict[str, Any]) -> None:
     sqlite_section = ""
     if BEGIN in old and END in old:
         sqlite_section = BEGIN + old.split(BEGIN, 1)[1].split(END, 1)[0] + END
+    # Hand-written targeted measurements (their own command and load) are kept as well.
+    targeted = ""
+    if TARGETED_BEGIN in old and TARGETED_END in old:
+        body = old.split(TARGETED_BEGIN, 1)[1].split(TARGETED_END, 1)[0]
+        targeted = TARGETED_BEGIN + body + TARGETED_END
     m = results["machine"]
     v = results["versions"]
     runs = _runs(results)
@@ -584,7 +592,8 @@ def write_report(results: dict[str, Any]) -> None:
         " the command to regenerate this file, the plots in `docs/plots/` and the raw numbers"
         ' in `docs/plots/results.json`. The "SQLite backend" section at the end comes from'
         " its own command, `python -m benchmarks.bench_sqlite` (shown there, with its own"
-        " run's machine state), and is kept as it is.",
+        " run's machine state), and is kept as it is, as is the hand-written \"Targeted"
+        ' measurements" section before it.',
         "",
         "## When to switch to PostgreSQL",
         "",
@@ -722,6 +731,8 @@ def write_report(results: dict[str, Any]) -> None:
         "![filtered-scope recall](plots/scope_recall.png)",
         "",
     ]
+    if targeted:
+        lines += [targeted, ""]
     if sqlite_section:
         lines += [sqlite_section, ""]
     DOC.parent.mkdir(parents=True, exist_ok=True)
