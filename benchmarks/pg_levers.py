@@ -15,6 +15,9 @@ One data set per width (``benchmarks/data.py``, 50 queries, whole guild), loaded
   how good the codes alone are).
 - ``1536b``: the same graph built again (another random draw), same rounds.
 - ``1536c``: m=24, ef_construction=256, same rounds.
+- ``graph=M/EFC`` (any number of them, after or instead of the above): a 1536 graph
+  with those parameters, same rounds (the first one is the initial build when
+  ``1536a`` is not asked for).
 
 Every line carries the time and the 1-minute load: on a shared 2-core host compare only
 lines of one run, close in time.
@@ -73,6 +76,9 @@ async def run_sql(conn: Any, sql: str, args_of, ds, truth, explain: bool = True)
         wall.append(time.perf_counter() - s)
         rec.append(recall([row_of(r["content"]) for r in rows], t))
     out = f"client p50 {p50(wall):.2f} ms | recall@10 {np.mean(rec):.3f}"
+    stuck = [f"q{i}:{r:.1f}" for i, r in enumerate(rec) if r < 0.7]
+    if stuck:  # queries the walk left in the wrong part of the graph
+        out += f" | stuck {' '.join(stuck)}"
     if explain:
         srv, hits = [], []
         for q in ds.queries[:20]:
@@ -228,7 +234,7 @@ async def binary_round(conn, ds, truth, m=24, efc=128) -> None:
     await conn.execute("VACUUM ANALYZE knowledge_chunks")
 
 
-async def prepare(server, dim: int, workdir: Path):
+async def prepare(server, dim: int, workdir: Path, m: int = 24, efc: int = 128):
     import asyncpg
     from pgvector.asyncpg import register_vector
 
@@ -250,8 +256,8 @@ async def prepare(server, dim: int, workdir: Path):
     chroma_task = asyncio.create_task(
         asyncio.to_thread(lambda: asyncio.run(ch.build(ds, workdir / f"c{dim}")))
     )
-    secs = await build_halfvec(conn, dim, 24, 128)
-    say(f"{dim}: halfvec HNSW m=24 efc=128 build #1 in {secs:.0f} s")
+    secs = await build_halfvec(conn, dim, m, efc)
+    say(f"{dim}: halfvec HNSW m={m} efc={efc} build #1 in {secs:.0f} s")
     t = time.perf_counter()
     await chroma_task
     say(f"{dim}: chroma built (waited {time.perf_counter() - t:.0f} s more)")
@@ -266,8 +272,10 @@ async def main() -> None:
         )
     )
     say("start", which)
+    graphs = [tuple(int(x) for x in w.split("=")[1].split("/")) for w in which if "=" in w]
     with bench_server() as server:
-        ds, truth, url, conn, ch = await prepare(server, 1536, workdir)
+        first = graphs[0] if graphs and "1536a" not in which else (24, 128)
+        ds, truth, url, conn, ch = await prepare(server, 1536, workdir, *first)
         if "1536a" in which:
             await halfvec_round(conn, url, ds, truth, ch, "build#1 m24/128")
             await binary_round(conn, ds, truth)
@@ -285,6 +293,11 @@ async def main() -> None:
             secs = await build_halfvec(conn, 1536, 24, 256)
             say(f"1536: halfvec HNSW m=24 efc=256 build in {secs:.0f} s")
             await halfvec_round(conn, url, ds, truth, ch, "build#3 m24/256")
+        for i, (m, efc) in enumerate(graphs):
+            if i or first != (m, efc):
+                secs = await build_halfvec(conn, 1536, m, efc)
+                say(f"1536: halfvec HNSW m={m} efc={efc} build in {secs:.0f} s")
+            await halfvec_round(conn, url, ds, truth, ch, f"graph m{m}/{efc}")
         await conn.close()
         await ch.close()
     say("done")
