@@ -49,7 +49,9 @@ The rules below were chosen with ``python -m benchmarks`` (docs/PERFORMANCE.md) 
   (recall stays flat while ef_search grows: 0.978 from 40 to 64 in one build), and
   ef_construction 256 did not lower the ef_search needed (0.974 at 32, 0.980 at 48,
   1.000 at 64) while every walk read ~40 % more buffers (1,408 vs 1,010 at ef_search
-  32) and the build took 770 s against 377 s for the one before it.
+  32) and the build took 770 s against 377 s for the one before it. m=16 read fewer
+  buffers (870 at 32) but lost whole queries (three found none of their top 10 at 32,
+  one still none at 64: 0.914 / 0.944 / 0.968 / 0.972 at 32 / 40 / 48 / 64).
   Widths up to ``NARROW_MAX_DIM`` take the 384 row, wider ones the 1536 row (nothing
   between was measured). Above 300k rows nothing was measured on PostgreSQL (the graph
   outgrows the benchmark's maintenance_work_mem), so ``EF_SEARCH_LARGEST`` is a
