@@ -28,11 +28,11 @@ The rules below were chosen with ``python -m benchmarks`` (docs/PERFORMANCE.md) 
   10k x 384    100: 0.962-0.964, 160: 0.988          160
   100k x 1536  32: 0.994 / 0.896, 40: 0.996 / 0.896, 64 (0.96-1.00)
                64: 1.000 / 0.960, 100: 0.980
-               round 5, three more builds:
-               32: 0.992 / 0.972 / 0.974,
-               40: 0.994 / 0.978 / 0.978,
-               48: 0.998 / 0.978 / 0.980,
-               64: 1.000 / 0.978 / 1.000
+               round 5, four more builds:
+               32: 0.992 / 0.972 / 0.974 / 0.934,
+               40: 0.994 / 0.978 / 0.978 / 0.976,
+               48: 0.998 / 0.978 / 0.980 / 0.980,
+               64: 1.000 / 0.978 / 1.000 / 1.000
   100k x 384   40: 0.952-0.972, 56: 0.998, 64: 0.996 64
                round 5: 32: 0.990, 40: 0.992,
                48: 0.996, 64: 0.998
@@ -44,8 +44,9 @@ The rules below were chosen with ``python -m benchmarks`` (docs/PERFORMANCE.md) 
   stayed stuck in the wrong part of the graph up to ef_search 40 (0.896) — so the
   chosen value is the one that held in every build measured, not the cheapest of one.
   Round 5 (``python -m benchmarks.pg_levers``, 2026-12-02, load 4-8 on 2 cores) built
-  the graph three more times: 32 already kept >= 0.97 in all three, but the round-3
-  build's 0.896 at 40 stands, so 64 stays. A stuck query looks like a graph matter
+  the graph four more times (the third with ef_construction 256): 40 and 48 kept
+  >= 0.97 in all four and 32 fell to 0.934 in one (three queries found none of their
+  top 10), and the round-3 build's 0.896 at 40 stands, so 64 stays. A stuck query looks like a graph matter
   (recall stays flat while ef_search grows: 0.978 from 40 to 64 in one build), and
   ef_construction 256 did not lower the ef_search needed (0.974 at 32, 0.980 at 48,
   1.000 at 64) while every walk read ~40 % more buffers (1,408 vs 1,010 at ef_search
