@@ -46,8 +46,9 @@ The rules below were chosen with ``python -m benchmarks`` (docs/PERFORMANCE.md) 
   Round 5 (``python -m benchmarks.pg_levers``, 2026-12-02, load 4-8 on 2 cores) built
   the graph four more times (the third with ef_construction 256): 40 and 48 kept
   >= 0.97 in all four and 32 fell to 0.934 in one (three queries found none of their
-  top 10), and the round-3 build's 0.896 at 40 stands, so 64 stays. A stuck query looks like a graph matter
-  (recall stays flat while ef_search grows: 0.978 from 40 to 64 in one build), and
+  top 10), and the round-3 build's 0.896 at 40 stands, so 64 stays. A stuck query
+  looks like a graph matter (recall stays flat while ef_search grows: 0.978 from 40 to
+  64 in one build), and
   ef_construction 256 did not lower the ef_search needed (0.974 at 32, 0.980 at 48,
   1.000 at 64) while every walk read ~40 % more buffers (1,408 vs 1,010 at ef_search
   32) and the build took 770 s against 377 s for the one before it. m=16 read fewer
