@@ -335,6 +335,13 @@ def test_exact_scan_threshold_and_ef_search_follow_the_measured_rules() -> None:
     assert ef_search_for(10_000_000, 123) == 123  # HNSW_EF_SEARCH pins it
 
 
+def test_a_halfvec_index_hands_half_again_as_many_candidates_to_the_exact_re_sort() -> None:
+    halfvec = IndexPlan.for_dimension(1536, "hnsw", "halfvec")
+    assert [halfvec.candidates(k) for k in (1, 5, 10, 11)] == [2, 8, 15, 17]  # rounded up
+    # A float32 index's order is already the exact one.
+    assert IndexPlan.for_dimension(1536, "hnsw", "float32").candidates(10) == 10
+
+
 async def test_two_processes_migrating_at_once(pg_url: str, settings: Settings) -> None:
     dbs = [PostgreSQLDatabase(pg_url, settings=settings) for _ in range(3)]
     try:

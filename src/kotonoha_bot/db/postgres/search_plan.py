@@ -18,7 +18,8 @@ The rules below were chosen with ``python -m benchmarks`` (docs/PERFORMANCE.md) 
   it), measured on the benchmark's data (``benchmarks/data.py``, 50 queries, m=24 /
   ef_construction=128 halfvec graph): recall@10 of a whole-guild search by ef_search,
   from ``python -m benchmarks.pg_ef_sweep --n N --dim D`` and ``python -m benchmarks``
-  (issue 16, rounds 2, 3 and 5; each build of the graph is another random draw):
+  (issue 16, rounds 2, 3 and 5) and ``python -m benchmarks.pg_levers`` (round 5); each
+  build of the graph is another random draw:
 
   ============ ===================================== ==============================
   graph        ef_search: recall@10                  chosen
@@ -28,15 +29,32 @@ The rules below were chosen with ``python -m benchmarks`` (docs/PERFORMANCE.md) 
                120: 0.970, 160: 0.986-0.988
   100k x 1536  32: 0.994 / 0.896, 40: 0.996 / 0.896, 64 (0.96-1.00)
                64: 1.000 / 0.960, 100: 0.980
+               round 5, four more builds:
+               32: 0.992 / 0.972 / 0.974 / 0.934,
+               40: 0.994 / 0.978 / 0.978 / 0.976,
+               48: 0.998 / 0.978 / 0.980 / 0.980,
+               64: 1.000 / 0.978 / 1.000 / 1.000
   100k x 384   40: 0.952-0.972, 56: 0.998, 64: 0.996 64
+               round 5: 32: 0.990, 40: 0.992,
+               48: 0.996, 64: 0.998
   ============ ===================================== ==============================
 
   Small graphs need more (their neighbours stand out less from the rest), and 384-dim
-  vectors of this mixture more than 1536-dim ones for the same recall. The 100k x 1536
-  graph differs a lot from build to build: in one, 32 already gave 0.994; in another,
-  5 of the 50 queries stayed stuck in the wrong part of the graph up to ef_search 40
-  (0.896) — so the chosen value is the one that held in every build measured, not the
-  cheapest of one.
+  vectors of this mixture more than 1536-dim ones for the same recall. The 100k x 1536 graph differs a lot
+  from build to build: in one, 32 already gave 0.994; in another, 5 of the 50 queries
+  stayed stuck in the wrong part of the graph up to ef_search 40 (0.896) — so the
+  chosen value is the one that held in every build measured, not the cheapest of one.
+  Round 5 (``python -m benchmarks.pg_levers``, 2026-12-02, load 4-8 on 2 cores) built
+  the graph four more times (the third with ef_construction 256): 40 and 48 kept
+  >= 0.97 in all four and 32 fell to 0.934 in one (three queries found none of their
+  top 10), and the round-3 build's 0.896 at 40 stands, so 64 stays. A stuck query
+  looks like a graph matter (recall stays flat while ef_search grows: 0.978 from 40 to
+  64 in one build), and
+  ef_construction 256 did not lower the ef_search needed (0.974 at 32, 0.980 at 48,
+  1.000 at 64) while every walk read ~40 % more buffers (1,408 vs 1,010 at ef_search
+  32) and the build took 770 s against 377 s for the one before it. m=16 read fewer
+  buffers (870 at 32) but lost whole queries (three found none of their top 10 at 32,
+  one still none at 64: 0.914 / 0.944 / 0.968 / 0.972 at 32 / 40 / 48 / 64).
   Widths up to ``NARROW_MAX_DIM`` take the 384 row, wider ones the 1536 row (nothing
   between was measured). Above 300k rows nothing was measured on PostgreSQL (the graph
   outgrows the benchmark's maintenance_work_mem), so ``EF_SEARCH_LARGEST`` is a
@@ -56,7 +74,11 @@ The rules below were chosen with ``python -m benchmarks`` (docs/PERFORMANCE.md) 
 - **What is indexed.** ``IndexPlan`` renders the DDL: HNSW (``m``, ``ef_construction``)
   or IVFFlat, over the stored column or, for halfvec precision, over
   ``l2_normalize(embedding)::halfvec(N)`` — half the index's memory, the same recall
-  after the exact re-rank — and the matching ORDER BY expression.
+  after the exact re-rank — and the matching ORDER BY expression. A binary-quantised
+  HNSW (``binary_quantize(embedding)::bit(N)``, ``bit_hamming_ops``) with an exact
+  re-rank was measured in round 5 and is not offered: at 100k x 1536 it needed 80
+  candidates at ef_search 80 for 0.948 (server 9.9 ms vs 1.8 ms for 0.992 through the
+  halfvec graph at ef_search 32), at 100k x 384 1,000 candidates for 0.960 (39 ms).
 
 The stored column stays ``vector`` (float32): similarities are computed from it, so they
 are exact, and the transfer tool moves and verifies the vectors bit for bit.
@@ -64,6 +86,7 @@ are exact, and the transfer tool moves and verifies the vectors bit for bit.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -92,8 +115,14 @@ EF_SEARCH_LARGEST = 100
 #: Embeddings up to this width use the narrow table (the geometric middle of 384, 1536).
 NARROW_MAX_DIM = 768
 
-#: Candidates taken from a halfvec index per result, before the exact re-sort.
-HALFVEC_OVERFETCH = 2
+#: Candidates taken from a halfvec index per result, before the exact re-sort (rounded
+#: up). halfvec rounding moves a cosine by ~1e-5 while the 10th and 11th neighbours of
+#: the benchmark's queries lie 2e-3 apart (median; 1e-5 at the closest): at 100k x 1536
+#: and x 384 the halfvec top 10 already held the exact top 10 in all 200 queries, and
+#: through the index 10, 15 and 20 candidates gave the same recall at every ef_search
+#: measured (issue 16 round 5, ``python -m benchmarks.pg_levers``). 1.5 keeps a margin
+#: for vectors closer than that; 2 read ~30 more buffers a search for nothing.
+HALFVEC_OVERFETCH = 1.5
 
 
 def exact_max_rows(dimension: int, setting: int | None = None) -> int:
@@ -183,7 +212,7 @@ class IndexPlan:
 
     def candidates(self, top_k: int) -> int:
         """Rows taken from the index before the exact re-sort."""
-        return top_k * HALFVEC_OVERFETCH if self.halfvec else top_k
+        return math.ceil(top_k * HALFVEC_OVERFETCH) if self.halfvec else top_k
 
     def ddl(self, name: str, *, concurrently: bool = False, lists: int | None = None) -> str:
         """CREATE INDEX for this plan on knowledge_chunks."""
