@@ -40,21 +40,20 @@ The rules below were chosen with ``python -m benchmarks`` (docs/PERFORMANCE.md) 
   ============ ===================================== ==============================
 
   Small graphs need more (their neighbours stand out less from the rest), and 384-dim
-  vectors of this mixture more than 1536-dim ones for the same recall. The 100k x 1536 graph differs a lot
-  from build to build: in one, 32 already gave 0.994; in another, 5 of the 50 queries
-  stayed stuck in the wrong part of the graph up to ef_search 40 (0.896) — so the
-  chosen value is the one that held in every build measured, not the cheapest of one.
-  Round 5 (``python -m benchmarks.pg_levers``, 2026-12-02, load 4-8 on 2 cores) built
-  the graph four more times (the third with ef_construction 256): 40 and 48 kept
-  >= 0.97 in all four and 32 fell to 0.934 in one (three queries found none of their
-  top 10), and the round-3 build's 0.896 at 40 stands, so 64 stays. A stuck query
+  vectors of this mixture more than 1536-dim ones for the same recall. The 100k x 1536
+  graph differs a lot from build to build: in one, 32 already gave 0.994; in another, 5
+  of the 50 queries stayed stuck in the wrong part of the graph up to ef_search 40
+  (0.896) — so the chosen value is the one that held in every build measured, not the
+  cheapest of one. Round 5 (``python -m benchmarks.pg_levers``, 2026-12-02, load 4-8 on
+  2 cores) built the graph four more times (the third with ef_construction 256): 40 and
+  48 kept >= 0.97 in all four and 32 fell to 0.934 in one (three queries found none of
+  their top 10), and the round-3 build's 0.896 at 40 stands, so 64 stays. A stuck query
   looks like a graph matter (recall stays flat while ef_search grows: 0.978 from 40 to
-  64 in one build), and
-  ef_construction 256 did not lower the ef_search needed (0.974 at 32, 0.980 at 48,
-  1.000 at 64) while every walk read ~40 % more buffers (1,408 vs 1,010 at ef_search
-  32) and the build took 770 s against 377 s for the one before it. m=16 read fewer
-  buffers (870 at 32) but lost whole queries (three found none of their top 10 at 32,
-  one still none at 64: 0.914 / 0.944 / 0.968 / 0.972 at 32 / 40 / 48 / 64).
+  64 in one build), and ef_construction 256 did not lower the ef_search needed (0.974 at
+  32, 0.980 at 48, 1.000 at 64) while every walk read ~40 % more buffers (1,408 vs 1,010
+  at ef_search 32) and the build took 770 s against 377 s for the one before it. m=16
+  read fewer buffers (870 at 32) but lost whole queries (three found none of their top
+  10 at 32, one still none at 64: 0.914 / 0.944 / 0.968 / 0.972 at 32 / 40 / 48 / 64).
   Widths up to ``NARROW_MAX_DIM`` take the 384 row, wider ones the 1536 row (nothing
   between was measured). Above 300k rows nothing was measured on PostgreSQL (the graph
   outgrows the benchmark's maintenance_work_mem), so ``EF_SEARCH_LARGEST`` is a
