@@ -69,8 +69,8 @@ class Settings(BaseSettings):
         None,
         ge=1,
         le=1000,
-        description="HNSW: query-time list; empty = by the table's size and width (up to"
-        " 30k rows: 100, or 160 up to 768 dims; up to 300k: 64; then 100).",
+        description="HNSW: query-time list; empty = by the table's size (up to 30k rows:"
+        " 100; up to 300k: 64; then 100).",
     )
     ivfflat_lists: int = Field(
         0, ge=0, description="IVFFlat lists; 0 = rows/1000 (min 10) at build time."

@@ -119,7 +119,7 @@ async def test_search_settings_are_connection_defaults(pg_url: str, settings: Se
                 assert await conn.fetchval("SHOW ivfflat.probes") == "7"
                 await conn.execute("SET hnsw.ef_search = 5")
         assert db._needs_local_settings(10) is False
-        assert db._needs_local_settings(500) is True  # top_k above ef_search
+        assert db._needs_local_settings(500) is True  # candidates wanted above ef_search
     # Unpinned, the connections carry the ef_search for the table's size at start-up
     # (empty here); a table that grew past a step is searched with its own (SET LOCAL).
     async with PostgreSQLDatabase(pg_url, settings=settings) as db:
@@ -535,6 +535,25 @@ async def test_over_2000_dimensions_use_a_halfvec_index(pg_url: str, settings: S
         np.testing.assert_allclose(
             [h.similarity for h in hits], [by_id[h.chunk_id] for h in hits], atol=1e-5
         )
+
+
+async def test_a_top_k_beyond_pgvectors_ef_search_limit_still_searches_the_index(
+    pg_url: str, settings: Settings
+) -> None:
+    # 700 results want 1,050 halfvec candidates; pgvector accepts hnsw.ef_search only up
+    # to 1,000, so the search asks for 1,000 and the iterative scan returns the rest.
+    dim = 16
+    rng = np.random.default_rng(11)
+    vectors = clustered(rng, 900, unit(rng, 6, dim))
+    ann_only = settings.model_copy(update={"exact_search_max_rows": 0})
+    async with PostgreSQLDatabase(pg_url, settings=ann_only) as db:
+        await db.set_embedding_config(EmbeddingConfig("wide-k", dim))
+        await db.save_source(KnowledgeSource(guild_id=1, uri="k", title="k"), chunks_for(vectors))
+        hits = await db.similarity_search(vectors[3], guild_id=1, top_k=700)
+    assert len(hits) == 700
+    sims = [h.similarity for h in hits]
+    assert sims == sorted(sims, reverse=True)
+    assert hits[0].similarity == pytest.approx(1.0, abs=1e-5)
 
 
 async def test_dimensions_beyond_halfvec_are_refused(pg: PostgreSQLDatabase) -> None:

@@ -401,14 +401,36 @@ def test_a_leading_half_keeps_its_own_order_and_the_other_half_fills_behind() ->
     assert [r.hit.chunk_id for r in fuse(vector, keyword, plain, top_k=5)][:2] == [9, 2]
     led = fuse(vector, keyword, replace(plain, leading_half="keyword"), top_k=5)
     assert [r.hit.chunk_id for r in led] == [1, 2, 3, 9]
-    for r in led:  # the order is a rule, the scores stay true
-        assert r.score == pytest.approx(r.vector_part + r.keyword_part)
+    assert led[3].score > led[0].score  # the order is the rule; the scores stay fused
     # Leading with the vector half: the vector order, then keyword-only hits.
     by_vector = fuse(vector, keyword, replace(plain, leading_half="vector"), top_k=5)
     assert [r.hit.chunk_id for r in by_vector] == [9, 2, 1, 3]
-    # Fewer leading hits than places: the other half fills them.
-    alone = fuse(vector, [], replace(plain, leading_half="keyword"), top_k=2)
-    assert [r.hit.chunk_id for r in alone] == [9, 2]
+    # Fewer leading hits than places: the other half fills them, behind the one it has.
+    one = fuse(vector, keyword[:1], replace(plain, leading_half="keyword"), top_k=3)
+    assert [r.hit.chunk_id for r in one] == [1, 9, 2]
+    assert [r.hit.chunk_id for r in fuse(vector, keyword[:1], plain, top_k=3)] == [9, 2, 1]
+    # An empty leading half leads nothing: plain fused order.
+    empty = fuse(vector, [], replace(plain, leading_half="keyword"), top_k=3)
+    assert [r.hit.chunk_id for r in empty] == [9, 2, 1]
+
+
+def test_scores_equal_to_float_noise_are_one_tie_of_the_leading_half() -> None:
+    # 2.0 and 2.0 + 1e-13 are the same BM25 score computed in another order (SQLite
+    # and PostgreSQL add in their own orders): a tie, so the fused score orders them.
+    keyword = [
+        replace(_hit(4, coverage=1.0), score=2.0 + 1e-13),
+        replace(_hit(5, coverage=1.0), score=2.0),
+    ]
+    vector = [_hit(5, similarity=0.8), _hit(4, similarity=0.1)]
+    profile = FusionProfile(0.5, 4.0, 1.0, 10, None, None, leading_half="keyword")
+    assert [r.hit.chunk_id for r in fuse(vector, keyword, profile, top_k=5)] == [5, 4]
+    keyword[0] = replace(keyword[0], score=2.01)  # a real difference keeps its place
+    assert [r.hit.chunk_id for r in fuse(vector, keyword, profile, top_k=5)] == [4, 5]
+
+
+def test_a_misspelt_leading_half_is_refused() -> None:
+    with pytest.raises(ValueError, match="leading_half"):
+        FusionProfile(0.5, 4.0, 1.0, 10, None, None, leading_half="Keyword")  # type: ignore[arg-type]
 
 
 def test_a_tie_in_the_leading_half_is_broken_by_the_fused_score() -> None:
@@ -448,13 +470,16 @@ async def test_hybrid_ranks_the_same_on_both_backends_with_each_leading_half(
     )
     emb = HashingEmbeddingProvider()
     results = []
+    all_scores: list[list[list[float]]] = []
     for kind in ("sqlite", "postgres"):
         async with open_database(await new_database_url(kind), settings=settings) as backend:
             await ingest_paths(backend, emb, [corpus], guild_id=1)
             found = []
+            scores: list[list[float]] = []
             for q in queries:
                 shipped = await search_knowledge(backend, emb, q, guild_id=1, top_k=8, floor=False)
                 found.append([_ranked(r) for r in shipped.hits])
+                scores.append([r.score for r in shipped.hits])
                 qvec = (await emb.embed_queries([q]))[0]
                 vector = await backend.similarity_search(qvec, guild_id=1, top_k=20)
                 keyword = await backend.keyword_search(q, guild_id=1, top_k=20)
@@ -462,13 +487,19 @@ async def test_hybrid_ranks_the_same_on_both_backends_with_each_leading_half(
                     profile = replace(FUSION_PROFILES[emb.model], leading_half=half)
                     fused = fuse(vector, keyword, profile, top_k=8, query_language=0.0)
                     found.append([_ranked(r) for r in fused])
+                    scores.append([r.score for r in fused])
             results.append(found)
+            all_scores.append(scores)
     assert results[0] == results[1]
     assert all(results[0])
+    # Scores agree to float noise (float32 cosine in numpy vs pgvector; BM25 in two
+    # engines), not to the last bit.
+    for sqlite_scores, pg_scores in zip(*all_scores, strict=True):
+        assert sqlite_scores == pytest.approx(pg_scores, abs=1e-6)
 
 
-def _ranked(r: RankedHit) -> tuple[str, int, float, int | None, int | None]:
-    return (r.hit.source_uri, r.hit.chunk_index, round(r.score, 5), r.vector_rank, r.keyword_rank)
+def _ranked(r: RankedHit) -> tuple[str, int, int | None, int | None]:
+    return (r.hit.source_uri, r.hit.chunk_index, r.vector_rank, r.keyword_rank)
 
 
 def test_language_bonus_lifts_a_hit_in_the_other_language_only_when_asked() -> None:

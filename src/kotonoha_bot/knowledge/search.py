@@ -60,6 +60,7 @@ override the profile.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal
@@ -119,13 +120,22 @@ class FusionProfile:
     leading_half: LeadingHalf | None = None
     """The leading half (None = off): hybrid keeps that half's own order for the hits it
     returns (its first ``depth``), and the other half's hits only follow behind them, in
-    fused order; where the leading half scores two hits the same, the fused score
-    breaks the tie. So hybrid is never below the leading half in recall@k or MRR (only
-    the exact-match and keyword leads, which come first, can move a hit ahead of it),
-    and the other half adds what the leading one did not find. For an embedder whose
+    fused order; where the leading half scores two hits the same (within a relative
+    1e-9, so both backends' arithmetic see the same ties), the fused score breaks the
+    tie. So hybrid is never below the leading half in recall@k or MRR, except among
+    hits the leading half scores equally (the half itself orders those by chunk id,
+    which says nothing) and where the exact-match or keyword lead, which come first,
+    moves a hit ahead; the other half adds what the leading one did not find. For an embedder whose
     vector half is weaker than keyword search in every class (``hashing``), no weighting
     of the two gets above both halves; leading with the keyword half does, by
     construction, on the sources it finds."""
+
+    def __post_init__(self) -> None:
+        # Profiles are code, not user input: a misspelt half must not pass as "keyword".
+        if self.leading_half not in (None, "vector", "keyword"):
+            raise ValueError(
+                f"leading_half must be 'vector', 'keyword' or None, not {self.leading_half!r}"
+            )
 
 
 #: The exact-match lead of every shipped profile: a whole match in at most three sources
@@ -394,8 +404,9 @@ def _leading_groups(hits: list[SearchHit], profile: FusionProfile) -> dict[int, 
     place, previous = -1, None
     for hit in hits:
         value = hit.similarity if hit.similarity is not None else hit.score
-        if previous is None or value != previous:
-            place, previous = place + 1, value
+        if previous is None or not math.isclose(value, previous, rel_tol=1e-9, abs_tol=1e-12):
+            place = place + 1
+        previous = value
         groups.setdefault(hit.chunk_id, place)
     return groups
 

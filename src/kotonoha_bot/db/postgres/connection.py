@@ -40,6 +40,7 @@ from kotonoha_bot.db.postgres.schema import (
     IndexType,
 )
 from kotonoha_bot.db.postgres.search_plan import (
+    HNSW_EF_SEARCH_MAX,
     IndexPrecision,
     ef_search_for,
 )
@@ -589,8 +590,9 @@ class PostgresConnection(AsyncLifecycle):
         return ef_search_for(self._table_rows, self._settings.hnsw_ef_search, dimension)
 
     def _ef_search(self, limit: int) -> int:
-        """This search's ef_search: by the graph's size, never below the candidates wanted."""
-        return max(self._graph_ef(), limit)
+        """This search's ef_search: by the graph's size, never below the candidates wanted,
+        never above pgvector's limit (``HNSW_EF_SEARCH_MAX``)."""
+        return min(HNSW_EF_SEARCH_MAX, max(self._graph_ef(), limit))
 
     def _search_settings(self) -> dict[str, str]:
         """Connection defaults for approximate search (both index types, pgvector 0.8+)."""
